@@ -1,0 +1,636 @@
+"""The HTTP clients of r2m: `R2MClient` (blocking) and `AsyncR2MClient` (asyncio), both on httpx.
+
+The two share everything but I/O in `_BaseClient`: argument checks, chunking of large groups, request
+encoding, response parsing, the retry decision and the backoff delay, and the mapping of statuses to errors.
+Each client only runs its own loop: send, ask `_after_attempt` what to do, sleep, send again.
+
+Retries: connection errors, timeouts and the statuses 429, 502, 503, 504 are retried up to `max_retries` times
+with exponential backoff and jitter (`backoff * 2**attempt`, at most `max_backoff` seconds), or after the
+`Retry-After` the service sends (also capped by `max_backoff`). Other statuses are never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import itertools
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+
+from ._exceptions import (
+    AuthenticationError,
+    InvalidRequest,
+    R2MError,
+    ServerError,
+    ServiceUnavailable,
+    Timeout,
+    TransportError,
+)
+from ._wire import BINARY_CONTENT_TYPE, WireTensor, encode_binary, jsonify_request, pack_request
+
+__all__ = ["AsyncR2MClient", "R2MClient", "ScoreResult"]
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# Errors that a second try cannot fix: a bad URL scheme, an undecodable body, a redirect loop.
+_FINAL_HTTPX_ERRORS = (httpx.UnsupportedProtocol, httpx.DecodingError, httpx.TooManyRedirects)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """The answer to `score()`, merged over the requests a large call was split into.
+
+    Attributes:
+        rewards: raw score-head outputs (no sigmoid), one per response, in order.
+        head_version: the newest head version that scored any of the items.
+        head_versions: the head version that scored each item (chunks may straddle a hot swap).
+        omega: `w(t)` for the call's step (items without hidden states were scored with `w = 1`).
+    """
+
+    rewards: list[float]
+    head_version: int
+    head_versions: list[int]
+    omega: float
+
+
+class _BaseClient:
+    """Settings and all the logic that does not touch the network; see the module docstring."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        timeout: float | None,
+        max_retries: int,
+        backoff: float,
+        max_backoff: float,
+        encoding: Literal["binary", "json"],
+        max_items_per_request: int,
+        max_bytes_per_request: int,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        if encoding not in ("binary", "json"):
+            raise ValueError(f"encoding must be 'binary' or 'json', got {encoding!r}")
+        for name, value, low in (
+            ("max_retries", max_retries, 0),
+            ("max_items_per_request", max_items_per_request, 1),
+            ("max_bytes_per_request", max_bytes_per_request, 1),
+        ):
+            if type(value) is not int or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not 0 <= backoff <= max_backoff:
+            raise ValueError(
+                f"need 0 <= backoff <= max_backoff, got backoff={backoff}, max_backoff={max_backoff}"
+            )
+        self.base_url = base_url
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.encoding = encoding
+        self.max_items_per_request = max_items_per_request
+        self.max_bytes_per_request = max_bytes_per_request
+        api_key = api_key if api_key is not None else os.environ.get("R2M_API_KEY") or None
+        self._headers = {"User-Agent": "r2m-client", **(headers or {})}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._random = random.Random()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r}, encoding={self.encoding!r})"
+
+    # --- /score: arguments, chunks, bodies, answers ---------------------------------------------------------
+
+    def _plan_score(
+        self, prompts: str | Sequence[str], responses: Sequence[str], hidden: Any
+    ) -> list[list[dict]]:
+        """Check the arguments of `score()` and split its items into chunks that each fit one request."""
+        if isinstance(responses, str) or not isinstance(responses, Sequence):
+            raise InvalidRequest(f"responses must be a sequence of strings, got {type(responses).__name__}")
+        n = len(responses)
+        if n == 0:
+            raise InvalidRequest("responses is empty: there is nothing to score")
+        if isinstance(prompts, str):
+            prompts = [prompts] * n  # one prompt for a whole group of responses
+        elif not isinstance(prompts, Sequence) or len(prompts) != n:
+            raise InvalidRequest(
+                f"prompts must be one string or a sequence of {n} strings (one per response), got "
+                f"{len(prompts) if isinstance(prompts, Sequence) else type(prompts).__name__}"
+            )
+        if hidden is None:
+            hidden = [None] * n
+        elif isinstance(hidden, np.ndarray) or type(hidden).__module__.startswith("torch"):
+            raise InvalidRequest(
+                "hidden must be a list with one (T_i, D) array per response, without padding; got one "
+                f"{type(hidden).__name__}; slice each response's tokens out of the padded batch"
+            )
+        elif not isinstance(hidden, Sequence) or len(hidden) != n:
+            raise InvalidRequest(f"hidden must be None or a sequence of {n} entries (None or a (T, D) array)")
+
+        chunks: list[list[dict]] = []
+        chunk: list[dict] = []
+        chunk_cost = 0
+        for i, (prompt, response, h) in enumerate(zip(prompts, responses, hidden, strict=True)):
+            for name, text in (("prompts", prompt), ("responses", response)):
+                if not isinstance(text, str):
+                    raise InvalidRequest(f"{name}[{i}] must be a str, got {type(text).__name__}")
+            item: dict[str, Any] = {"prompt": prompt, "response": response}
+            cost = len(prompt) + len(response)
+            if h is not None:
+                t = WireTensor.from_array(h, path=f"hidden[{i}]")
+                if len(t.shape) != 2:
+                    raise InvalidRequest(f"hidden[{i}] must be 2-D (T, D), got shape {list(t.shape)}")
+                item["policy_hidden"] = t
+                cost += t.nbytes * 4 // 3 if self.encoding == "json" else t.nbytes  # base64 grows data by 4/3
+            if chunk and (
+                len(chunk) >= self.max_items_per_request or chunk_cost + cost > self.max_bytes_per_request
+            ):
+                chunks.append(chunk)
+                chunk, chunk_cost = [], 0
+            chunk.append(item)  # an item larger than max_bytes_per_request goes alone
+            chunk_cost += cost
+        chunks.append(chunk)
+        return chunks
+
+    def _score_body(self, items: list[dict], step: int, total_steps: int) -> dict[str, Any]:
+        """The keyword arguments of `request()` for one chunk, in the client's encoding."""
+        payload = {"items": items, "step": step, "total_steps": total_steps}
+        if self.encoding == "json":
+            return {"json": jsonify_request(payload)}
+        return {
+            "content": encode_binary(*pack_request(payload)),
+            "headers": {"Content-Type": BINARY_CONTENT_TYPE},
+        }
+
+    @staticmethod
+    def _check_step(step: int, total_steps: int) -> None:
+        if type(total_steps) is not int or total_steps < 1:
+            raise InvalidRequest(f"total_steps must be an integer >= 1, got {total_steps!r}")
+        if type(step) is not int or not 0 <= step <= total_steps:
+            raise InvalidRequest(f"step must be an integer in [0, total_steps={total_steps}], got {step!r}")
+
+    @staticmethod
+    def _parse_score(response: httpx.Response, n: int) -> tuple[list[float], int, float]:
+        try:
+            body = response.json()
+            rewards, head_version, omega = body["rewards"], body["head_version"], body["omega"]
+            ok = (
+                isinstance(rewards, list)
+                and len(rewards) == n
+                and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards)
+                and type(head_version) is int
+                and isinstance(omega, (int, float))
+            )
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            raise R2MError(
+                f"POST /score answered {response.status_code} with a body that does not follow the API "
+                f"(expected {{rewards: [{n} numbers], head_version, omega}}): {response.text[:500]!r}"
+            )
+        return [float(r) for r in rewards], head_version, float(omega)
+
+    @staticmethod
+    def _merge(chunks: list[list[dict]], parts: list[tuple[list[float], int, float]]) -> ScoreResult:
+        rewards = [r for part in parts for r in part[0]]
+        versions = [version for chunk, (_, version, _) in zip(chunks, parts, strict=True) for _ in chunk]
+        return ScoreResult(rewards, max(versions), versions, parts[0][2])
+
+    # --- retries and errors ---------------------------------------------------------------------------------
+
+    def _after_attempt(
+        self, method: str, path: str, outcome: httpx.Response | httpx.RequestError, attempt: int, retries: int
+    ) -> httpx.Response | float:
+        """Decide what follows one attempt: return the successful response, return the seconds to wait before
+        the next attempt, or raise the error the caller gets."""
+        what = f"{method} {path}"
+        if isinstance(outcome, httpx.Response):
+            if outcome.status_code not in RETRY_STATUSES:
+                return self._check_status(what, outcome)
+            retry_after = _parse_retry_after(outcome.headers.get("Retry-After"))
+            if attempt >= retries:
+                raise ServiceUnavailable(
+                    f"{what}: the service answered {outcome.status_code} {outcome.reason_phrase} to all "
+                    f"{attempt + 1} attempts; {_detail_text(_detail(outcome))}",
+                    status_code=outcome.status_code,
+                    retry_after=retry_after,
+                )
+            return self._delay(attempt, retry_after)
+        if isinstance(outcome, _FINAL_HTTPX_ERRORS) or not isinstance(outcome, httpx.TransportError):
+            raise TransportError(f"{what}: {type(outcome).__name__}: {outcome}") from outcome
+        if attempt >= retries:
+            kind = Timeout if isinstance(outcome, httpx.TimeoutException) else TransportError
+            raise kind(
+                f"{what} to {self.base_url}: {type(outcome).__name__} ({outcome or 'no message'}) on all "
+                f"{attempt + 1} attempts"
+            ) from outcome
+        return self._delay(attempt, None)
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait before retry number `attempt + 1`."""
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        # "Equal jitter": half the exponential step for sure, half at random, so clients that failed together
+        # do not come back together.
+        step = min(self.max_backoff, self.backoff * 2**attempt)
+        return step * (0.5 + 0.5 * self._random.random())
+
+    @staticmethod
+    def _check_status(what: str, response: httpx.Response) -> httpx.Response:
+        status = response.status_code
+        if response.is_success:
+            return response
+        if status in (401, 403):
+            detail = _detail(response)
+            raise AuthenticationError(
+                f"{what}: {status} {response.reason_phrase}: {_detail_text(detail)} "
+                "(set api_key= or R2M_API_KEY to the service's key)",
+                status_code=status,
+                detail=detail,
+            )
+        if 400 <= status < 500:
+            detail = _detail(response)
+            raise InvalidRequest(
+                f"{what}: {status}: {_detail_text(detail)}", status_code=status, detail=detail
+            )
+        if status >= 500:
+            raise ServerError(
+                f"{what}: {status} {response.reason_phrase}: {_detail_text(_detail(response))}",
+                status_code=status,
+            )
+        raise R2MError(f"{what}: unexpected status {status} (is base_url right?)")
+
+
+def _detail(response: httpx.Response) -> Any:
+    """The service's `detail` (a string or FastAPI's list of errors), else the start of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:1000]
+    return body["detail"] if isinstance(body, dict) and "detail" in body else response.text[:1000]
+
+
+def _detail_text(detail: Any) -> str:
+    if isinstance(detail, list):  # FastAPI: [{"loc": ["body", "items", 0, "prompt"], "msg": "...", ...}]
+        parts = []
+        for err in detail:
+            if isinstance(err, dict):
+                parts.append(f"{'.'.join(str(x) for x in err.get('loc', []))}: {err.get('msg', err)}")
+            else:
+                parts.append(str(err))
+        return "; ".join(parts)
+    return str(detail)
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    return max(0.0, seconds) if seconds == seconds else None  # NaN is unreadable
+
+
+class R2MClient(_BaseClient):
+    """Blocking client of the r2m reward service.
+
+    Args:
+        base_url: where the service listens.
+        api_key: sent as `Authorization: Bearer <key>`; defaults to the `R2M_API_KEY` environment variable.
+        timeout: seconds per attempt (connect, read, write, pool), or None for no limit.
+        max_retries: retries after the first attempt for connection errors, timeouts and 429/502/503/504.
+        backoff: the first retry waits about `backoff` seconds, doubling each time (with jitter).
+        max_backoff: the longest wait between attempts, also the cap on the service's `Retry-After`.
+        encoding: "binary" (safetensors body, raw tensor bytes) or "json" (base64 tensors).
+        max_items_per_request: the most items in one `/score` request; larger calls are split.
+        max_bytes_per_request: about the most bytes of tensors and text in one request; an item larger than
+            this goes alone.
+        transport: an httpx transport to use instead of the network (tests: `httpx.MockTransport`).
+        headers: extra headers for every request.
+
+    Example:
+        >>> with R2MClient("http://127.0.0.1:8000") as rm:
+        ...     result = rm.score("What is 2+2?", ["4.", "Five."], hidden=[h0, h1], step=10, total_steps=100)
+        >>> result.rewards
+        [1.93, -0.41]
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = 60.0,
+        max_retries: int = 5,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        encoding: Literal["binary", "json"] = "binary",
+        max_items_per_request: int = 64,
+        max_bytes_per_request: int = 64 * 2**20,
+        transport: httpx.BaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            encoding=encoding,
+            max_items_per_request=max_items_per_request,
+            max_bytes_per_request=max_bytes_per_request,
+            headers=headers,
+        )
+        self._http = httpx.Client(
+            base_url=base_url, headers=self._headers, timeout=timeout, transport=transport
+        )
+        self._sleep = time.sleep
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_retries: int | None = None,
+    ) -> httpx.Response:
+        """Send one request with the client's retries and error mapping; the base of every other method.
+
+        Args:
+            method: "GET", "POST", ...
+            path: the route, e.g. "/preferences".
+            json: a JSON body.
+            content: a raw body (set its Content-Type in `headers`).
+            headers: extra headers for this request.
+            max_retries: overrides the client's `max_retries` for this request.
+
+        Returns:
+            The successful (2xx) `httpx.Response`.
+
+        Raises:
+            TransportError, Timeout, ServiceUnavailable: after all retries.
+            AuthenticationError, InvalidRequest, ServerError: at once, for 401/403, other 4xx, other 5xx.
+
+        Example:
+            >>> rm.request("GET", "/heads/current").json()
+        """
+        retries = self.max_retries if max_retries is None else max_retries
+        for attempt in itertools.count():
+            try:
+                outcome: httpx.Response | httpx.RequestError = self._http.request(
+                    method, path, json=json, content=content, headers=headers
+                )
+            except httpx.RequestError as exc:
+                outcome = exc
+            step = self._after_attempt(method, path, outcome, attempt, retries)
+            if isinstance(step, httpx.Response):
+                return step
+            self._sleep(step)
+        raise AssertionError("unreachable")
+
+    def score(
+        self,
+        prompts: str | Sequence[str],
+        responses: Sequence[str],
+        hidden: Sequence[Any | None] | None = None,
+        *,
+        step: int = 0,
+        total_steps: int = 1,
+    ) -> ScoreResult:
+        """Score responses with the service's reward model (R2M-corrected where hidden states are given).
+
+        Large calls are split into requests of at most `max_items_per_request` items and about
+        `max_bytes_per_request` bytes, sent one after another; the rewards come back in the order of
+        `responses`.
+
+        Args:
+            prompts: one prompt per response, or one string for a whole group of responses.
+            responses: the responses to score.
+            hidden: None, or one entry per response: None or the policy's last-layer hidden states over the
+                query + response tokens, a 2-D (T, D) numpy array or torch tensor (float32, float16 or
+                bfloat16; float64 is sent as float32).
+            step: the RL step t for the omega schedule, 0 <= step <= total_steps.
+            total_steps: the total number of RL steps T, >= 1.
+
+        Returns:
+            A `ScoreResult` with one reward per response.
+
+        Raises:
+            InvalidRequest: bad arguments (before anything is sent; `status_code` is None) or a 4xx from the
+                service.
+            WireError: a hidden-state entry of an unsupported type or dtype.
+            R2MError: the other errors of `request()`.
+
+        Example:
+            >>> rm.score("What is 2+2?", ["4.", "Five."]).rewards
+            [1.93, -0.41]
+        """
+        self._check_step(step, total_steps)
+        chunks = self._plan_score(prompts, responses, hidden)
+        parts = []
+        for items in chunks:
+            response = self.request("POST", "/score", **self._score_body(items, step, total_steps))
+            parts.append(self._parse_score(response, len(items)))
+        return self._merge(chunks, parts)
+
+    def health(self) -> bool:
+        """True when `GET /healthz` answers 2xx; False when the service cannot be reached or is unavailable.
+
+        One attempt, no retries. Example: `while not rm.health(): time.sleep(1)`.
+        """
+        try:
+            self.request("GET", "/healthz", max_retries=0)
+        except (TransportError, Timeout, ServiceUnavailable):
+            return False
+        return True
+
+    def ready(self) -> bool:
+        """True when `GET /readyz` answers 200 (model loaded, head known); False on 503 or no connection.
+
+        One attempt, no retries. Example: `assert rm.ready()`.
+        """
+        try:
+            self.request("GET", "/readyz", max_retries=0)
+        except (TransportError, Timeout, ServiceUnavailable):
+            return False
+        return True
+
+    def info(self) -> dict[str, Any]:
+        """`GET /info`: the model, widths, settings, head version and package version.
+
+        Example: `rm.info()["head_version"]`.
+        """
+        return self.request("GET", "/info").json()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> R2MClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncR2MClient(_BaseClient):
+    """asyncio client of the r2m reward service; the same arguments and methods as `R2MClient`, awaited.
+
+    Args:
+        max_concurrency: the most requests of one `score()` call in flight at once (the other arguments are
+            `R2MClient`'s; `transport` is an `httpx.AsyncBaseTransport`).
+
+    Example:
+        >>> async with AsyncR2MClient("http://127.0.0.1:8000") as rm:
+        ...     result = await rm.score("What is 2+2?", ["4.", "Five."])
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = 60.0,
+        max_retries: int = 5,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        encoding: Literal["binary", "json"] = "binary",
+        max_items_per_request: int = 64,
+        max_bytes_per_request: int = 64 * 2**20,
+        max_concurrency: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            encoding=encoding,
+            max_items_per_request=max_items_per_request,
+            max_bytes_per_request=max_bytes_per_request,
+            headers=headers,
+        )
+        if type(max_concurrency) is not int or max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
+        self.max_concurrency = max_concurrency
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=self._headers, timeout=timeout, transport=transport
+        )
+        self._sleep = asyncio.sleep
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_retries: int | None = None,
+    ) -> httpx.Response:
+        """Send one request with the client's retries and error mapping; see `R2MClient.request`.
+
+        Example:
+            >>> (await rm.request("GET", "/heads/current")).json()
+        """
+        retries = self.max_retries if max_retries is None else max_retries
+        for attempt in itertools.count():
+            try:
+                outcome: httpx.Response | httpx.RequestError = await self._http.request(
+                    method, path, json=json, content=content, headers=headers
+                )
+            except httpx.RequestError as exc:
+                outcome = exc
+            step = self._after_attempt(method, path, outcome, attempt, retries)
+            if isinstance(step, httpx.Response):
+                return step
+            await self._sleep(step)
+        raise AssertionError("unreachable")
+
+    async def score(
+        self,
+        prompts: str | Sequence[str],
+        responses: Sequence[str],
+        hidden: Sequence[Any | None] | None = None,
+        *,
+        step: int = 0,
+        total_steps: int = 1,
+    ) -> ScoreResult:
+        """Score responses; see `R2MClient.score` for the arguments. Chunks go out concurrently.
+
+        Example:
+            >>> (await rm.score("What is 2+2?", ["4.", "Five."], step=3, total_steps=10)).rewards
+            [1.93, -0.41]
+        """
+        self._check_step(step, total_steps)
+        chunks = self._plan_score(prompts, responses, hidden)
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def send(items: list[dict]) -> tuple[list[float], int, float]:
+            async with limit:  # encode inside the limit: at most max_concurrency bodies exist at once
+                response = await self.request("POST", "/score", **self._score_body(items, step, total_steps))
+            return self._parse_score(response, len(items))
+
+        tasks = [asyncio.ensure_future(send(items)) for items in chunks]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        return self._merge(chunks, list(parts))
+
+    async def health(self) -> bool:
+        """True when `GET /healthz` answers 2xx; False when unreachable or unavailable. One attempt."""
+        try:
+            await self.request("GET", "/healthz", max_retries=0)
+        except (TransportError, Timeout, ServiceUnavailable):
+            return False
+        return True
+
+    async def ready(self) -> bool:
+        """True when `GET /readyz` answers 200; False on 503 or no connection. One attempt."""
+        try:
+            await self.request("GET", "/readyz", max_retries=0)
+        except (TransportError, Timeout, ServiceUnavailable):
+            return False
+        return True
+
+    async def info(self) -> dict[str, Any]:
+        """`GET /info`: the model, widths, settings, head version and package version."""
+        return (await self.request("GET", "/info")).json()
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    aclose = close
+
+    async def __aenter__(self) -> AsyncR2MClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,87 @@
+"""Shared request dependencies as `Annotated` aliases."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ..batcher import Batcher
+from ..config import ServiceSettings
+from ..engine import R2MModel
+from ..metrics import ServiceMetrics
+
+__all__ = ["AuthDep", "BatcherDep", "ModelDep", "ServiceState", "SettingsDep", "StateDep", "require_api_key"]
+
+
+@dataclass
+class ServiceState:
+    """What one server process holds; `model` and `batcher` are None until the model has loaded."""
+
+    settings: ServiceSettings
+    metrics: ServiceMetrics
+    model: R2MModel | None = None
+    batcher: Batcher | None = None
+    load_error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.r2m
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def get_settings(state: StateDep) -> ServiceSettings:
+    return state.settings
+
+
+SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
+
+
+def _not_ready(state: ServiceState) -> HTTPException:
+    if state.load_error:
+        return HTTPException(503, f"the model failed to load: {state.load_error}")
+    return HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": "1"})
+
+
+def get_model(state: StateDep) -> R2MModel:
+    if state.model is None:
+        raise _not_ready(state)
+    return state.model
+
+
+ModelDep = Annotated[R2MModel, Depends(get_model)]
+
+
+def get_batcher(state: StateDep) -> Batcher:
+    if state.batcher is None:
+        raise _not_ready(state)
+    return state.batcher
+
+
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+
+_bearer = HTTPBearer(auto_error=False, description="Set R2M_API_KEY on the server to require it.")
+
+
+def require_api_key(
+    state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """401 unless auth is off or the request carries `Authorization: Bearer <R2M_API_KEY>`."""
+    key = state.settings.api_key
+    if key is None:
+        return
+    if credentials is None:
+        raise HTTPException(
+            401, "missing API key: send `Authorization: Bearer <key>`", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if not secrets.compare_digest(credentials.credentials.encode(), key.get_secret_value().encode()):
+        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+AuthDep = Depends(require_api_key)

@@ -1,0 +1,204 @@
+"""Assembles the FastAPI app: routers, error handlers, the request-size and metrics middleware, model loading."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__
+from .api import health, score
+from .api.deps import ServiceState
+from .backbone import load_backbone
+from .batcher import Batcher, Overloaded
+from .config import ServiceSettings
+from .engine import R2MModel
+from .errors import BadInput, PayloadTooLarge
+from .metrics import ServiceMetrics
+from .model import HeadConfig
+from .schemas import ScoreRequest
+
+__all__ = ["build_model", "create_app"]
+
+log = logging.getLogger("r2m.service")
+
+# Request bodies parsed by hand (two encodings) whose schemas the OpenAPI document must still show.
+_BODY_MODELS = (ScoreRequest,)
+
+
+def build_model(settings: ServiceSettings) -> R2MModel:
+    """Load the backbone named by the settings and put the initial head on it."""
+    backbone = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
+    config = HeadConfig(
+        rm_dim=backbone.rm_dim,
+        policy_dim=settings.policy_dim,
+        attn_dim=settings.attn_dim,
+        n_heads=settings.attn_heads,
+        score_bias=backbone.score_bias is not None,
+    )
+    return R2MModel(backbone, config, seed=settings.seed)
+
+
+class _BodyLimitAndMetrics:
+    """Pure ASGI middleware: rejects bodies over the limit (413) while they stream, and times every request."""
+
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.state.settings.max_request_bytes
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            declared = int(length) if length is not None else None
+        except ValueError:
+            declared = None
+        if declared is not None and declared > limit:
+            await _send_json(send_wrapper, 413, PayloadTooLarge(limit).detail)
+        else:
+            received = 0
+
+            async def receive_limited() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise PayloadTooLarge(limit)
+                return message
+
+            await self.app(scope, receive_limited, send_wrapper)
+        route = scope.get("route")
+        path = getattr(route, "path", "other")
+        m = self.state.metrics
+        m.http_requests.labels(path, scope["method"], str(status["code"])).inc()
+        m.http_latency.labels(path, scope["method"]).observe(time.perf_counter() - started)
+
+
+async def _send_json(send: Callable[[Message], Any], code: int, detail: str) -> None:
+    response = JSONResponse({"detail": detail}, status_code=code)
+    await send({"type": "http.response.start", "status": code, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def create_app(settings: ServiceSettings | None = None, model: R2MModel | None = None) -> FastAPI:
+    """The reward server. With `model` given it is ready at once; otherwise the model loads in the background
+    after start-up, /healthz answers meanwhile and /readyz says 503 until it is loaded."""
+    settings = settings or ServiceSettings()
+    state = ServiceState(settings=settings, metrics=ServiceMetrics())
+
+    def install(m: R2MModel) -> None:
+        state.model = m
+        state.batcher = Batcher(
+            m,
+            state.metrics,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_queue_items=settings.max_queue_items,
+            batch_wait_ms=settings.batch_wait_ms,
+        )
+        state.batcher.start()
+        state.metrics.model_ready.set(1)
+        state.metrics.head_version.set(m.current.version)
+
+    async def load() -> None:
+        started = time.perf_counter()
+        try:
+            m = await asyncio.to_thread(build_model, settings)
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
+            log.exception("loading the model %r failed", settings.model)
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        state.metrics.model_load_seconds.set(time.perf_counter() - started)
+        log.info("model %r loaded in %.1f s", settings.model, time.perf_counter() - started)
+        install(m)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = None
+        if model is not None:
+            install(model)
+        else:
+            loader = asyncio.create_task(load())
+        yield
+        if loader is not None and not loader.done():
+            loader.cancel()
+        if state.batcher is not None:
+            await state.batcher.stop()
+
+    app = FastAPI(
+        title="r2m",
+        version=__version__,
+        summary="Reward model as a service with R2M real-time alignment to the policy's hidden states.",
+        lifespan=lifespan,
+    )
+    app.state.r2m = state
+    app.include_router(health.router)
+    app.include_router(score.router)
+    app.add_middleware(_BodyLimitAndMetrics, state=state)
+    _install_error_handlers(app)
+    _install_openapi(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(BadInput)
+    async def bad_input(request: Request, exc: BadInput) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"server overloaded: {exc}; retry later"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal server error; see the server log"}, status_code=500)
+
+
+def _install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for m in _BODY_MODELS:
+                body = m.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[m.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

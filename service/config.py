@@ -1,0 +1,66 @@
+"""Service configuration: one settings class, read from `R2M_*` environment variables (or a `.env` file)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ServiceSettings"]
+
+
+class ServiceSettings(BaseSettings):
+    """Every knob of the reward server. The README's settings table is generated from these descriptions."""
+
+    model_config = SettingsConfigDict(env_prefix="R2M_", env_file=".env", extra="ignore")
+
+    model: str = Field(
+        "default",
+        description="Reward model: `default` (bundled MiniLM RM, offline), an r2m encoder-RM folder, or a Hugging "
+        "Face sequence-classification RM (local path or hub id, e.g. Skywork/Skywork-Reward-V2-Llama-3.1-8B).",
+    )
+    policy_dim: int = Field(2048, ge=1, description="Width D_policy of the policy's last-layer hidden states.")
+    attn_dim: int = Field(2048, ge=1, description="Internal width d of the feedback cross-attention (paper: 2048).")
+    attn_heads: int = Field(1, ge=1, description="Heads of the feedback cross-attention (paper: 1).")
+    omega_floor: float = Field(0.6, ge=0.0, le=1.0, description="Floor Omega of the w(t) schedule (paper: 0.6-0.7).")
+    seed: int = Field(0, description="Seed of the initial feedback attention; equal on every replica.")
+    device: str = Field("auto", description="`auto` (cuda when available), `cpu`, `cuda`, `cuda:N`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Backbone dtype; `auto` is bfloat16 on CUDA and float32 on CPU."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Longest RM input in tokens; default and cap: the model's own context length."
+    )
+    max_hidden_tokens: int = Field(8192, ge=1, description="Most hidden-state rows (T) per item.")
+    max_items_per_request: int = Field(1024, ge=1, description="Most items in one /score request.")
+    max_batch_tokens: int = Field(16384, ge=1, description="Token budget (padded) of one backbone forward.")
+    batch_wait_ms: float = Field(
+        2.0,
+        ge=0.0,
+        description="How long the batcher waits for more requests before running a partial batch.",
+    )
+    max_queue_items: int = Field(
+        8192, ge=1, description="Items waiting for the backbone beyond which /score answers 503."
+    )
+    max_request_bytes: int = Field(512 * 2**20, ge=1024, description="Largest request body in bytes (413 beyond).")
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, every route but /healthz, /readyz and /metrics needs `Authorization: Bearer`.",
+    )
+    host: str = Field("127.0.0.1", description="Address `r2m serve` binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `r2m serve` binds.")
+    log_level: str = Field("info", description="Log level of the server.")
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_empty_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            return None  # R2M_API_KEY= (empty) means no auth, not "the empty key"
+        return v
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ServiceSettings:
+        if self.attn_dim % self.attn_heads:
+            raise ValueError(f"R2M_ATTN_DIM={self.attn_dim} must be divisible by R2M_ATTN_HEADS={self.attn_heads}")
+        return self
