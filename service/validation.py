@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from r2m.client._wire import WireTensor
 
 from .backbone import Encoded

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+
 from r2m.client import AuthenticationError, R2MClient
 
 from .conftest import SMALL_SERVER_ENV, ServerProcess, start_server, stop_server

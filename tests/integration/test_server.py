@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+
 from r2m.client import AsyncR2MClient, InvalidRequest, R2MClient
 from r2m.client._wire import BINARY_CONTENT_TYPE, WireTensor, encode_binary, pack_request
 

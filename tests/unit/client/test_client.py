@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+
 from r2m.client import (
     BINARY_CONTENT_TYPE,
     AsyncR2MClient,

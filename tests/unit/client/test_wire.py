@@ -11,6 +11,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+
 from r2m.client import R2MError, WireError, WireTensor
 from r2m.client._wire import (
     MAX_NDIM,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+
 from r2m.service import app as app_module
 from r2m.service.config import ServiceSettings
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
 from r2m.service.backbone import load_backbone, pool
 from r2m.service.engine import PreparedItem, R2MModel
 from r2m.service.model import HeadConfig
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 PAIRS = [
     ("hello what is the answer", "the answer is good"),

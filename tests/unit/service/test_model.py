@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from r2m.service.model import FeedbackAttention, HeadConfig, R2MHead, bt_loss, grebt_loss, omega
 
 
