@@ -9,7 +9,7 @@
 `AsyncR2MClient` is the same, awaited. Errors are `R2MError`s; the tree is in `r2m.client._exceptions`.
 """
 
-from ._client import AsyncR2MClient, R2MClient, ScoreResult
+from ._client import AsyncR2MClient, PreferencesResult, R2MClient, ScoreResult
 from ._exceptions import (
     AuthenticationError,
     InvalidRequest,
@@ -27,6 +27,7 @@ __all__ = [
     "AsyncR2MClient",
     "AuthenticationError",
     "InvalidRequest",
+    "PreferencesResult",
     "R2MClient",
     "R2MError",
     "ScoreResult",

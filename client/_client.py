@@ -17,6 +17,7 @@ import itertools
 import os
 import random
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,7 +37,7 @@ from ._exceptions import (
 )
 from ._wire import BINARY_CONTENT_TYPE, WireTensor, encode_binary, jsonify_request, pack_request
 
-__all__ = ["AsyncR2MClient", "R2MClient", "ScoreResult"]
+__all__ = ["AsyncR2MClient", "PreferencesResult", "R2MClient", "ScoreResult"]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -59,6 +60,15 @@ class ScoreResult:
     head_version: int
     head_versions: list[int]
     omega: float
+
+
+@dataclass(frozen=True)
+class PreferencesResult:
+    """The answer to `post_preferences()`: the id of every batch it was queued as (one unless it was split)."""
+
+    batch_ids: list[str]
+    groups: int
+    pairs: int
 
 
 class _BaseClient:
@@ -88,9 +98,7 @@ class _BaseClient:
             if type(value) is not int or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not 0 <= backoff <= max_backoff:
-            raise ValueError(
-                f"need 0 <= backoff <= max_backoff, got backoff={backoff}, max_backoff={max_backoff}"
-            )
+            raise ValueError(f"need 0 <= backoff <= max_backoff, got backoff={backoff}, max_backoff={max_backoff}")
         self.base_url = base_url
         self.timeout = timeout
         self.max_retries = max_retries
@@ -110,9 +118,7 @@ class _BaseClient:
 
     # --- /score: arguments, chunks, bodies, answers ---------------------------------------------------------
 
-    def _plan_score(
-        self, prompts: str | Sequence[str], responses: Sequence[str], hidden: Any
-    ) -> list[list[dict]]:
+    def _plan_score(self, prompts: str | Sequence[str], responses: Sequence[str], hidden: Any) -> list[list[dict]]:
         """Check the arguments of `score()` and split its items into chunks that each fit one request."""
         if isinstance(responses, str) or not isinstance(responses, Sequence):
             raise InvalidRequest(f"responses must be a sequence of strings, got {type(responses).__name__}")
@@ -151,9 +157,7 @@ class _BaseClient:
                     raise InvalidRequest(f"hidden[{i}] must be 2-D (T, D), got shape {list(t.shape)}")
                 item["policy_hidden"] = t
                 cost += t.nbytes * 4 // 3 if self.encoding == "json" else t.nbytes  # base64 grows data by 4/3
-            if chunk and (
-                len(chunk) >= self.max_items_per_request or chunk_cost + cost > self.max_bytes_per_request
-            ):
+            if chunk and (len(chunk) >= self.max_items_per_request or chunk_cost + cost > self.max_bytes_per_request):
                 chunks.append(chunk)
                 chunk, chunk_cost = [], 0
             chunk.append(item)  # an item larger than max_bytes_per_request goes alone
@@ -204,6 +208,65 @@ class _BaseClient:
         rewards = [r for part in parts for r in part[0]]
         versions = [version for chunk, (_, version, _) in zip(chunks, parts, strict=True) for _ in chunk]
         return ScoreResult(rewards, max(versions), versions, parts[0][2])
+
+    # --- /preferences: chunks and bodies ----------------------------------------------------------------------
+
+    def _plan_preferences(
+        self, groups: Sequence[Mapping[str, Any]] | None, pairs: Sequence[Mapping[str, Any]] | None
+    ) -> list[dict[str, list]]:
+        """Check groups and pairs and split them into batches of about `max_bytes_per_request` bytes each."""
+        groups, pairs = list(groups or []), list(pairs or [])
+        if not groups and not pairs:
+            raise InvalidRequest("post_preferences needs at least one group or pair")
+        batches: list[dict[str, list]] = []
+        batch: dict[str, list] = {"groups": [], "pairs": []}
+        cost = size = 0
+        entries = [("groups", i, g) for i, g in enumerate(groups)] + [("pairs", i, p) for i, p in enumerate(pairs)]
+        for kind, i, entry in entries:
+            if not isinstance(entry, Mapping):
+                raise InvalidRequest(f"{kind}[{i}] must be a dict, got {type(entry).__name__}")
+            item = dict(entry)
+            tensors = 0
+            if kind == "groups":
+                k = len(item.get("responses") or [])
+                hidden = item.get("hidden")
+                if hidden is not None:
+                    if len(hidden) != k:
+                        raise InvalidRequest(f"groups[{i}]: {len(hidden)} hidden-state tensors for {k} responses")
+                    item["hidden"] = [
+                        WireTensor.from_array(h, path=f"groups[{i}].hidden[{j}]") for j, h in enumerate(hidden)
+                    ]
+                    tensors = sum(t.nbytes for t in item["hidden"])
+                if item.get("rewards") is not None:
+                    item["rewards"] = [float(r) for r in item["rewards"]]
+                size += max(k, 1)
+            else:
+                for name in ("chosen_hidden", "rejected_hidden"):
+                    if item.get(name) is not None:
+                        item[name] = WireTensor.from_array(item[name], path=f"pairs[{i}].{name}")
+                        tensors += item[name].nbytes
+                size += 2
+            item_cost = (tensors * 4 // 3 if self.encoding == "json" else tensors) + len(str(item.get("prompt", "")))
+            if (batch["groups"] or batch["pairs"]) and (
+                cost + item_cost > self.max_bytes_per_request or size > self.max_items_per_request * 4
+            ):
+                batches.append(batch)
+                batch, cost, size = {"groups": [], "pairs": []}, 0, 0
+            batch[kind].append(item)
+            cost += item_cost
+        batches.append(batch)
+        return batches
+
+    def _preferences_body(self, batch: dict[str, list], step: int, total_steps: int, batch_id: str) -> dict:
+        payload = {**batch, "step": step, "total_steps": total_steps, "batch_id": batch_id}
+        if self.encoding == "json":
+            return {"json": jsonify_request(payload)}
+        return {"content": encode_binary(*pack_request(payload)), "headers": {"Content-Type": BINARY_CONTENT_TYPE}}
+
+    @staticmethod
+    def _batch_ids(batch_id: str | None, n: int) -> list[str]:
+        base = batch_id or uuid.uuid4().hex
+        return [base] if n == 1 else [f"{base}.{i}" for i in range(n)]
 
     # --- retries and errors ---------------------------------------------------------------------------------
 
@@ -259,9 +322,7 @@ class _BaseClient:
             )
         if 400 <= status < 500:
             detail = _detail(response)
-            raise InvalidRequest(
-                f"{what}: {status}: {_detail_text(detail)}", status_code=status, detail=detail
-            )
+            raise InvalidRequest(f"{what}: {status}: {_detail_text(detail)}", status_code=status, detail=detail)
         if status >= 500:
             raise ServerError(
                 f"{what}: {status} {response.reason_phrase}: {_detail_text(_detail(response))}",
@@ -359,9 +420,7 @@ class R2MClient(_BaseClient):
             max_bytes_per_request=max_bytes_per_request,
             headers=headers,
         )
-        self._http = httpx.Client(
-            base_url=base_url, headers=self._headers, timeout=timeout, transport=transport
-        )
+        self._http = httpx.Client(base_url=base_url, headers=self._headers, timeout=timeout, transport=transport)
         self._sleep = time.sleep
 
     def request(
@@ -482,6 +541,48 @@ class R2MClient(_BaseClient):
         """
         return self.request("GET", "/info").json()
 
+    def post_preferences(
+        self,
+        groups: Sequence[Mapping[str, Any]] | None = None,
+        pairs: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        step: int,
+        total_steps: int,
+        batch_id: str | None = None,
+    ) -> PreferencesResult:
+        """Queue a step's groups (and/or labelled pairs) for the R2M update (`POST /preferences`).
+
+        Retried on 503 (e.g. Redis briefly down) like every request; the batch id makes a retry of a batch that
+        was in fact queued harmless: the worker trains each id once.
+
+        Args:
+            groups: dicts `{"prompt", "responses": [K str], "hidden": [K (T_k, D) arrays] | None,
+                "rewards": [K floats] | None}`, the hidden states from the policy after its update.
+            pairs: dicts `{"prompt", "chosen", "rejected", "chosen_hidden", "rejected_hidden"}`.
+            step, total_steps: the RL step whose policy made the hidden states, for the omega schedule.
+            batch_id: an id for idempotent retries (default: a random one); split batches get `.0`, `.1`, ...
+
+        Returns:
+            A `PreferencesResult` with the queued batch ids.
+
+        Example:
+            >>> rm.post_preferences([{"prompt": p, "responses": ys, "hidden": hs}], step=3, total_steps=100)
+        """
+        self._check_step(step, total_steps)
+        batches = self._plan_preferences(groups, pairs)
+        ids = self._batch_ids(batch_id, len(batches))
+        for batch, bid in zip(batches, ids):
+            self.request("POST", "/preferences", **self._preferences_body(batch, step, total_steps, bid))
+        return PreferencesResult(ids, len(groups or []), len(pairs or []))
+
+    def current_head(self) -> dict[str, Any]:
+        """`GET /heads/current`: the latest head version's metadata and the version this replica serves."""
+        return self.request("GET", "/heads/current").json()
+
+    def rollback(self, version: int) -> dict[str, Any]:
+        """`POST /heads/rollback`: republish kept `version` as the newest head; returns its metadata."""
+        return self.request("POST", "/heads/rollback", json={"version": version}).json()
+
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
@@ -536,9 +637,7 @@ class AsyncR2MClient(_BaseClient):
         if type(max_concurrency) is not int or max_concurrency < 1:
             raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
         self.max_concurrency = max_concurrency
-        self._http = httpx.AsyncClient(
-            base_url=base_url, headers=self._headers, timeout=timeout, transport=transport
-        )
+        self._http = httpx.AsyncClient(base_url=base_url, headers=self._headers, timeout=timeout, transport=transport)
         self._sleep = asyncio.sleep
 
     async def request(
@@ -622,6 +721,31 @@ class AsyncR2MClient(_BaseClient):
     async def info(self) -> dict[str, Any]:
         """`GET /info`: the model, widths, settings, head version and package version."""
         return (await self.request("GET", "/info")).json()
+
+    async def post_preferences(
+        self,
+        groups: Sequence[Mapping[str, Any]] | None = None,
+        pairs: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        step: int,
+        total_steps: int,
+        batch_id: str | None = None,
+    ) -> PreferencesResult:
+        """Queue groups and/or pairs for the R2M update; see `R2MClient.post_preferences`."""
+        self._check_step(step, total_steps)
+        batches = self._plan_preferences(groups, pairs)
+        ids = self._batch_ids(batch_id, len(batches))
+        for batch, bid in zip(batches, ids):
+            await self.request("POST", "/preferences", **self._preferences_body(batch, step, total_steps, bid))
+        return PreferencesResult(ids, len(groups or []), len(pairs or []))
+
+    async def current_head(self) -> dict[str, Any]:
+        """`GET /heads/current`."""
+        return (await self.request("GET", "/heads/current")).json()
+
+    async def rollback(self, version: int) -> dict[str, Any]:
+        """`POST /heads/rollback`."""
+        return (await self.request("POST", "/heads/rollback", json={"version": version})).json()
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -73,9 +73,7 @@ def _is_torch(x: Any) -> bool:
 
 def _check_shape(shape: Any, path: str) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)):
-        raise WireError(
-            f"{_where(path)}shape must be a list of non-negative integers, got {type(shape).__name__}"
-        )
+        raise WireError(f"{_where(path)}shape must be a list of non-negative integers, got {type(shape).__name__}")
     if len(shape) > MAX_NDIM:
         raise WireError(f"{_where(path)}shape has {len(shape)} dimensions; at most {MAX_NDIM} are allowed")
     for i, dim in enumerate(shape):
@@ -214,9 +212,7 @@ class WireTensor:
             name = "float16" if x.dtype.itemsize == 2 else "float32"
             raw = x.astype(_SPECS[name][2], copy=False)  # float64 -> float32, big-endian -> little-endian
         else:
-            raise WireError(
-                f"{_where(path)}dtype {x.dtype} is not supported; use {_ALLOWED} (float64 is converted)"
-            )
+            raise WireError(f"{_where(path)}dtype {x.dtype} is not supported; use {_ALLOWED} (float64 is converted)")
         raw = raw.astype(raw.dtype.newbyteorder("<"), copy=False)
         return cls._from_raw(name, raw, path)
 
@@ -228,9 +224,7 @@ class WireTensor:
             x = x.to(torch.float32)
         names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
         if x.dtype not in names:
-            raise WireError(
-                f"{_where(path)}dtype {x.dtype} is not supported; use {_ALLOWED} (float64 is converted)"
-            )
+            raise WireError(f"{_where(path)}dtype {x.dtype} is not supported; use {_ALLOWED} (float64 is converted)")
         t = x.detach().cpu().contiguous()
         raw = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
         return cls._from_raw(names[x.dtype], raw, path)
@@ -238,9 +232,7 @@ class WireTensor:
     @classmethod
     def _from_raw(cls, name: str, raw: np.ndarray, path: str) -> WireTensor:
         if raw.ndim > MAX_NDIM:
-            raise WireError(
-                f"{_where(path)}the tensor has {raw.ndim} dimensions; at most {MAX_NDIM} are allowed"
-            )
+            raise WireError(f"{_where(path)}the tensor has {raw.ndim} dimensions; at most {MAX_NDIM} are allowed")
         if not raw.flags.c_contiguous:
             raw = raw.copy(order="C")
         data = memoryview(raw.reshape(-1).view(np.uint8)).toreadonly()
@@ -270,16 +262,12 @@ def tensor_from_json(obj: Any, path: str = "") -> WireTensor:
             whose length is not `prod(shape) * itemsize`.
     """
     if not isinstance(obj, dict):
-        raise WireError(
-            f"{_where(path)}expected a tensor object {{dtype, shape, data}}, got {type(obj).__name__}"
-        )
+        raise WireError(f"{_where(path)}expected a tensor object {{dtype, shape, data}}, got {type(obj).__name__}")
     if obj.keys() != {"dtype", "shape", "data"}:
         missing = sorted({"dtype", "shape", "data"} - obj.keys())
         extra = sorted(obj.keys() - {"dtype", "shape", "data"})
         problems = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
-        raise WireError(
-            f"{_where(path)}a tensor has exactly the keys dtype, shape, data; {', '.join(problems)}"
-        )
+        raise WireError(f"{_where(path)}a tensor has exactly the keys dtype, shape, data; {', '.join(problems)}")
     dtype = obj["dtype"]
     if not isinstance(dtype, str) or dtype not in _SPECS:
         raise WireError(f"{_where(path + '.dtype')}unknown dtype {dtype!r}; expected {_ALLOWED}")
@@ -300,8 +288,7 @@ def tensor_from_json(obj: Any, path: str = "") -> WireTensor:
         raise WireError(f"{_where(path + '.data')}not valid standard base64 with padding ({exc})") from None
     if len(data) != expected:
         raise WireError(
-            f"{_where(path + '.data')}decodes to {len(data)} bytes; "
-            f"shape {list(shape)} of {dtype} needs {expected}"
+            f"{_where(path + '.data')}decodes to {len(data)} bytes; shape {list(shape)} of {dtype} needs {expected}"
         )
     return WireTensor(dtype, shape, memoryview(data))
 
@@ -377,9 +364,7 @@ def decode_binary(
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     if len(view) < 8:
-        raise WireError(
-            f"body: {len(view)} bytes is too short; a safetensors body starts with an 8-byte header length"
-        )
+        raise WireError(f"body: {len(view)} bytes is too short; a safetensors body starts with an 8-byte header length")
     n = int.from_bytes(view[:8], "little")
     if n > max_header_bytes:
         raise WireError(f"body: the header length {n} is over the limit of {max_header_bytes} bytes")

@@ -18,23 +18,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .api import health, score
+from .api import heads, health, preferences, score
 from .api.deps import ServiceState
 from .backbone import load_backbone
 from .batcher import Batcher, Overloaded
 from .config import ServiceSettings
 from .engine import R2MModel
 from .errors import BadInput, PayloadTooLarge
+from .heads import MemoryHeadStore, RedisHeadStore
+from .headsync import HeadSync
 from .metrics import ServiceMetrics
 from .model import HeadConfig
-from .schemas import ScoreRequest
+from .prefqueue import MemoryPreferenceQueue, RedisPreferenceQueue
+from .schemas import PreferencesRequest, ScoreRequest
+from .worker import HeadTrainer, Worker, WorkerMetrics, WorkerThread
 
 __all__ = ["build_model", "create_app"]
 
 log = logging.getLogger("r2m.service")
 
 # Request bodies parsed by hand (two encodings) whose schemas the OpenAPI document must still show.
-_BODY_MODELS = (ScoreRequest,)
+_BODY_MODELS = (ScoreRequest, PreferencesRequest)
 
 
 def build_model(settings: ServiceSettings) -> R2MModel:
@@ -119,6 +123,26 @@ def create_app(settings: ServiceSettings | None = None, model: R2MModel | None =
             batch_wait_ms=settings.batch_wait_ms,
         )
         state.batcher.start()
+        if settings.redis_url:
+            state.store = RedisHeadStore(settings.redis_url, settings.redis_prefix, settings.head_keep)
+            state.queue = RedisPreferenceQueue(settings.redis_url, settings.redis_prefix)
+        else:  # embedded mode: the same queue, store and worker logic, in this process
+            state.store = MemoryHeadStore(settings.head_keep)
+            state.queue = MemoryPreferenceQueue()
+            if settings.embedded_worker:
+                worker = Worker(
+                    HeadTrainer(m, settings),
+                    state.queue,
+                    state.store,
+                    WorkerMetrics(state.metrics.registry),
+                    max_batches=settings.worker_max_batches,
+                    claim_idle_ms=settings.worker_claim_idle_ms,
+                    block_ms=500,
+                )
+                state.background.append(WorkerThread(worker).start())
+        sync = HeadSync(m, state.store, state.metrics, settings.model, settings.head_poll_s)
+        sync.start()
+        state.background.append(sync)
         state.metrics.model_ready.set(1)
         state.metrics.head_version.set(m.current.version)
 
@@ -144,6 +168,8 @@ def create_app(settings: ServiceSettings | None = None, model: R2MModel | None =
         yield
         if loader is not None and not loader.done():
             loader.cancel()
+        for thing in reversed(state.background):
+            await asyncio.to_thread(thing.stop)
         if state.batcher is not None:
             await state.batcher.stop()
 
@@ -156,6 +182,8 @@ def create_app(settings: ServiceSettings | None = None, model: R2MModel | None =
     app.state.r2m = state
     app.include_router(health.router)
     app.include_router(score.router)
+    app.include_router(preferences.router)
+    app.include_router(heads.router)
     app.add_middleware(_BodyLimitAndMetrics, state=state)
     _install_error_handlers(app)
     _install_openapi(app)

@@ -66,6 +66,41 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from prometheus_client import start_http_server
+
+    from .app import build_model
+    from .heads import RedisHeadStore
+    from .prefqueue import RedisPreferenceQueue
+    from .worker import HeadTrainer, Worker, WorkerMetrics
+
+    settings = _settings_from(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.redis_url:
+        raise SystemExit("r2m worker: set R2M_REDIS_URL (or --redis-url); `r2m serve` without Redis has its own worker")
+    metrics = WorkerMetrics()
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, addr=settings.host, registry=metrics.registry)
+    model = build_model(settings)
+    worker = Worker(
+        HeadTrainer(model, settings),
+        RedisPreferenceQueue(settings.redis_url, settings.redis_prefix),
+        RedisHeadStore(settings.redis_url, settings.redis_prefix, settings.head_keep),
+        metrics,
+        max_batches=settings.worker_max_batches,
+        claim_idle_ms=settings.worker_claim_idle_ms,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("r2m.worker").info("worker %s consuming %s", worker.consumer, settings.redis_url)
+    worker.run(stop)
+    return 0
+
+
 def _fit_rm(args: argparse.Namespace) -> int:
     from .fit import fit_encoder_rm
 
@@ -96,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings_flags(serve)
     serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run the R2M update worker on the Redis preference stream",
+        description="Consume preference batches from Redis, run GREBT updates, publish head versions. Takes the "
+        "same settings as `serve` (model, widths, seed must match the servers').",
+    )
+    _add_settings_flags(worker)
+    worker.set_defaults(func=_worker)
 
     fit = sub.add_parser(
         "fit-rm",

@@ -48,6 +48,36 @@ class ServiceSettings(BaseSettings):
         None,
         description="When set, every route but /healthz, /readyz and /metrics needs `Authorization: Bearer`.",
     )
+    redis_url: str | None = Field(
+        None,
+        description="Redis for the preference stream, head store and swap notices (e.g. redis://redis:6379/0); "
+        "unset: an in-process queue and worker (embedded mode).",
+    )
+    redis_prefix: str = Field("r2m", description="Prefix of every Redis key, so several deployments can share one.")
+    head_keep: int = Field(5, ge=1, description="Head versions kept in the store (rollback targets).")
+    head_poll_s: float = Field(
+        2.0, gt=0, description="How often a replica checks the store for a version it missed a notice for."
+    )
+    train_lr: float = Field(
+        1e-6, gt=0, description="Learning rate of the R2M update (paper: 1e-6 dialogue, 5e-7 TL;DR)."
+    )
+    train_steps: int = Field(1, ge=1, description="Optimizer steps per update (per preference batch).")
+    train_weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the R2M update.")
+    train_max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip of the R2M update.")
+    grebt_alpha: float = Field(0.3, ge=0.0, le=1.0, description="Weight alpha of the group reward entropy term.")
+    rank_by: Literal["recomputed", "given"] = Field(
+        "recomputed",
+        description="Pick each group's best/worst pair by the recomputed rewards (default) or by the rewards sent.",
+    )
+    worker_max_batches: int = Field(16, ge=1, description="Queued batches one update may merge.")
+    worker_claim_idle_ms: int = Field(
+        30000, ge=1, description="A batch pending this long with a dead worker is taken over (XAUTOCLAIM)."
+    )
+    rte_cache_mb: int = Field(512, ge=0, description="Memory for the worker's reward-token-embedding cache.")
+    worker_metrics_port: int = Field(9101, ge=0, le=65535, description="Port of `r2m worker`'s /metrics.")
+    embedded_worker: bool = Field(
+        True, description="Without R2M_REDIS_URL, run the update worker inside `r2m serve` (embedded mode)."
+    )
     host: str = Field("127.0.0.1", description="Address `r2m serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `r2m serve` binds.")
     log_level: str = Field("info", description="Log level of the server.")

@@ -58,3 +58,8 @@ class ServiceMetrics:
         self.model_load_seconds = Gauge("r2m_model_load_seconds", "Time taken to load the model.", registry=r)
         self.model_ready = Gauge("r2m_model_ready", "1 once the model is loaded and serving.", registry=r)
         self.head_version = Gauge("r2m_head_version", "Head version this replica serves.", registry=r)
+        self.preference_batches = Counter(
+            "r2m_preference_batches_total", "Preference batches accepted and queued.", registry=r
+        )
+        self.preference_groups = Counter("r2m_preference_groups_total", "Groups accepted and queued.", registry=r)
+        self.preference_pairs = Counter("r2m_preference_pairs_total", "Labelled pairs accepted and queued.", registry=r)

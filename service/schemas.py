@@ -10,7 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchem
 from r2m.client._wire import WireTensor, tensor_from_json
 
 __all__ = [
+    "as_payload",
     "ErrorResponse",
+    "HeadInfo",
+    "PreferenceGroup",
+    "PreferencePair",
+    "PreferencesAccepted",
+    "PreferencesRequest",
+    "RollbackRequest",
     "HealthResponse",
     "InfoResponse",
     "ReadyResponse",
@@ -45,6 +52,15 @@ def _as_tensor(value: Any) -> WireTensor:
 TensorField = Annotated[WireTensor, PlainValidator(_as_tensor), WithJsonSchema(TENSOR_JSON_SCHEMA)]
 
 
+def as_payload(obj: Any) -> Any:
+    """A validated request as a plain tree with its WireTensors in place (for `pack_request`)."""
+    if isinstance(obj, BaseModel):
+        return {name: as_payload(getattr(obj, name)) for name in type(obj).model_fields}
+    if isinstance(obj, list):
+        return [as_payload(v) for v in obj]
+    return obj
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
@@ -68,6 +84,88 @@ class ScoreRequest(_Strict):
         if self.step > self.total_steps:
             raise ValueError(f"step={self.step} must be <= total_steps={self.total_steps}")
         return self
+
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+BATCH_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class PreferenceGroup(_Strict):
+    prompt: str = Field(min_length=1, description="The query shared by the group.")
+    responses: list[str] = Field(min_length=2, description="The group's K responses (K >= 2).")
+    hidden: list[TensorField] | None = Field(
+        None,
+        description="The current policy's last-layer hidden states for each response, K tensors (T_k, policy_dim); "
+        "omit for feedback-free (head-only) updates.",
+    )
+    rewards: list[FiniteFloat] | None = Field(
+        None, description="The rewards the responses got at scoring time (optional; used when ranking by them)."
+    )
+
+    @model_validator(mode="after")
+    def _counts(self) -> PreferenceGroup:
+        k = len(self.responses)
+        if self.hidden is not None and len(self.hidden) != k:
+            raise ValueError(f"hidden has {len(self.hidden)} tensors for {k} responses")
+        if self.rewards is not None and len(self.rewards) != k:
+            raise ValueError(f"rewards has {len(self.rewards)} values for {k} responses")
+        return self
+
+
+class PreferencePair(_Strict):
+    prompt: str = Field(min_length=1)
+    chosen: str
+    rejected: str
+    chosen_hidden: TensorField | None = None
+    rejected_hidden: TensorField | None = None
+
+    @model_validator(mode="after")
+    def _both_or_none(self) -> PreferencePair:
+        if (self.chosen_hidden is None) != (self.rejected_hidden is None):
+            raise ValueError("give hidden states for both chosen and rejected, or for neither")
+        return self
+
+
+class PreferencesRequest(_Strict):
+    groups: list[PreferenceGroup] = Field(default_factory=list, description="Groups for in-group pseudo-labels.")
+    pairs: list[PreferencePair] = Field(default_factory=list, description="Labelled pairs (our extension).")
+    step: int = Field(ge=0, description="The RL step t whose policy produced the hidden states (omega schedule).")
+    total_steps: int = Field(ge=1, description="Total RL steps T.")
+    batch_id: str | None = Field(
+        None,
+        pattern=BATCH_ID_PATTERN,
+        description="Client-chosen id; a retried batch with the same id is trained once.",
+    )
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> PreferencesRequest:
+        if not self.groups and not self.pairs:
+            raise ValueError("a preference batch needs at least one group or pair")
+        if self.step > self.total_steps:
+            raise ValueError(f"step={self.step} must be <= total_steps={self.total_steps}")
+        return self
+
+
+class PreferencesAccepted(BaseModel):
+    batch_id: str = Field(description="Id of the queued batch; head metadata lists the batch ids each version used.")
+    groups: int
+    pairs: int
+
+
+class HeadInfo(BaseModel):
+    version: int
+    parent: int | None = None
+    batch_ids: list[str] = Field(default_factory=list)
+    created: float | None = None
+    sha256: str | None = None
+    loss: dict[str, float] | None = None
+    rollback_of: int | None = None
+    served_version: int = Field(description="The version this replica serves right now.")
+    kept_versions: list[int] = Field(default_factory=list)
+
+
+class RollbackRequest(_Strict):
+    version: int = Field(ge=0, description="A kept version to return to; it is republished as a new version.")
 
 
 class ScoreResponse(BaseModel):

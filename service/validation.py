@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
+
 import torch
 
-from r2m.client._wire import WireTensor
+from r2m.client._wire import WireTensor, encode_binary, pack_request
 
 from .backbone import Encoded
 from .config import ServiceSettings
 from .engine import PreparedItem, R2MModel
 from .errors import BadInput
 from .model import omega
-from .schemas import ScoreRequest
+from .schemas import PreferencesRequest, ScoreRequest, as_payload
 
-__all__ = ["hidden_to_torch", "prepare_score_items", "encode_checked"]
+__all__ = ["encode_checked", "hidden_to_torch", "max_tokens_of", "prepare_preferences", "prepare_score_items"]
 
 
 def hidden_to_torch(t: WireTensor, path: str, settings: ServiceSettings) -> torch.Tensor:
@@ -69,3 +71,31 @@ def prepare_score_items(req: ScoreRequest, model: R2MModel, settings: ServiceSet
         encoded = encode_checked(model, item.prompt, item.response, f"items[{i}]", limit)
         out.append(PreparedItem(encoded=encoded, hidden=hidden, w=w if hidden is not None else 1.0))
     return out
+
+
+def prepare_preferences(req: PreferencesRequest, model: R2MModel, settings: ServiceSettings) -> tuple[str, bytes]:
+    """Check a /preferences batch like /score items and encode it for the queue: `(batch_id, body)`."""
+    responses = sum(len(g.responses) for g in req.groups) + 2 * len(req.pairs)
+    if responses > settings.max_items_per_request:
+        raise BadInput(
+            f"groups/pairs: {responses} responses exceed R2M_MAX_ITEMS_PER_REQUEST={settings.max_items_per_request}",
+            status_code=413,
+        )
+    limit = max_tokens_of(model, settings)
+    for i, g in enumerate(req.groups):
+        for k, response in enumerate(g.responses):
+            encode_checked(model, g.prompt, response, f"groups[{i}].responses[{k}]", limit)
+        for k, t in enumerate(g.hidden or []):
+            hidden_to_torch(t, f"groups[{i}].hidden[{k}]", settings)
+    for i, p in enumerate(req.pairs):
+        encode_checked(model, p.prompt, p.chosen, f"pairs[{i}].chosen", limit)
+        encode_checked(model, p.prompt, p.rejected, f"pairs[{i}].rejected", limit)
+        for name in ("chosen_hidden", "rejected_hidden"):
+            t = getattr(p, name)
+            if t is not None:
+                hidden_to_torch(t, f"pairs[{i}].{name}", settings)
+    batch_id = req.batch_id or uuid.uuid4().hex
+    payload = as_payload(req)
+    payload["batch_id"] = batch_id
+    meta, tensors = pack_request(payload)
+    return batch_id, encode_binary(meta, tensors)

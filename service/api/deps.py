@@ -12,7 +12,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ..batcher import Batcher
 from ..config import ServiceSettings
 from ..engine import R2MModel
+from ..heads import HeadStore
 from ..metrics import ServiceMetrics
+from ..prefqueue import PreferenceQueue
 
 __all__ = ["AuthDep", "BatcherDep", "ModelDep", "ServiceState", "SettingsDep", "StateDep", "require_api_key"]
 
@@ -26,7 +28,9 @@ class ServiceState:
     model: R2MModel | None = None
     batcher: Batcher | None = None
     load_error: str | None = None
-    extra: dict = field(default_factory=dict)
+    store: HeadStore | None = None
+    queue: PreferenceQueue | None = None
+    background: list = field(default_factory=list)  # things with .stop(), stopped at shutdown
 
 
 def get_state(request: Request) -> ServiceState:

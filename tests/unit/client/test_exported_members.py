@@ -7,6 +7,7 @@ PUBLIC = [
     "AsyncR2MClient",
     "AuthenticationError",
     "InvalidRequest",
+    "PreferencesResult",
     "R2MClient",
     "R2MError",
     "ScoreResult",

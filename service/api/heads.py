@@ -1,0 +1,80 @@
+"""Head versions: the current one, downloads of kept ones (safetensors), rollback."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Response
+from starlette.concurrency import run_in_threadpool
+
+from ..engine import HeadVersion
+from ..heads import StoreUnavailable, head_to_bytes, sha256
+from ..schemas import ErrorResponse, HeadInfo, RollbackRequest
+from .deps import AuthDep, ModelDep, StateDep
+
+router = APIRouter(prefix="/heads", tags=["heads"], dependencies=[AuthDep])
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 422, 503)}
+
+
+def _info(meta: dict, served: HeadVersion, kept: list[int]) -> HeadInfo:
+    fields = {k: meta.get(k) for k in HeadInfo.model_fields if k in meta}
+    return HeadInfo(**fields, served_version=served.version, kept_versions=kept)
+
+
+def _unavailable(exc: StoreUnavailable) -> HTTPException:
+    return HTTPException(503, f"head store unavailable: {exc}", headers={"Retry-After": "1"})
+
+
+@router.get("/current", response_model=HeadInfo, responses=_ERRORS)
+async def current(state: StateDep, model: ModelDep) -> HeadInfo:
+    """The latest published head version (and the one this replica serves)."""
+    served = model.current
+    store = state.store
+    try:
+        latest = await run_in_threadpool(store.latest) if store else None
+        meta = await run_in_threadpool(store.meta, latest) if store and latest is not None else None
+        kept = await run_in_threadpool(store.versions) if store else []
+    except StoreUnavailable:
+        latest, meta, kept = None, None, []
+    return _info(meta or {**served.meta, "version": served.version}, served, kept)
+
+
+@router.get(
+    "/{version}",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
+)
+async def download(version: int, state: StateDep, model: ModelDep) -> Response:
+    """A kept head version's weights as safetensors."""
+    served = model.current
+    blob = None
+    if state.store is not None:
+        try:
+            blob = await run_in_threadpool(state.store.weights, version)
+        except StoreUnavailable as exc:
+            if version != served.version:
+                raise _unavailable(exc) from exc
+    if blob is None and version == served.version:
+        blob = await run_in_threadpool(head_to_bytes, served.head)
+    if blob is None:
+        raise HTTPException(404, f"head version {version} is not kept (see /heads/current for kept_versions)")
+    headers = {
+        "X-R2M-Head-Version": str(version),
+        "X-R2M-Head-SHA256": sha256(blob),
+        "Content-Disposition": f'attachment; filename="r2m-head-v{version}.safetensors"',
+    }
+    return Response(blob, media_type="application/octet-stream", headers=headers)
+
+
+@router.post("/rollback", response_model=HeadInfo, responses=_ERRORS)
+async def rollback(body: RollbackRequest, state: StateDep, model: ModelDep) -> HeadInfo:
+    """Republish a kept version as the newest one; every replica swaps to it."""
+    if state.store is None:
+        raise HTTPException(503, "no head store is configured on this replica")
+    try:
+        meta = await run_in_threadpool(state.store.rollback, body.version)
+        kept = await run_in_threadpool(state.store.versions)
+    except KeyError:
+        raise HTTPException(404, f"head version {body.version} is not kept; cannot roll back to it") from None
+    except StoreUnavailable as exc:
+        raise _unavailable(exc) from exc
+    return _info(meta, model.current, kept)

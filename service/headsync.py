@@ -1,0 +1,111 @@
+"""A replica follows the head store: on each announcement (or on the catch-up timer) it loads the latest version,
+checks its hash and config, and swaps it in. The batcher takes one head snapshot per batch, so the swap lands
+between batches: no request is scored by two heads, and none waits for the swap."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from prometheus_client import Counter, Histogram
+
+from .engine import HeadVersion, R2MModel
+from .heads import HeadStore, StoreUnavailable, head_from_bytes, sha256
+from .metrics import ServiceMetrics
+
+__all__ = ["HeadSync"]
+
+log = logging.getLogger("r2m.headsync")
+
+
+class HeadSync:
+    def __init__(self, model: R2MModel, store: HeadStore, metrics: ServiceMetrics, model_name: str, poll_s: float):
+        self.model = model
+        self.store = store
+        self.metrics = metrics
+        self.model_name = model_name
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        r = metrics.registry
+        self.swaps = Counter("r2m_head_swaps_total", "Head versions swapped in by this replica.", registry=r)
+        self.failures = Counter(
+            "r2m_head_load_failures_total", "Head versions that could not be loaded (hash, config).", registry=r
+        )
+        self.swap_seconds = Histogram(
+            "r2m_head_swap_duration_seconds",
+            "Time to fetch, check and install a head version.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.swap_latency = Histogram(
+            "r2m_head_swap_latency_seconds",
+            "From a version's publication to this replica serving it.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self._bad: set[int] = set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="r2m-headsync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.poll_s + 5)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                latest = self.store.wait_for_change(self.model.current.version, timeout=self.poll_s)
+                backoff = 0.5
+                if latest is None or latest == self.model.current.version:
+                    continue
+                if latest in self._bad:  # logged once; wait for a newer version instead of spinning
+                    self._stop.wait(self.poll_s)
+                    continue
+                self.load(latest)
+            except StoreUnavailable as exc:
+                log.warning("%s; serving head %d meanwhile", exc, self.model.current.version)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception:  # noqa: BLE001 - the replica keeps serving its current head
+                log.exception("head sync failed; serving head %d meanwhile", self.model.current.version)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def load(self, version: int) -> bool:
+        """Fetch, verify and swap in `version`; False (and the current head kept) when it does not fit."""
+        started = time.perf_counter()
+        meta, weights = self.store.meta(version), self.store.weights(version)
+        if meta is None or weights is None:
+            return False  # pruned meanwhile; a newer one is announced
+        expected = self.model.head_config.to_dict()
+        problem = None
+        if sha256(weights) != meta.get("sha256"):
+            problem = "content hash mismatch"
+        elif meta.get("config") != expected:
+            problem = f"head config {meta.get('config')} differs from this replica's {expected}"
+        elif meta.get("model") not in (None, self.model_name):
+            problem = f"trained for model {meta.get('model')!r}, this replica serves {self.model_name!r}"
+        if problem is None:
+            try:
+                head = head_from_bytes(weights, self.model.head_config)
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is not None:
+            log.error("not swapping to head version %d: %s", version, problem)
+            self.failures.inc()
+            self._bad.add(version)
+            return False
+        self.model.swap(HeadVersion(version=version, head=head, meta=meta))
+        self.metrics.head_version.set(version)
+        self.swaps.inc()
+        self.swap_seconds.observe(time.perf_counter() - started)
+        if meta.get("created"):
+            self.swap_latency.observe(max(0.0, time.time() - float(meta["created"])))
+        log.info("serving head version %d (%.1f ms to load)", version, 1000 * (time.perf_counter() - started))
+        return True
