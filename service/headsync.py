@@ -58,22 +58,30 @@ class HeadSync:
 
     def _run(self) -> None:
         backoff = 0.5
+        seen: int | None = None  # the store's latest version as last observed here
         while not self._stop.is_set():
             try:
-                latest = self.store.wait_for_change(self.model.current.version, timeout=self.poll_s)
+                latest = self.store.wait_for_change(seen, timeout=self.poll_s)
                 backoff = 0.5
-                if latest is None or latest == self.model.current.version:
-                    continue
-                if latest in self._bad:  # logged once; wait for a newer version instead of spinning
-                    self._stop.wait(self.poll_s)
-                    continue
-                self.load(latest)
             except StoreUnavailable as exc:
                 log.warning("%s; serving head %d meanwhile", exc, self.model.current.version)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+                continue
+            if latest == seen:
+                continue  # the timer ran out with nothing new
+            seen = latest
+            if latest is None or latest == self.model.current.version or latest in self._bad:
+                continue
+            try:
+                if not self.load(latest):
+                    seen = None  # look again: it may have been pruned for a newer one
+            except StoreUnavailable as exc:
+                log.warning("%s; serving head %d meanwhile", exc, self.model.current.version)
+                seen = None
             except Exception:  # noqa: BLE001 - the replica keeps serving its current head
-                log.exception("head sync failed; serving head %d meanwhile", self.model.current.version)
+                log.exception("loading head %s failed; serving head %d meanwhile", latest, self.model.current.version)
+                seen = None
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
 

@@ -45,3 +45,12 @@ def test_bad_setting_on_the_command_line_names_the_flag() -> None:
     )
     assert result.returncode != 0
     assert "--policy-dim" in result.stderr and "integer" in result.stderr
+
+
+def test_worker_without_redis_says_what_to_set() -> None:
+    env = {k: v for k, v in __import__("os").environ.items() if k != "R2M_REDIS_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "r2m.service.cli", "worker"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode != 0
+    assert "R2M_REDIS_URL" in result.stderr
