@@ -238,8 +238,13 @@ def test_embedded_mode_trains_swaps_and_rolls_back(tiny_neox_rm: Path) -> None:
         before = client.post("/score", json=score_body).json()
         assert before["head_version"] == 0
         pairs = [
-            {"prompt": "help me cook", "chosen": "you can cook with some water", "rejected": "no",
-             "chosen_hidden": t(10), "rejected_hidden": t(11)}
+            {
+                "prompt": "help me cook",
+                "chosen": "you can cook with some water",
+                "rejected": "no",
+                "chosen_hidden": t(10),
+                "rejected_hidden": t(11),
+            }
         ]
         accepted = client.post("/preferences", json={"pairs": pairs, "step": 50, "total_steps": 100})
         assert accepted.status_code == 202, accepted.text
@@ -263,14 +268,20 @@ def test_embedded_mode_trains_swaps_and_rolls_back(tiny_neox_rm: Path) -> None:
 
 
 BAD_PREFERENCES = {
-    "hidden count mismatch": ({"groups": [{"prompt": "p", "responses": ["a", "b", "c"], "hidden": ["H", "H"]}]},
-                              "2 tensors for 3 responses"),
-    "rewards count mismatch": ({"groups": [{"prompt": "p", "responses": ["a", "b"], "rewards": [1.0]}]},
-                               "1 values for 2 responses"),
+    "hidden count mismatch": (
+        {"groups": [{"prompt": "p", "responses": ["a", "b", "c"], "hidden": ["H", "H"]}]},
+        "2 tensors for 3 responses",
+    ),
+    "rewards count mismatch": (
+        {"groups": [{"prompt": "p", "responses": ["a", "b"], "rewards": [1.0]}]},
+        "1 values for 2 responses",
+    ),
     "one response": ({"groups": [{"prompt": "p", "responses": ["a"]}]}, "responses"),
     "nothing to train": ({}, "at least one group or pair"),
-    "one-sided pair hidden": ({"pairs": [{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_hidden": "H"}]},
-                              "both chosen and rejected"),
+    "one-sided pair hidden": (
+        {"pairs": [{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_hidden": "H"}]},
+        "both chosen and rejected",
+    ),
     "wrong width": ({"groups": [{"prompt": "p", "responses": ["a", "b"], "hidden": ["W", "W"]}]}, "R2M_POLICY_DIM"),
     "bad batch id": ({"pairs": [{"prompt": "p", "chosen": "a", "rejected": "b"}], "batch_id": "a b"}, "batch_id"),
 }
@@ -299,3 +310,44 @@ def test_bad_preferences_get_a_clear_4xx_and_queue_nothing(tiny_neox_rm: Path, c
         assert r.status_code == 422, r.text
         assert needle in str(r.json()["detail"])
         assert client.app.state.r2m.queue.stats()["length"] == 0
+
+
+def test_head_sync_waits_instead_of_spinning_on_an_empty_store(tiny_neox_rm: Path) -> None:
+    from r2m.service.headsync import HeadSync
+    from r2m.service.metrics import ServiceMetrics
+
+    store = MemoryHeadStore()
+    calls = []
+    real_wait = store.wait_for_change
+
+    def counting_wait(seen, timeout):  # noqa: ANN001, ANN202
+        calls.append(seen)
+        return real_wait(seen, timeout)
+
+    store.wait_for_change = counting_wait  # type: ignore[method-assign]
+    settings = _settings(tiny_neox_rm)
+    model = build_model(settings)
+    sync = HeadSync(model, store, ServiceMetrics(), settings.model, poll_s=0.1)
+    sync.start()
+    time.sleep(0.5)
+    assert len(calls) <= 8, f"{len(calls)} polls in 0.5 s with a 0.1 s timer: the sync thread spins"
+    trainer = HeadTrainer(model, settings)
+    with torch.no_grad():
+        trainer.head.score.weight.add_(1.0)
+    store.publish(
+        parent=None,
+        weights=head_to_bytes(trainer.head),
+        optim=None,
+        meta={"config": model.head_config.to_dict(), "model": settings.model},
+        batch_ids=[],
+    )
+    store.publish(
+        parent=0,
+        weights=head_to_bytes(trainer.head),
+        optim=None,
+        meta={"config": model.head_config.to_dict(), "model": settings.model},
+        batch_ids=["x"],
+    )
+    _wait(lambda: model.current.version == 1, timeout=5)
+    sync.stop()
+    assert torch.equal(model.current.head.score.weight, trainer.head.score.weight)
