@@ -22,18 +22,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import warnings
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ._exceptions import WireError
+
 # torch.frombuffer warns that a request body is not writable; `to_torch` only ever reads it.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-
-from ._exceptions import WireError
 
 __all__ = [
     "BINARY_CONTENT_TYPE",

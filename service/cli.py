@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--data", default=None, help="JSONL of {prompt, chosen, rejected} [default: synthetic set]")
     fit.add_argument("--pairs", type=int, default=3000, help="synthetic pairs to draw when --data is not given")
     fit.add_argument("--seed", type=int, default=0, help="seed of the synthetic set and the split")
-    fit.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the head weight")
+    fit.add_argument("--l2", type=float, default=1e-5, help="L2 penalty on the head weight")
     fit.add_argument("--device", default="auto", help="auto, cpu or cuda")
     fit.set_defaults(func=_fit_rm)
     return parser

@@ -51,7 +51,7 @@ def fit_encoder_rm(
     data: str | Path | None = None,
     n_pairs: int = 3000,
     seed: int = 0,
-    l2: float = 1e-3,
+    l2: float = 1e-5,
     max_tokens: int = 256,
     batch_size: int = 64,
     device: str = "auto",

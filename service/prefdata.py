@@ -4,39 +4,44 @@
 user request, a good answer to it, and a worse answer whose single flaw is named by `kind` (one of `KINDS`):
 
 - `off_topic`: a fluent, polite, informative answer about another subject (sometimes one relevant sentence
-  first);
-- `ignores_question`: an answer to a different question on the same subject (partly relevant, so subtler);
+  first, then a drift);
+- `ignores_question`: an answer to a different question on the same subject (partly relevant, so subtler),
+  sometimes announcing the change of subject;
 - `rude`: insulting or condescending, with or without correct content;
-- `evasive`: declines, hedges or defers without answering (short or long);
-- `repetitive`: one or two sentences looped, or a good answer that then repeats itself;
+- `evasive`: hedges or defers without answering (short or long);
+- `needless_refusal`: refuses a harmless request, citing policy or safety;
+- `repetitive`: a sentence or phrase looped, or a good start that then repeats itself;
 - `too_short`: a one-word or truncated non-answer;
 - `wrong_fact`: the same shape as a good answer, with one statement replaced by a plausible false one (for
-  arithmetic and conversions: a wrong number);
-- `rambling`: long, on-subject-sounding filler with no information;
-- `needless_refusal`: refuses a harmless request, citing policy or safety;
+  arithmetic, percentages and conversions: a wrong number);
+- `rambling`: long filler with no information, often parroting the question or flattering the user;
 - `gibberish`: word salad (scrambled or random words, keyboard mash);
 - `wrong_format`: ignores an explicit format request (one sentence, brief, bullets, numbered steps) or
   answers in a garbled form (shouting, a raw JSON or HTML dump, an unpunctuated run-on).
 
-Prompts come from ~50 topics (cooking, Python, git, travel, sleep, first aid, math, history, gardening,
-personal finance, writing, pets, ...; about 145 hand-written subjects plus generated arithmetic, percentage
-and unit conversion problems), phrased with a dozen templates per question type, optional greetings, thanks
-and format instructions, which gives thousands of distinct prompts. Chosen answers are assembled from 1 to 4
-fact sentences per subject with varied openings and closings; their length is deliberately NOT what
-separates them from the rejected ones: many rejected answers are long (repetitive, rambling, off-topic,
-over-long for a "one sentence" request) and many chosen ones are a single sentence.
+Prompts come from 54 topics (cooking, Python, git, travel, sleep, first aid, math, history, gardening,
+personal finance, writing, pets, emergencies, ...: 160 hand-written subjects plus generated arithmetic,
+percentage and unit conversion problems), phrased with a dozen templates per question type, optional
+greetings, thanks and format instructions: 2,000 records hold well over 1,500 distinct prompts. Chosen
+answers are assembled from 1 to 4 true sentences per subject with varied openings and closings. Length is
+deliberately NOT what separates chosen from rejected: many rejected answers are long (repetitive, rambling,
+off-topic, padded when a short answer was asked for) and many chosen ones are a single sentence; about half
+of the chosen answers are the longer of their pair.
 
-Honest limits: this is a templated, synthetic set written by hand for this repository, not human preference
-data. A linear head fitted on it learns generic helpfulness cues (relevance to the prompt, politeness,
-informativeness, no repetition, respect for the requested format) as far as a frozen sentence encoder can
-represent them. It knows only the facts its ~145 subjects contain, cannot check facts or arithmetic outside
-them, never sees multi-turn conversations, code-heavy or long answers, other languages, safety refusals
-(where declining is the right answer), or subtle reasoning errors. Held-out accuracy on it measures fit to
-these templates, not reward quality on real traffic. It is a reasonable offline default, not a substitute
-for a reward model trained on real preferences.
+Honest limits. This is a templated, synthetic set written by hand for this repository, not human preference
+data. A linear head fitted on it learns generic helpfulness cues (relevance, politeness, informativeness, no
+refusal of harmless requests, no degenerate output) only as far as a frozen sentence encoder represents
+them; with all-MiniLM-L6-v2 (uncased, mean-pooled) it barely sees wrong facts, same-subject irrelevance,
+format requests or repetition, and the head can pick up proxies such as a preference for upbeat wording.
+The set knows only the facts of its subjects; it has no multi-turn conversations, code-heavy or long
+answers, other languages, subtle reasoning errors, or harmful requests. Because every prompt is benign, a
+refusal is always the worse answer here: a head fitted on this set must not be used to judge requests that
+should be refused. Held-out accuracy on it measures fit to these templates (held-out prompts share subjects
+with training prompts), not reward quality on real traffic. It is a reasonable offline default, not a
+substitute for a reward model trained on real preferences.
 
-The generator is deterministic (the same `n` and `seed` give identical records) and uses only the standard
-library."""
+The generator is deterministic (the same `n` and `seed` give identical records; `n` and `seed` both shape
+the sample) and uses only the standard library."""
 
 from __future__ import annotations
 
@@ -349,6 +354,12 @@ howto: clean a small cut
 + A thin layer of petroleum jelly and a bandage keep it moist and protected.
 + Watch for signs of infection, such as spreading redness, warmth, or pus.
 - Small cuts heal best if you leave the dirt in them, since it helps form a scab.
+why: what the warning signs of a stroke are
++ The classic signs are summed up as FAST: face drooping, arm weakness, and speech difficulty.
++ The T stands for time: call emergency services immediately if you see any of them.
++ Other signs include sudden confusion, trouble seeing, a severe headache, or loss of balance.
++ Fast treatment matters, because brain cells start dying within minutes without blood flow.
+- If you suspect a stroke, wait a few hours to see whether the symptoms go away on their own.
 
 @ wellbeing | mental wellbeing
 howto: manage stress at work
@@ -369,6 +380,12 @@ howto: calm down during a panic attack
 + Ground yourself by naming five things you can see, four you can hear, and three you can touch.
 + If panic attacks keep happening, a doctor or therapist can help; they are very treatable.
 - Breathing as fast as you can is the quickest way to end a panic attack.
+howto: cope with grief after losing someone
++ Grief is a normal response to loss, and it doesn't follow a fixed timeline.
++ Let yourself feel sad, angry, or numb without judging those feelings.
++ Lean on friends and family, and keep basic routines like eating and sleeping.
++ If the pain stays overwhelming for months, or you think about harming yourself, talk to a doctor or counselor.
+- Grief should be over within a week, and talking about the loss only makes it worse.
 
 @ math | math
 concept: the Pythagorean theorem
@@ -511,7 +528,7 @@ why: what causes thunder
 + Counting the seconds between flash and thunder and dividing by three gives a rough distance in kilometers.
 - Thunder is the sound of two clouds crashing into each other.
 
-@ ancient_history | ancient history
+@ ancient_history | ancient and medieval history
 concept: the fall of the Western Roman Empire
 + The Western Roman Empire is traditionally said to have fallen in 476 AD, when Odoacer deposed the emperor.
 + Causes included political instability, economic trouble, and pressure from migrating peoples.
@@ -530,6 +547,12 @@ concept: Athenian democracy
 + Many officials were chosen by lottery to keep power from concentrating.
 + Citizenship was limited to adult free men, so women, slaves, and foreigners were excluded.
 - In ancient Athens, every resident, including women and slaves, had full voting rights.
+concept: the Black Death
++ The Black Death was a plague pandemic that killed tens of millions of people between 1347 and 1351.
++ It was caused by the bacterium Yersinia pestis, spread by fleas on rats and between people.
++ It may have killed a third or more of Europe's population.
++ The labor shortages that followed raised wages and weakened the feudal system.
+- The Black Death was caused by a virus in contaminated drinking water in the 1800s.
 
 @ modern_history | modern history
 why: what caused World War I
@@ -851,6 +874,26 @@ howto: jump-start a car
 + Remove the cables in reverse order once it starts.
 - Connect the red clamp to the positive terminal on one car and the negative terminal on the other.
 
+@ emergencies | emergency preparedness
+howto: prepare a home emergency kit
++ Store at least three days of water, about four liters per person per day, plus non-perishable food.
++ Include a flashlight, spare batteries, a first aid kit, and any essential medications.
++ Keep copies of important documents and some cash in a waterproof bag.
++ Check the kit every six months and replace expired food and batteries.
+- An emergency kit only needs snacks, since power and water are never cut off for more than an hour.
+why: what to do if a fire breaks out at home
++ Get out fast and stay out, because a house fire can become deadly within a few minutes.
++ Crawl low under smoke, where the air is cleaner, and feel doors for heat before opening them.
++ Call emergency services once you are outside, and never go back in for belongings.
++ Working smoke alarms on every level and a practiced escape plan save lives.
+- If a fire starts, stay inside and gather your valuables first, since firefighters arrive quickly.
+howto: stay safe during an earthquake
++ Drop, cover, and hold on: get down, take cover under sturdy furniture, and hold on until the shaking stops.
++ Stay away from windows and anything that could fall on you.
++ If you are outside, move away from buildings, trees, and power lines.
++ Afterward, expect aftershocks, and check for injuries and gas leaks.
+- During an earthquake, run outside immediately, even if you have to pass under falling debris.
+
 @ dogs | dogs
 howto: house-train a puppy
 + Take the puppy outside first thing in the morning, after meals, after naps, and before bed.
@@ -990,6 +1033,12 @@ howto: recognize a phishing email
 + Hover over links to see where they really go before clicking.
 + When in doubt, contact the company through its official website instead of replying.
 - An email is safe whenever it shows a company's logo, so you can click any link in it.
+why: what to do after a data breach
++ Change the password of the breached account right away, and anywhere else you reused it.
++ Turn on two-factor authentication for that account.
++ Watch your bank and card statements closely for fraud.
++ Consider freezing your credit if sensitive data, like an ID number, was leaked.
+- After a data breach, keep your old password, because changing it alerts the attackers.
 
 @ environment | the environment
 concept: the greenhouse effect
@@ -1030,6 +1079,12 @@ concept: the difference between a metaphor and a simile
 + A metaphor makes the comparison directly, as in "time is a thief".
 + Metaphors often feel more forceful, since they don't signal the comparison.
 - A metaphor always uses the word "like", while a simile never does.
+concept: the plot of Hamlet
++ Prince Hamlet's father is murdered by his uncle Claudius, who then marries Hamlet's mother and takes the throne.
++ The ghost of Hamlet's father appears and asks him to avenge the murder.
++ Hamlet's hesitation and feigned madness lead to the deaths of Polonius and Ophelia.
++ The play ends in a poisoned duel in which Hamlet, Claudius, Gertrude, and Laertes all die.
+- Hamlet ends happily, with Hamlet crowned king and married to Ophelia.
 
 @ art | drawing and art
 howto: start learning to draw
@@ -1367,6 +1422,18 @@ _FILLER = (
     "It's kind of fascinating when you stop and think about it.",
     "A lot of people ask about {s}, which says something in itself.",
     "Things have changed a lot over the years, and they'll probably keep changing.",
+    "What a fantastic question; you clearly have a wonderful curiosity!",
+    "I love that you're interested in {s}!",
+    "Honestly, it's so great that you asked, and I'm sure you'll figure it out.",
+)
+_PARROT = (
+    "So you want to know about {q}.",
+    "That's a question about {q}.",
+    "{Q} is something a lot of people wonder about.",
+    "{Q}: that's the question.",
+    "There's a lot to say about {q}.",
+    "When it comes to {q}, it really depends.",
+    "{Q} is an interesting thing to ask about.",
 )
 _REPEAT_LEADS = ("As I said,", "Again,", "To repeat,", "Like I mentioned,", "Once more,")
 _CHANGE_SUBJECT = (
@@ -1692,6 +1759,10 @@ def _evasive(rng: random.Random, item: _Item, fmt: str | None) -> str:
 def _rambling(rng: random.Random, item: _Item, fmt: str | None) -> str:
     k = rng.randint(3, 6)
     sentences = [s.format(s=item.subject) for s in rng.sample(_FILLER, k)]
+    if rng.random() < 0.45:  # parrots the question back, so echoing the prompt's words earns nothing by itself
+        words = _topic_words(item) if item.qtype != "calc" else f"this {item.subject} problem"
+        echo = [s.format(q=words, Q=words[0].upper() + words[1:]) for s in rng.sample(_PARROT, rng.randint(1, 3))]
+        sentences = echo + sentences[: max(1, k - len(echo))]
     if fmt in ("bullets", "steps"):
         return _render(rng, item, sentences, fmt)
     if rng.random() < 0.35:
