@@ -284,10 +284,11 @@ class RedisHeadStore:
         old = self._call(self.r.zrange, self._k("heads", "versions"), 0, -(self.keep + 1))
         for v in old:
             v = int(v)
+            # Unlist first, so kept_versions never names a version whose blobs are already gone.
+            self._call(self.r.zrem, self._k("heads", "versions"), str(v))
             self._call(
                 self.r.delete, self._k("head", v, "weights"), self._k("head", v, "optim"), self._k("head", v, "meta")
             )
-            self._call(self.r.zrem, self._k("heads", "versions"), str(v))
 
     def rollback(self, to: int) -> dict[str, Any]:
         for _ in range(10):

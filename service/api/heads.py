@@ -12,7 +12,7 @@ from .deps import AuthDep, ModelDep, StateDep
 
 router = APIRouter(prefix="/heads", tags=["heads"], dependencies=[AuthDep])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 422, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 503)}
 
 
 def _info(meta: dict, served: HeadVersion, kept: list[int]) -> HeadInfo:
