@@ -3,6 +3,7 @@
 r2m serve                      # the reward server on the bundled default model, CPU, 127.0.0.1:8000
 r2m serve --model Skywork/Skywork-Reward-V2-Llama-3.1-8B --policy-dim 4096 --device cuda
 r2m fit-rm --out my_rm/        # fit an encoder RM head on the synthetic preference set
+r2m train --policy my_policy/ --steps 100 --reward-mode r2m   # GRPO against a running `r2m serve`
 """
 
 from __future__ import annotations
@@ -119,6 +120,58 @@ def _fit_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (with its help text), so `r2m train --help` and the config never drift."""
+    import dataclasses
+
+    from r2m.trainer import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if not f.init or f.name == "api_key":  # secrets come from the environment, never from argv
+            continue
+        kind = hints[f.name]
+        default = None if f.default is dataclasses.MISSING else f.default
+        help_text = f.metadata["help"] + ("" if default is None else f" [default: {default}]")
+        if kind is bool:
+            parser.add_argument(
+                _flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text
+            )
+            continue
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        base = next((t for t in (int, float, str) if kind is t or t in typing.get_args(kind)), str)
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            type=None if choices else base,
+            default=None,
+            choices=choices,
+            required=f.default is dataclasses.MISSING,
+            metavar=None if choices else f.name.upper(),
+            help=help_text,
+        )
+    parser.epilog = "Set R2M_API_KEY in the environment when the service requires a key."
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from r2m.trainer import TrainConfig, train
+
+    names = {f.name for f in dataclasses.fields(TrainConfig) if f.init}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = TrainConfig(**overrides, api_key=os.environ.get("R2M_API_KEY") or None)
+    except ValueError as exc:
+        raise SystemExit(f"r2m train: invalid settings: {exc}") from None
+    last = train(config)
+    print(json.dumps({k: v for k, v in last.items() if k != "rewards"}, indent=2))
+    print(f"wrote {config.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r2m", description="R2M reward model as a service.")
     parser.add_argument("--version", action="version", version=f"r2m {__version__}")
@@ -154,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--l2", type=float, default=1e-5, help="L2 penalty on the head weight")
     fit.add_argument("--device", default="auto", help="auto, cpu or cuda")
     fit.set_defaults(func=_fit_rm)
+
+    train_cmd = sub.add_parser(
+        "train",
+        help="GRPO/RLOO on a causal LM with rewards and R2M updates from a running service",
+        description="Train a policy with GRPO or RLOO against the r2m service at --server-url; writes "
+        "OUT_DIR/metrics.jsonl and OUT_DIR/checkpoints/.",
+    )
+    _add_train_flags(train_cmd)
+    train_cmd.set_defaults(func=_train)
     return parser
 
 

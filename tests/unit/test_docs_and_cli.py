@@ -20,7 +20,9 @@ def test_readme_settings_table_lists_every_setting() -> None:
     assert rows == {f"R2M_{name.upper()}" for name in ServiceSettings.model_fields}
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"], ["worker", "--help"], ["fit-rm", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["serve", "--help"], ["worker", "--help"], ["fit-rm", "--help"], ["train", "--help"]]
+)
 def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -1,0 +1,23 @@
+"""r2m.trainer: a small, readable GRPO/RLOO trainer that gets rewards and R2M updates from the r2m service.
+
+    from r2m.trainer import TrainConfig, train
+
+    train(TrainConfig(policy="my-policy/", steps=100, reward_mode="r2m", server_url="http://127.0.0.1:8000"))
+
+The loop is in `r2m.trainer.grpo` (its docstring lists the phases); `r2m train --help` has every setting.
+"""
+
+from .config import ADVANTAGES, REWARD_MODES, TrainConfig, load_prompts
+from .grpo import GRPOTrainer, Rollout, group_advantages, sequence_forward, train
+
+__all__ = [
+    "ADVANTAGES",
+    "REWARD_MODES",
+    "GRPOTrainer",
+    "Rollout",
+    "TrainConfig",
+    "group_advantages",
+    "load_prompts",
+    "sequence_forward",
+    "train",
+]

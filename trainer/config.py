@@ -1,0 +1,174 @@
+"""The trainer's configuration: one dataclass, one help text per field, checked in `__post_init__`.
+
+The `r2m train` flags are generated from these fields, so `--help` and the config never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["ADVANTAGES", "REWARD_MODES", "TrainConfig", "load_prompts"]
+
+BUNDLED_PROMPTS = {"default": Path(__file__).parent / "data" / "prompts.jsonl"}
+
+Advantage = Literal["grpo", "rloo"]
+RewardMode = Literal["vanilla", "r2m", "r2m-frozen", "r2m-noise", "head-only"]
+ADVANTAGES: tuple[str, ...] = typing.get_args(Advantage)
+REWARD_MODES: tuple[str, ...] = typing.get_args(RewardMode)
+
+# Fields that may differ between a run and its resumption: where the service is, and the flag itself.
+RESUMABLE_CHANGES = frozenset({"server_url", "api_key", "resume", "device"})
+
+
+@dataclass
+class TrainConfig:
+    """GRPO/RLOO on a Hugging Face causal LM with rewards from the r2m service (R2M.md: the paper's loop)."""
+
+    policy: str = field(metadata={"help": "Policy to train: a local folder or hub id of a causal LM (with tokenizer)."})
+    prompts: str = field(
+        default="default",
+        metadata={
+            "help": 'Prompts: a .jsonl file of {"prompt": ...} lines, a .txt file with one prompt per line, '
+            "or the name of a bundled set ('default': 64 short chat prompts)."
+        },
+    )
+    server_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "Base URL of the r2m reward service."})
+    api_key: str | None = field(
+        default=None,
+        metadata={"help": "Bearer key of the service (better: set R2M_API_KEY in the environment, argv is visible)."},
+    )
+    steps: int = field(default=100, metadata={"help": "Total RL steps T (also the T of the service's omega schedule)."})
+    prompts_per_step: int = field(default=8, metadata={"help": "Prompts sampled per RL step (the batch of groups)."})
+    group_size: int = field(default=4, metadata={"help": "Responses K sampled per prompt (K >= 2; paper: 4 or 8)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest response, in tokens."})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "Prompts are truncated to this many tokens (left)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold of the rollouts, in (0, 1]."})
+    policy_epochs: int = field(
+        default=2,
+        metadata={
+            "help": "Policy epochs k over each step's batch (paper: 2); the last one's forward pass yields "
+            "the refreshed hidden states posted to /preferences."
+        },
+    )
+    micro_batch_size: int = field(
+        default=0,
+        metadata={
+            "help": "Sequences per forward/backward pass (gradient accumulation); 0 = the whole step at once. "
+            "One optimizer step per epoch either way."
+        },
+    )
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range of the token-level ratio."})
+    kl_coef: float = field(default=0.04, metadata={"help": "Weight of the KL penalty to the frozen initial policy."})
+    lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate of the policy."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables clipping)."})
+    advantage: Advantage = field(
+        default="grpo",
+        metadata={
+            "help": "Advantage estimator: 'grpo' (r - group mean) / (group std + eps), or 'rloo' "
+            "(r minus the mean of the other K-1 rewards)."
+        },
+    )
+    reward_mode: RewardMode = field(
+        default="r2m",
+        metadata={
+            "help": "What the service sees: 'vanilla' (no hidden states, no updates), 'r2m' (hidden states "
+            "and updates), 'r2m-frozen' (hidden states, no updates: the paper's w/o Train), 'r2m-noise' "
+            "(Gaussian noise in place of hidden states, also posted), 'head-only' (no hidden states, groups "
+            "posted without them: the paper's Iterative RM_Head)."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of prompt sampling, rollouts and noise (per step: seed+t)."})
+    out_dir: str = field(default="runs/r2m", metadata={"help": "Folder for metrics.jsonl and checkpoints/."})
+    save_every: int = field(default=50, metadata={"help": "Checkpoint every this many steps (0: only at the end)."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the latest checkpoint in out_dir (its config must match this one)."},
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Policy weights dtype (hidden states travel in it, bf16 as is)."}
+    )
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    # derived in __post_init__
+    batch_size: int = field(init=False, metadata={"help": "Sequences per step: prompts_per_step * group_size."})
+    sends_hidden: bool = field(init=False, metadata={"help": "Whether /score gets hidden states (or noise)."})
+    posts_preferences: bool = field(init=False, metadata={"help": "Whether groups are posted to /preferences."})
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {msg}")
+
+        need(bool(self.policy), "policy", "give a causal LM folder or hub id")
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "max_prompt_tokens", "policy_epochs"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        need(self.group_size >= 2, "group_size", "GRPO/RLOO need K >= 2 responses per prompt")
+        need(self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0 (0 = whole batch)")
+        need(self.temperature > 0, "temperature", "must be > 0")
+        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(self.clip_eps > 0, "clip_eps", "must be > 0")
+        need(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        need(self.save_every >= 0, "save_every", "must be >= 0 (0: only at the end)")
+        need(self.advantage in ADVANTAGES, "advantage", f"choose one of {', '.join(ADVANTAGES)}")
+        need(self.reward_mode in REWARD_MODES, "reward_mode", f"choose one of {', '.join(REWARD_MODES)}")
+        need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "choose float32, bfloat16 or float16")
+        need(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            "choose auto, cpu, cuda or cuda:N",
+        )
+        need(
+            self.prompts in BUNDLED_PROMPTS or Path(self.prompts).is_file(),
+            "prompts",
+            f"not a file nor a bundled set ({', '.join(BUNDLED_PROMPTS)})",
+        )
+        self.batch_size = self.prompts_per_step * self.group_size
+        self.sends_hidden = self.reward_mode in ("r2m", "r2m-frozen", "r2m-noise")
+        self.posts_preferences = self.reward_mode in ("r2m", "r2m-noise", "head-only")
+
+    # --- (de)serialisation: a checkpoint carries the config that rebuilds it -------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The init fields (no secrets: api_key is left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.name != "api_key"}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        return cls(**{**json.loads(Path(path).read_text()), **overrides})
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """Names of the settings that differ between two configs and matter for resuming."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs.get(k))
+
+
+def load_prompts(source: str) -> list[str]:
+    """Prompts from a bundled set name, a .jsonl file ({"prompt": ...} per line) or a text file (one per line)."""
+    path = BUNDLED_PROMPTS.get(source, Path(source))
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(lines):
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"prompts={source!r}: line {i + 1} is not a JSON object with a string 'prompt'")
+            prompts.append(row["prompt"])
+    else:
+        prompts = lines
+    if not prompts:
+        raise ValueError(f"prompts={source!r}: no prompts in {path}")
+    return prompts

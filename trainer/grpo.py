@@ -1,0 +1,471 @@
+"""GRPO / RLOO on a Hugging Face causal LM, with rewards (and R2M updates) from the r2m service.
+
+    r2m serve &                                   # embedded service; R2M_POLICY_DIM = the policy's hidden size
+    r2m train --policy my-policy/ --steps 100 --reward-mode r2m --out-dir runs/r2m
+
+One RL step t, as in R2M.md:
+  1. rollout: K responses per prompt with HF `generate`;
+  2. policy forward: ONE pass of the sampling policy over query + response gives the old log-probs and the
+     last-layer hidden states h (the reference policy's log-probs come from its own pass);
+  3. score: `/score` with h (per reward mode), step t of T;
+  4. advantage: GRPO (r - mean) / (std + eps) or RLOO (r - mean of the other K-1) inside each group;
+  5. update: k epochs of the clipped token-level policy gradient + kl_coef * KL(policy || reference), AdamW,
+     one optimizer step per epoch (micro-batches accumulate gradients);
+  6. the LAST epoch's forward pass also returns hidden states h' (output_hidden_states=True, no extra pass);
+  7. r2m post: every group (prompt, K responses, K h', its rewards) goes to `/preferences`.
+
+Which parameters h' belong to: the last epoch's forward runs before that epoch's optimizer step, so h' are the
+hidden states of the policy after k-1 updates of this step (for the paper's k = 2: after the first epoch's step),
+not of the policy after the k-th step. That is the paper's "refreshed by the last policy epoch, for free"; the
+e2e test pins it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig, load_prompts
+
+__all__ = ["GRPOTrainer", "Rollout", "group_advantages", "sequence_forward", "train"]
+
+log = logging.getLogger("r2m.trainer")
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+ADV_EPS = 1e-4  # GRPO std floor: a group whose K rewards tie gets zero advantages, not NaN
+
+
+@dataclass
+class Rollout:
+    """One step's sampled batch: B = P * K sequences, group i owning rows i*K .. i*K+K-1."""
+
+    group_prompts: list[str]  # (P,) the plain prompts, as the service wants them
+    prompts: list[str]  # (B,) the prompt of each sequence
+    responses: list[str]  # (B,) decoded responses, special tokens dropped
+    sequences: torch.Tensor  # (B, L) left-padded prompt + right-padded response token ids
+    attention_mask: torch.Tensor  # (B, L) 1 on real prompt and response tokens (the response up to its EOS)
+    prompt_len: int  # width of the padded prompt block; responses start at column prompt_len
+    response_mask: torch.Tensor  # (B, R) 1 on response tokens, R = L - prompt_len
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
+    """Advantages inside each group of K consecutive rewards: (B,) -> (B,)."""
+    r = rewards.view(-1, group_size)  # (P, K)
+    if kind == "grpo":
+        adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + ADV_EPS)
+    elif kind == "rloo":
+        adv = r - (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
+    else:
+        raise ValueError(f"advantage={kind!r}: choose grpo or rloo")
+    return adv.reshape(-1)
+
+
+def sequence_forward(
+    model: torch.nn.Module,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: int,
+    temperature: float = 1.0,
+    hidden: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """One forward pass over prompt + response: token log-probs of the response and, with `hidden`, the last-layer
+    hidden states of every sequence's real tokens (query + response, padding sliced away), detached.
+
+    Returns:
+        logp: (B, R) log pi(y_t | x, y_<t) at the sampling temperature (as in TRL), R = L - prompt_len.
+        hidden: B tensors (T_b, D), or None.
+    """
+    # Positions count real tokens only, as `generate` does for left-padded prompts.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=hidden,
+        use_cache=False,
+    )
+    logits = out.logits[:, prompt_len - 1 : -1].float() / temperature  # (B, R, V): position p predicts token p+1
+    targets = sequences[:, prompt_len:]  # (B, R)
+    logp = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    states = None
+    if hidden:
+        last = out.hidden_states[-1].detach()  # (B, L, D)
+        keep = attention_mask.bool()
+        states = [last[b, keep[b]] for b in range(last.shape[0])]  # B x (T_b, D)
+    return logp, states
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    size = size or n
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _noise_like(hidden: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """Gaussian noise with each tensor's own mean and std and shape: the paper's "noise feedback" arm."""
+    out = []
+    for h in hidden:
+        hf = h.float()
+        z = torch.randn(h.shape, generator=generator, dtype=torch.float32)
+        out.append((z * hf.std() + hf.mean()).to(h.dtype))
+    return out
+
+
+class _Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[f"time/{name}"] = time.perf_counter() - start
+
+
+class GRPOTrainer:
+    """The loop of the module docstring. `client` defaults to an `R2MClient` on `config.server_url`; pass your own
+    (any object with `score`, `post_preferences`, `current_head`) to record or fake the service."""
+
+    def __init__(self, config: TrainConfig, client: Any = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # ---------------------------------------------------------------------------------------------- setup --
+        self.config = c = config
+        self.out_dir = Path(c.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if c.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(c.device)
+        dtype = getattr(torch, c.dtype)
+        self.prompts = load_prompts(c.prompts)
+
+        self.start_step = 0
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is not None and not c.resume:
+            raise ValueError(
+                f"out_dir={c.out_dir!r} holds checkpoints of an earlier run; pass resume=True (--resume) to continue "
+                "it, or choose another out_dir"
+            )
+        if c.resume and checkpoint is None:
+            log.warning("resume: no checkpoint in %s, starting at step 0", self.out_dir / CHECKPOINTS)
+        policy_path = str(checkpoint / "policy") if checkpoint else c.policy
+        if checkpoint is not None:
+            saved = TrainConfig.load(checkpoint / "config.json")
+            if diff := c.differences(saved):
+                raise ValueError(
+                    f"resume: settings {', '.join(diff)} differ from the checkpoint's {checkpoint / 'config.json'}; "
+                    "resume with the same config (or a new out_dir)"
+                )
+
+        # One id per run, kept in out_dir: a resumed step that posts its groups again reuses the step's batch id,
+        # which the service trains only once; a new run in a fresh out_dir gets new ids.
+        run_id_path = self.out_dir / "run_id"
+        if not run_id_path.exists() or checkpoint is None:
+            run_id_path.write_text(uuid.uuid4().hex[:16])
+        self.run_id = run_id_path.read_text().strip()
+
+        self.tokenizer = AutoTokenizer.from_pretrained(c.policy)
+        self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(self.device)
+        # eval(): dropout off, so the old and the new log-probs of one token are comparable (as in TRL).
+        self.policy.eval()
+        self.reference = AutoModelForCausalLM.from_pretrained(c.policy, dtype=dtype).to(self.device).eval()
+        self.reference.requires_grad_(False)
+        eos = self.policy.generation_config.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=self.device)
+
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        if checkpoint is not None:
+            state = torch.load(checkpoint / "optimizer.pt", map_location=self.device, weights_only=True)
+            self.optimizer.load_state_dict(state)
+            self.start_step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+            log.info("resumed from %s at step %d", checkpoint, self.start_step)
+
+        if client is None:
+            import os
+
+            from r2m.client import R2MClient
+
+            client = R2MClient(c.server_url, api_key=c.api_key or os.environ.get("R2M_API_KEY") or None)
+        self.client = client
+        self.batch: Rollout | None = None  # the latest step's rollout, for callers that inspect a step
+
+    # ---------------------------------------------------------------------------------------------------- loop --
+    def run(self) -> dict[str, Any]:
+        """Train from `start_step` to `config.steps`; returns the last step's metrics."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        metrics_path = self.out_dir / METRICS
+        self._trim_metrics(metrics_path)
+        last: dict[str, Any] = {}
+        bar = tqdm(range(self.start_step, c.steps), initial=self.start_step, total=c.steps, disable=not c.progress)
+        for t in bar:
+            last = self.train_step(t)
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(last) + "\n")
+            bar.set_postfix(
+                {"reward": f"{last['rewards/mean']:.3f}", "kl": f"{last['kl']:.4f}", "head": last["head_version"]}
+            )
+            done = t + 1
+            if (c.save_every and done % c.save_every == 0) or done == c.steps:
+                self.save_checkpoint(done)
+        return last
+
+    def train_step(self, t: int) -> dict[str, Any]:
+        """One RL step t (0-based; the service's omega schedule sees step t of total_steps T)."""
+        c = self.config
+        torch.manual_seed(c.seed + t)  # per-step seeding: a resumed run samples what the uninterrupted one would
+        noise_gen = torch.Generator().manual_seed(c.seed + t)
+        timer = _Timer(self.device)
+
+        # -------------------------------------------------------------------------------------------- rollout --
+        with timer("rollout"):
+            batch = self.rollout(t)
+        self.batch = batch
+        mask = batch.response_mask.float()  # (B, R)
+
+        # --------------------------------------------------- policy forward: old log-probs and hidden states h --
+        with timer("policy_forward"), torch.no_grad():
+            old_logp, ref_logp, hidden = [], [], []
+            for s in _chunks(c.batch_size, c.micro_batch_size):
+                lp, h = sequence_forward(
+                    self.policy,
+                    batch.sequences[s],
+                    batch.attention_mask[s],
+                    batch.prompt_len,
+                    c.temperature,
+                    hidden=c.sends_hidden,
+                )
+                old_logp.append(lp)
+                hidden.extend(x.cpu() for x in h or [])  # off the accelerator: they go out over HTTP
+                rlp, _ = sequence_forward(
+                    self.reference, batch.sequences[s], batch.attention_mask[s], batch.prompt_len, c.temperature
+                )
+                ref_logp.append(rlp)
+            old_logp_t, ref_logp_t = torch.cat(old_logp), torch.cat(ref_logp)  # (B, R)
+
+        # ---------------------------------------------------------------------------------------------- score --
+        with timer("score"):
+            score_hidden: list[torch.Tensor] | None = None
+            if c.reward_mode in ("r2m", "r2m-frozen"):
+                score_hidden = hidden
+            elif c.reward_mode == "r2m-noise":
+                score_hidden = _noise_like(hidden, noise_gen)
+            result = self.client.score(batch.prompts, batch.responses, hidden=score_hidden, step=t, total_steps=c.steps)
+            rewards = torch.tensor(result.rewards, dtype=torch.float32)  # (B,)
+
+        # ------------------------------------------------------------------------------------------ advantage --
+        adv = group_advantages(rewards, c.group_size, c.advantage).to(self.device)  # (B,)
+
+        # --------------------------------------------------------------------------------------------- update --
+        with timer("update"):
+            n_tokens = mask.sum().clamp(min=1)
+            refreshed: list[torch.Tensor] = []
+            for epoch in range(c.policy_epochs):
+                last_epoch = epoch == c.policy_epochs - 1
+                stats = torch.zeros(4, device=self.device)  # pg loss, kl, clipped tokens, total loss (token sums)
+                for s in _chunks(c.batch_size, c.micro_batch_size):
+                    logp, h = sequence_forward(
+                        self.policy,
+                        batch.sequences[s],
+                        batch.attention_mask[s],
+                        batch.prompt_len,
+                        c.temperature,
+                        hidden=last_epoch and c.posts_preferences,
+                    )
+                    if h:
+                        refreshed.extend(x.cpu() for x in h)  # h': this forward's parameters (before the step)
+                    m = mask[s]
+                    ratio = torch.exp(logp - old_logp_t[s])  # (b, R)
+                    a = adv[s].unsqueeze(1)  # (b, 1)
+                    pg = torch.max(-a * ratio, -a * ratio.clamp(1 - c.clip_eps, 1 + c.clip_eps))
+                    log_r = ref_logp_t[s] - logp
+                    kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), >= 0
+                    loss_tok = pg + c.kl_coef * kl
+                    loss = (loss_tok * m).sum() / n_tokens  # token-level mean over the whole step's batch
+                    loss.backward()
+                    clipped = ((ratio - 1).abs() > c.clip_eps).float()
+                    stats += torch.stack(
+                        [(pg * m).sum(), (kl * m).sum(), (clipped * m).sum(), (loss_tok * m).sum()]
+                    ).detach()
+                grad_norm = (
+                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
+                    if c.max_grad_norm > 0
+                    else torch.tensor(float("nan"))
+                )
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            pg_loss, kl_mean, clipfrac, total_loss = (stats / n_tokens).tolist()  # the last epoch's
+
+        # ------------------------------------------------------------------------------------------ r2m post --
+        with timer("r2m_post"):
+            posted = 0
+            if c.posts_preferences:
+                post_hidden: list[Any] | None = None
+                if c.reward_mode == "r2m":
+                    post_hidden = refreshed
+                elif c.reward_mode == "r2m-noise":
+                    post_hidden = _noise_like(refreshed, noise_gen)
+                groups = []
+                for i, prompt in enumerate(batch.group_prompts):
+                    rows = range(i * c.group_size, (i + 1) * c.group_size)
+                    group: dict[str, Any] = {
+                        "prompt": prompt,
+                        "responses": [batch.responses[r] for r in rows],
+                        "rewards": [result.rewards[r] for r in rows],
+                    }
+                    if post_hidden is not None:
+                        group["hidden"] = [post_hidden[r] for r in rows]
+                    groups.append(group)
+                posted = self.client.post_preferences(
+                    groups=groups, step=t, total_steps=c.steps, batch_id=f"{self.run_id}-s{t:06d}"
+                ).groups
+
+        # ------------------------------------------------------------------------------------------------ log --
+        group_std = rewards.view(-1, c.group_size).std(dim=1)
+        return {
+            "step": t,
+            "rewards": result.rewards,
+            "rewards/mean": rewards.mean().item(),
+            "rewards/std": rewards.std().item(),
+            "rewards/group_std_mean": group_std.mean().item(),
+            "advantages/abs_mean": adv.abs().mean().item(),
+            "kl": kl_mean,
+            "losses/policy": pg_loss,
+            "losses/total": total_loss,
+            "policy/clipfrac": clipfrac,
+            "policy/grad_norm": float(grad_norm),
+            "response_length/mean": mask.sum(1).mean().item(),
+            "head_version": result.head_version,
+            "omega": result.omega,
+            "r2m/groups_posted": posted,
+            **timer.seconds,
+        }
+
+    # ------------------------------------------------------------------------------------------------ rollout --
+    def rollout(self, t: int) -> Rollout:
+        """Sample `prompts_per_step` prompts (seeded by seed + t) and K responses each."""
+        c = self.config
+        pick = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(c.seed + t))
+        group_prompts = [self.prompts[i] for i in pick[: c.prompts_per_step].tolist()]
+        if len(group_prompts) < c.prompts_per_step:  # fewer prompts than a step wants: cycle through them
+            reps = math.ceil(c.prompts_per_step / len(group_prompts))
+            group_prompts = (group_prompts * reps)[: c.prompts_per_step]
+        tok = self.tokenizer
+        if tok.chat_template:
+            texts = [
+                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in group_prompts
+            ]
+            enc = tok(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=c.max_prompt_tokens,
+                add_special_tokens=False,
+            )
+        else:
+            enc = tok(group_prompts, return_tensors="pt", padding=True, truncation=True, max_length=c.max_prompt_tokens)
+        prompt_ids = enc["input_ids"].repeat_interleave(c.group_size, dim=0).to(self.device)  # (B, P)
+        prompt_mask = enc["attention_mask"].repeat_interleave(c.group_size, dim=0).to(self.device)
+        with torch.no_grad():
+            sequences = self.policy.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                do_sample=True,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                top_k=0,  # sample from the full distribution, the one the log-probs are computed on
+                max_new_tokens=c.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=self.eos_ids.tolist(),
+            )  # (B, L)
+        prompt_len = prompt_ids.shape[1]
+        response = sequences[:, prompt_len:]  # (B, R)
+        # A response is its tokens up to and including the first EOS; what follows is padding.
+        is_eos = torch.isin(response, self.eos_ids)
+        after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+        response_mask = (~after_eos).long()
+        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+        responses = [
+            tok.decode(response[b][response_mask[b].bool()], skip_special_tokens=True) for b in range(len(response))
+        ]
+        return Rollout(
+            group_prompts=group_prompts,
+            prompts=[p for p in group_prompts for _ in range(c.group_size)],
+            responses=responses,
+            sequences=sequences,
+            attention_mask=attention_mask,
+            prompt_len=prompt_len,
+            response_mask=response_mask,
+        )
+
+    # -------------------------------------------------------------------------------------------- checkpoints --
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint (one whose trainer_state.json was written) in out_dir, or None."""
+        root = self.out_dir / CHECKPOINTS
+        done = [p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()] if root.is_dir() else []
+        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+    def save_checkpoint(self, step: int) -> Path:
+        """policy/ (save_pretrained, safetensors) + tokenizer, optimizer.pt (tensors and plain values only: loads
+        with weights_only=True), config.json (the TrainConfig), trainer_state.json (written last: marks it done)."""
+        path = self.out_dir / CHECKPOINTS / f"step-{step:06d}"
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp / "policy")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        self.config.save(tmp / "config.json")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        return path
+
+    def _trim_metrics(self, path: Path) -> None:
+        """A fresh run starts an empty log; a resumed one drops lines of steps it is about to redo."""
+        if not path.exists():
+            return
+        keep = []
+        if self.start_step > 0:
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < self.start_step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def close(self) -> None:
+        close = getattr(self.client, "close", None)
+        if close is not None:
+            close()
+
+
+def train(config: TrainConfig, client: Any = None) -> dict[str, Any]:
+    """Run a whole training (or resume one); returns the last step's metrics."""
+    trainer = GRPOTrainer(config, client)
+    try:
+        return trainer.run()
+    finally:
+        if client is None:
+            trainer.close()
