@@ -9,6 +9,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	# The peers' own client code for the integration tests; --no-deps: their pins (flash-attn, deepspeed, ray,
+	# an older transformers) are for training clusters, and the tests import only their HTTP clients.
+	$(PY) -m pip install -q --no-deps openrlhf==0.11.2 verl==0.9.1
 	touch $@
 
 .PHONY: install serve test lint

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .api import heads, health, preferences, score
+from .api import get_reward, heads, health, preferences, score
 from .api.deps import ServiceState
 from .backbone import load_backbone
 from .batcher import Batcher, Overloaded
@@ -184,6 +184,7 @@ def create_app(settings: ServiceSettings | None = None, model: R2MModel | None =
     app.include_router(score.router)
     app.include_router(preferences.router)
     app.include_router(heads.router)
+    app.include_router(get_reward.router)
     app.add_middleware(_BodyLimitAndMetrics, state=state)
     _install_error_handlers(app)
     _install_openapi(app)

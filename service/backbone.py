@@ -105,6 +105,21 @@ class Backbone:
             return Encoded(out["input_ids"], out.get("token_type_ids"))
         return Encoded(tok(prompt + response)["input_ids"])
 
+    def encode_text(self, text: str) -> Encoded:
+        """Tokenize an already-templated full text (OpenRLHF's `/get_reward` query) as one sequence: no chat
+        template, the tokenizer's defaults (an encoder reads `[CLS] text [SEP]`). A text that already starts with
+        the BOS token, as a rendered chat template does, does not get a second one: decoders then read exactly the
+        ids that OpenRLHF's own `serve_rm` (`add_special_tokens=False`) feeds them."""
+        tok = self.tokenizer
+        out = tok(text)
+        ids = list(out["input_ids"])
+        types = out.get("token_type_ids")
+        bos_id, bos = getattr(tok, "bos_token_id", None), getattr(tok, "bos_token", None)
+        if bos and bos_id is not None and text.startswith(bos) and ids[:2] == [bos_id, bos_id]:
+            ids = ids[1:]
+            types = types[1:] if types is not None else None
+        return Encoded(ids, list(types) if types is not None and self.kind == "encoder" else None)
+
     @torch.inference_mode()
     def embed(self, batch: Sequence[Encoded]) -> torch.Tensor:
         """Reward-token embeddings `(B, D_rm)` in float32 for a batch of encoded items (right-padded here)."""
