@@ -21,7 +21,15 @@ def test_readme_settings_table_lists_every_setting() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["serve", "--help"], ["worker", "--help"], ["fit-rm", "--help"], ["train", "--help"]]
+    "argv",
+    [
+        ["--help"],
+        ["serve", "--help"],
+        ["worker", "--help"],
+        ["fit-rm", "--help"],
+        ["train", "--help"],
+        ["demo", "--help"],
+    ],
 )
 def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -1,0 +1,211 @@
+"""TRL's real `GRPOTrainer` (trl 1.16) trains a tiny Llama on CPU with `R2MRewardFunction` and
+`R2MPreferenceCallback` against a real embedded r2m server: rewards come from the service with the policy's hidden
+states, and the posted groups advance the head version."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from r2m.client import R2MClient
+from tests.conftest import CHAT_TEMPLATE, build_tokenizer
+from tests.integration.conftest import ServerProcess, start_server, stop_server
+
+trl = pytest.importorskip("trl", reason="trl is not installed: pip install -e '.[test]'")
+datasets = pytest.importorskip("datasets")
+
+from r2m.trainer.trl import R2MPreferenceCallback, R2MRewardFunction, prompt_text  # noqa: E402
+
+HIDDEN = 32
+MAX_HIDDEN_TOKENS = 64
+PROMPTS = [
+    "hello world what is the answer",
+    "please help me cook",
+    "how do you travel to the new world",
+    "what is python code",
+    "can you help with math",
+    "say thanks to the people",
+    "what time is it now",
+    "give me a good question",
+]
+SERVER_ENV = {
+    "R2M_POLICY_DIM": str(HIDDEN),
+    "R2M_ATTN_DIM": "32",
+    "R2M_TRAIN_LR": "1e-3",
+    "R2M_TRAIN_STEPS": "3",
+    "R2M_HEAD_POLL_S": "0.2",
+    "R2M_MAX_HIDDEN_TOKENS": str(MAX_HIDDEN_TOKENS),
+    "OMP_NUM_THREADS": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = start_server(tmp_path_factory.mktemp("trl"), SERVER_ENV)
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("policy")
+    tok = build_tokenizer(CHAT_TEMPLATE)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+class SpyClient(R2MClient):
+    """An `R2MClient` that keeps every `score()` call's arguments and answer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[dict[str, Any]] = []
+
+    def score(self, prompts, responses, hidden=None, *, step=0, total_steps=1):  # type: ignore[override]
+        result = super().score(prompts, responses, hidden, step=step, total_steps=total_steps)
+        self.calls.append(
+            dict(prompts=prompts, responses=responses, hidden=hidden, step=step, total=total_steps, result=result)
+        )
+        return result
+
+
+def test_grpo_trainer_scores_with_r2m_and_posts_preferences(server: ServerProcess, policy_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    client = SpyClient(server.url, max_retries=2, backoff=0.05)
+    assert client.current_head()["version"] == 0
+    reward = R2MRewardFunction(client)
+    returned: list[list[float | None]] = []
+    direct: dict[str, Any] = {}
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    initial = AutoModelForCausalLM.from_pretrained(policy_dir).eval()  # the policy's weights before any update
+
+    def recording_reward(prompts, completions, completion_ids, **kwargs: Any) -> list[float | None]:
+        out = reward(prompts, completions, completion_ids, **kwargs)
+        returned.append(out)
+        if not direct:
+            # Step 0, before the first post: head 0 for sure. Recompute the first sample's hidden states here,
+            # independently (templated prompt + completion ids, initial weights), and score them with a plain client.
+            ids = tok.apply_chat_template(prompts[0], add_generation_prompt=True, tokenize=True, return_dict=True)
+            seq = torch.tensor([list(ids["input_ids"]) + list(completion_ids[0])])
+            # GRPOConfig defaults to bf16=True, and accelerate wraps the policy's forward in that autocast (on CPU too).
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                h = initial(input_ids=seq, output_hidden_states=True).hidden_states[-1][0]
+            with R2MClient(server.url) as plain:
+                res = plain.score(
+                    prompts[0][-1]["content"],
+                    [completions[0][0]["content"]],
+                    hidden=[h],
+                    step=0,
+                    total_steps=kwargs["trainer_state"].max_steps,
+                )
+            direct.update(hidden=h, reward=res.rewards[0], head=res.head_version)
+        return out
+
+    recording_reward.__name__ = "r2m"
+    callback = R2MPreferenceCallback(reward, run_id="trl-test")
+    dataset = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS])
+    args = GRPOConfig(
+        output_dir=str(policy_dir.parent / "out"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(policy_dir),
+        reward_funcs=recording_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(policy_dir),
+        callbacks=[callback],
+    )
+    trainer.train()
+
+    # The reward function ran once per step and returned the service's floats, scored with hidden states.
+    assert len(returned) == 2 and all(len(r) == 4 for r in returned)
+    assert all(isinstance(x, float) for r in returned for x in r)
+    assert [c["result"].rewards for c in client.calls] == returned
+    assert [c["step"] for c in client.calls] == [0, 1] and {c["total"] for c in client.calls} == {2}
+    first = client.calls[0]
+    assert first["prompts"][0] in PROMPTS  # the conversation's user message, not a rendered template
+    assert all(h.shape[1] == HIDDEN and h.shape[0] > 1 for h in first["hidden"])
+    logged = [e["rewards/r2m/mean"] for e in trainer.state.log_history if "rewards/r2m/mean" in e]
+    assert len(logged) == 2 and all(x == x for x in logged)
+
+    # What was sent is the policy's own hidden states over the templated prompt + completion: a plain R2MClient
+    # given the same text and tensors gets the same reward from the same head.
+    assert first["result"].head_versions[0] == direct["head"] == 0
+    torch.testing.assert_close(first["hidden"][0], direct["hidden"], atol=1e-5, rtol=1e-4)
+    assert first["result"].rewards[0] == pytest.approx(direct["reward"], abs=1e-5)
+
+    # The callback posted the steps' groups (K = num_generations, with refreshed hidden states) and the worker
+    # trained on them: the head version advances.
+    assert [p["step"] for p in callback.posted] == [1, 2]
+    assert callback.posted[0]["batch_ids"] == ["trl-test-1"]
+    for post in callback.posted:
+        for g in post["groups"]:
+            assert len(g["responses"]) == len(g["hidden"]) == len(g["rewards"]) == 2
+            assert all(h.shape[1] == HIDDEN for h in g["hidden"])
+    deadline = time.monotonic() + 30
+    while client.current_head()["version"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.current_head()["version"] > 0, server.output()[-3000:]
+    client.close()
+
+
+def test_item_the_service_rejects_gets_none(server: ServerProcess, policy_dir: Path, caplog) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    too_long = " ".join(["hello"] * (MAX_HIDDEN_TOKENS + 10))  # more tokens than R2M_MAX_HIDDEN_TOKENS: a 422
+    prompts = ["hello world", too_long, "please help me"]
+    completion_ids = [tok("the answer is yes")["input_ids"]] * 3
+    with R2MClient(server.url, max_retries=0) as client:
+        reward = R2MRewardFunction(client, model=model, tokenizer=tok)
+        with caplog.at_level("WARNING", logger="r2m.trainer.trl"):
+            out = reward(prompts, ["the answer is yes"] * 3, completion_ids)
+        assert out[1] is None and isinstance(out[0], float) and isinstance(out[2], float)
+        assert "item 1" in caplog.text
+        assert reward.pop_scored() == []  # an eval-mode model: nothing is kept for /preferences
+    with R2MClient("http://127.0.0.1:9", max_retries=0) as down:  # nothing listens on port 9
+        assert R2MRewardFunction(down)(["hi"], ["yes"]) == [None]
+
+
+def test_prompt_text_takes_the_last_user_message() -> None:
+    chat = [
+        {"role": "system", "content": "be kind"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "text", "text": "last"}]},
+    ]
+    assert prompt_text(chat) == "last" and prompt_text("plain") == "plain"

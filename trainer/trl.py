@@ -1,0 +1,305 @@
+"""TRL adapter: the r2m service as a reward function of TRL's `GRPOTrainer`, plus the callback that sends R2M updates.
+
+    from trl import GRPOConfig, GRPOTrainer
+    from r2m.client import R2MClient
+    from r2m.trainer.trl import R2MPreferenceCallback, R2MRewardFunction
+
+    reward = R2MRewardFunction(R2MClient("http://127.0.0.1:8000"))
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=GRPOConfig(...), train_dataset=ds,
+                          callbacks=[R2MPreferenceCallback(reward)])
+    trainer.train()
+
+Start the service with `R2M_POLICY_DIM` = the policy's hidden size. This module needs torch and transformers (it runs
+the policy) but never imports trl; `r2m.client` stays free of both.
+
+The contract matched is TRL 1.16.0's `trl/trainer/grpo_trainer.py`: `GRPOTrainer._calculate_rewards` calls every
+non-`nn.Module` reward function as `f(prompts=, completions=, completion_ids=, **reward_kwargs)`, where
+`reward_kwargs` holds the dataset's other columns (one entry per completion), `trainer_state` (the `TrainerState`),
+`log_extra` and `log_metric`; it replaces a `None` reward by NaN (the sample then counts for no reward function:
+`nansum` over functions) and raises if every function returned None for a sample. Sync functions run on the training
+thread (async ones on a daemon event loop; this one is sync because it runs the policy). `prompts` are the dataset's
+`prompt` column, repeated `num_generations` times in a row (`RepeatSampler`): plain strings, or conversations (lists
+of `{"role", "content"}`) that `_tokenize_prompts` renders with `apply_chat_template(add_generation_prompt=True)`;
+`completions` are strings or `[{"role": "assistant", "content": ...}]`; `completion_ids` are the generated token ids
+without padding (up to and including EOS).
+
+Hidden states: TRL hands a reward function no hidden states and no prompt ids, so `R2MRewardFunction` re-tokenizes
+each prompt as `_tokenize_prompts` does (the tokenizer's own chat template plus `GRPOConfig.chat_template_kwargs`;
+a `chat_template_path` or tools given to the trainer are not seen) and runs ONE extra no-grad forward of the policy
+over prompt + completion ids with `output_hidden_states=True`. It goes through the trainer's own (accelerate-wrapped)
+model, so it runs under the same mixed precision as TRL's forwards (GRPOConfig's default `bf16=True` autocasts, on
+CPU too). That forward is the price of TRL's architecture: r2m's own trainer (`r2m.trainer.grpo`) reuses the hidden
+states of the old-log-prob forward it already does. `R2MPreferenceCallback` does one more no-grad forward after each
+optimizer step, over the completions scored since its last post, to get the hidden states of the UPDATED policy that
+`/preferences` wants (R2M.md), and posts them grouped by prompt with the rewards they got.
+
+A sample the service cannot score gets `None`, never 0 (a 0 would be a real, wrong reward): a 4xx for a request is
+retried item by item so that only the offending items get None; a service unreachable after the client's retries, or
+a 5xx, gives None for the whole call. Each case is logged. A rejected API key (401/403) raises: it is a set-up error.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from r2m.client import AuthenticationError, InvalidRequest, R2MClient, R2MError
+
+__all__ = ["R2MPreferenceCallback", "R2MRewardFunction", "completion_text", "prompt_text"]
+
+logger = logging.getLogger(__name__)
+
+
+def prompt_text(prompt: str | Sequence[Mapping[str, Any]]) -> str:
+    """The reward model's prompt: the string itself, or a conversation's last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    for message in reversed(prompt):
+        if message.get("role") == "user":
+            return _content_text(message.get("content"))
+    return _content_text(prompt[-1].get("content")) if prompt else ""
+
+
+def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
+    """The reward model's response: the string itself, or the assistant messages' text of a conversational one."""
+    if isinstance(completion, str):
+        return completion
+    parts = [_content_text(m.get("content")) for m in completion if m.get("role", "assistant") == "assistant"]
+    return "\n".join(p for p in parts if p)
+
+
+def _content_text(content: Any) -> str:
+    """A message's text: a string, or the `text` parts of a multimodal content list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
+    return "" if content is None else str(content)
+
+
+@dataclass
+class _Scored:
+    """One scored completion, kept until the callback posts it: texts, the token ids it refreshes, the reward."""
+
+    prompt: str
+    response: str
+    ids: list[int]  # prompt + completion token ids, no padding
+    reward: float
+
+
+class R2MRewardFunction:
+    """A TRL reward function `f(prompts, completions, completion_ids, **kwargs) -> list[float | None]` on r2m.
+
+    Args:
+        client: the `R2MClient` to score with (its retries and timeouts apply).
+        model: the policy; usually set by `R2MPreferenceCallback.on_train_begin`. Without it (or without
+            `tokenizer` or `completion_ids`) items are scored without hidden states (the plain reward model).
+        tokenizer: the policy's tokenizer (TRL's `processing_class`); set by the callback too.
+        send_hidden: False scores every item as the plain reward model would (no extra forward).
+        forward_batch_size: sequences per no-grad policy forward (bounds its memory).
+        chat_template_kwargs: extra `apply_chat_template` arguments, as `GRPOConfig.chat_template_kwargs`.
+
+    Example:
+        >>> reward = R2MRewardFunction(R2MClient("http://127.0.0.1:8000"))
+        >>> GRPOTrainer(model=..., reward_funcs=reward, callbacks=[R2MPreferenceCallback(reward)], ...)
+    """
+
+    __name__ = "r2m"  # TRL logs rewards under `rewards/<__name__>/mean`
+
+    def __init__(
+        self,
+        client: R2MClient,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        send_hidden: bool = True,
+        forward_batch_size: int = 16,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if forward_batch_size < 1:
+            raise ValueError(f"forward_batch_size must be >= 1, got {forward_batch_size}")
+        self.client = client
+        self.model = model
+        self.tokenizer = tokenizer
+        self.send_hidden = send_hidden
+        self.forward_batch_size = forward_batch_size
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self._scored: list[_Scored] = []
+
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        trainer_state: Any = None,
+        **kwargs: Any,
+    ) -> list[float | None]:
+        step, total_steps = _steps(trainer_state)
+        texts = [prompt_text(p) for p in prompts]
+        responses = [completion_text(c) for c in completions]
+        ids: list[list[int]] | None = None
+        hidden: list[torch.Tensor] | None = None
+        if self.send_hidden and self.model is not None and self.tokenizer is not None and completion_ids is not None:
+            ids = [p + list(c) for p, c in zip(self._prompt_ids(prompts), completion_ids)]
+            hidden = policy_hidden(self.model, ids, self.pad_id, self.forward_batch_size)
+        rewards = self._score(texts, responses, hidden, step, total_steps)
+        # Only training rollouts feed the R2M update; TRL also scores eval generations (model in eval mode).
+        if ids is not None and self.model.training:
+            self._scored.extend(
+                _Scored(p, r, i, w) for p, r, i, w in zip(texts, responses, ids, rewards) if w is not None
+            )
+        return rewards
+
+    @property
+    def pad_id(self) -> int:
+        """The policy tokenizer's pad id (0 without one: padded positions are masked and sliced away anyway)."""
+        tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)  # a multimodal processor wraps its tokenizer
+        return getattr(tok, "pad_token_id", None) or 0
+
+    def pop_scored(self) -> list[_Scored]:
+        """The completions scored since the last call (the callback posts them after the optimizer step)."""
+        scored, self._scored = self._scored, []
+        return scored
+
+    def _prompt_ids(self, prompts: Sequence[Any]) -> list[list[int]]:
+        """Token ids of each prompt, as TRL's `GRPOTrainer._tokenize_prompts` makes them."""
+        tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)  # a multimodal processor wraps its tokenizer
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                out.append(list(tok(text=p)["input_ids"]))
+            else:
+                enc = tok.apply_chat_template(
+                    p, add_generation_prompt=True, tokenize=True, return_dict=True, **self.chat_template_kwargs
+                )
+                out.append(list(enc["input_ids"]))
+        return out
+
+    def _score(
+        self, prompts: list[str], responses: list[str], hidden: list[torch.Tensor] | None, step: int, total: int
+    ) -> list[float | None]:
+        """The service's rewards; None for each item it rejected or could not be reached for (logged)."""
+        try:
+            return list(self.client.score(prompts, responses, hidden=hidden, step=step, total_steps=total).rewards)
+        except AuthenticationError:
+            raise
+        except InvalidRequest as exc:
+            logger.warning("r2m rejected a batch of %d items (%s); scoring them one by one", len(prompts), exc)
+        except R2MError as exc:
+            logger.error("r2m could not score %d items, their rewards are None: %s", len(prompts), exc)
+            return [None] * len(prompts)
+        rewards: list[float | None] = []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            h = None if hidden is None else [hidden[i]]
+            try:
+                rewards.append(self.client.score([p], [r], hidden=h, step=step, total_steps=total).rewards[0])
+            except AuthenticationError:
+                raise
+            except R2MError as exc:
+                logger.warning("r2m could not score item %d, its reward is None: %s", i, exc)
+                rewards.append(None)
+        return rewards
+
+
+class R2MPreferenceCallback(TrainerCallback):
+    """Hands the policy to an `R2MRewardFunction` and posts each step's groups to `/preferences` after the update.
+
+    After each optimizer step it takes the completions the reward function scored since its last post (with
+    `steps_per_generation > 1` one generation batch serves several steps: it is posted after the first of them),
+    recomputes their hidden states with the updated policy (one no-grad forward), groups them by prompt (TRL makes
+    `num_generations` completions per prompt; groups with fewer than 2 scored completions are dropped) and posts
+    them with their rewards, `step=state.global_step`, `total_steps=state.max_steps` and the batch id
+    `<run_id>-<step>` (a retried post is trained once). A failed post is logged and training goes on.
+
+    Args:
+        reward_fn: the `R2MRewardFunction` given to `GRPOTrainer(reward_funcs=...)`.
+        run_id: the batch-id prefix, unique per run (default: random).
+        send_hidden: False posts the groups without hidden states (head-only updates, no forward).
+    """
+
+    def __init__(self, reward_fn: R2MRewardFunction, *, run_id: str | None = None, send_hidden: bool = True) -> None:
+        self.reward_fn = reward_fn
+        self.run_id = run_id or uuid.uuid4().hex[:16]
+        self.send_hidden = send_hidden
+        self.posted: list[dict[str, Any]] = []  # {"step", "batch_ids", "groups"} per post, for inspection
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if kwargs.get("model") is not None:
+            self.reward_fn.model = kwargs["model"]
+        if kwargs.get("processing_class") is not None and self.reward_fn.tokenizer is None:
+            self.reward_fn.tokenizer = kwargs["processing_class"]
+        self.reward_fn.chat_template_kwargs = {
+            **(getattr(args, "chat_template_kwargs", None) or {}),
+            **self.reward_fn.chat_template_kwargs,
+        }
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        scored = self.reward_fn.pop_scored()
+        by_prompt: dict[str, list[_Scored]] = defaultdict(list)
+        for s in scored:
+            by_prompt[s.prompt].append(s)
+        members = [g for g in by_prompt.values() if len(g) >= 2]
+        if not members:
+            return
+        model = kwargs.get("model") or self.reward_fn.model
+        hidden: list[torch.Tensor] | None = None
+        if self.send_hidden and model is not None:
+            flat = [s.ids for g in members for s in g]
+            hidden = policy_hidden(model, flat, self.reward_fn.pad_id, self.reward_fn.forward_batch_size)
+        groups, k = [], 0
+        for g in members:
+            group: dict[str, Any] = {
+                "prompt": g[0].prompt,
+                "responses": [s.response for s in g],
+                "rewards": [s.reward for s in g],
+            }
+            if hidden is not None:
+                group["hidden"] = hidden[k : k + len(g)]
+            k += len(g)
+            groups.append(group)
+        step, total_steps = _steps(state)
+        try:
+            result = self.reward_fn.client.post_preferences(
+                groups, step=step, total_steps=total_steps, batch_id=f"{self.run_id}-{step}"
+            )
+        except R2MError as exc:
+            logger.error("r2m: the preferences of step %d (%d groups) were not queued: %s", step, len(groups), exc)
+            return
+        self.posted.append({"step": step, "batch_ids": result.batch_ids, "groups": groups})
+
+
+@torch.no_grad()
+def policy_hidden(model: torch.nn.Module, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16):
+    """The policy's last-layer hidden states over each token-id sequence, padding sliced away: a list of (T_i, D)
+    CPU tensors in the model's dtype. One no-grad forward per `batch_size` sequences, right-padded."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        lengths = [len(x) for x in chunk]
+        seq = torch.full((len(chunk), max(lengths)), pad_id, dtype=torch.long)
+        for b, x in enumerate(chunk):
+            seq[b, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+        mask = (torch.arange(seq.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+        res = model(
+            input_ids=seq.to(device), attention_mask=mask.to(device), output_hidden_states=True, use_cache=False
+        )
+        last = res.hidden_states[-1]  # (B, L, D)
+        out.extend(last[b, :n].detach().cpu() for b, n in enumerate(lengths))  # right padding: real tokens first
+    return out
+
+
+def _steps(state: Any) -> tuple[int, int]:
+    """(step, total_steps) for the omega schedule from a `TrainerState` (global_step, max_steps); (0, 1) without."""
+    if state is None:
+        return 0, 1
+    step = int(getattr(state, "global_step", 0) or 0)
+    total = max(int(getattr(state, "max_steps", 0) or 0), step, 1)
+    return step, total
