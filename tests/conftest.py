@@ -71,6 +71,30 @@ def _save_tiny(path: Path, arch: str, chat_template: str | None) -> Path:
     return path
 
 
+def save_tiny_policy(path: Path, hidden: int = 32, chat_template: str | None = None) -> Path:
+    """A tiny random Llama causal LM and its word-level tokenizer, saved like a user's checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(chat_template)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Llama-style sequence-classification RM with a chat template."""

@@ -22,7 +22,7 @@ import torch
 from r2m.client import R2MClient
 from r2m.trainer import GRPOTrainer, TrainConfig, group_advantages, load_prompts, sequence_forward
 
-from ..conftest import build_tokenizer
+from ..conftest import save_tiny_policy
 from ..integration.conftest import ServerProcess, start_server, stop_server
 
 pytestmark = pytest.mark.slow
@@ -45,26 +45,7 @@ SERVER_ENV = {
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama and its word-level tokenizer, saved like a user's checkpoint and loaded by path."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("policy")
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_policy(tmp_path_factory.mktemp("policy"), HIDDEN)
 
 
 @pytest.fixture(scope="module")

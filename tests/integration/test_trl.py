@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from r2m.client import R2MClient
-from tests.conftest import CHAT_TEMPLATE, build_tokenizer
+from tests.conftest import CHAT_TEMPLATE, save_tiny_policy
 from tests.integration.conftest import ServerProcess, start_server, stop_server
 
 trl = pytest.importorskip("trl", reason="trl is not installed: pip install -e '.[test]'")
@@ -53,26 +53,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("policy")
-    tok = build_tokenizer(CHAT_TEMPLATE)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_policy(tmp_path_factory.mktemp("policy"), HIDDEN, CHAT_TEMPLATE)
 
 
 class SpyClient(R2MClient):
