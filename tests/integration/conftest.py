@@ -36,23 +36,21 @@ class ServerProcess:
         return self.log.read_text(errors="replace")
 
 
-def start_server(tmp: Path, env: dict[str, str] | None = None, ready_timeout: float = 120.0) -> ServerProcess:
-    port = free_port()
-    log = tmp / f"server-{port}.log"
-    full_env = {
-        **os.environ,
-        "R2M_HOST": "127.0.0.1",
-        "R2M_PORT": str(port),
-        "R2M_LOG_LEVEL": "warning",
-        **(env or {}),
-    }
+def spawn_r2m(command: str, log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`r2m <command>` on loopback as a subprocess, stdout and stderr to `log`; `env` adds to this process's."""
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "r2m.service.cli", "serve"],
-            env=full_env,
+        return subprocess.Popen(
+            [sys.executable, "-m", "r2m.service.cli", command],
+            env={**os.environ, "R2M_HOST": "127.0.0.1", **env},
             stdout=fh,
             stderr=subprocess.STDOUT,
         )
+
+
+def start_server(tmp: Path, env: dict[str, str] | None = None, ready_timeout: float = 120.0) -> ServerProcess:
+    port = free_port()
+    log = tmp / f"server-{port}.log"
+    proc = spawn_r2m("serve", log, {"R2M_PORT": str(port), "R2M_LOG_LEVEL": "warning", **(env or {})})
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
@@ -242,20 +240,7 @@ def start_worker(tmp: Path, env: dict[str, str] | None = None, wait: bool = True
     """`r2m worker` as a subprocess logging to a file (at info level, so every published version is logged);
     its metrics server is off unless `env` sets R2M_WORKER_METRICS_PORT."""
     log = tmp / f"worker-{next(_worker_seq)}.log"
-    full_env = {
-        **os.environ,
-        "R2M_HOST": "127.0.0.1",
-        "R2M_LOG_LEVEL": "info",
-        "R2M_WORKER_METRICS_PORT": "0",
-        **(env or {}),
-    }
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "r2m.service.cli", "worker"],
-            env=full_env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+    proc = spawn_r2m("worker", log, {"R2M_LOG_LEVEL": "info", "R2M_WORKER_METRICS_PORT": "0", **(env or {})})
     worker = WorkerProcess(proc, log)
     return wait_worker_ready(worker) if wait else worker
 
