@@ -118,8 +118,17 @@ class _BaseClient:
 
     # --- /score: arguments, chunks, bodies, answers ---------------------------------------------------------
 
-    def _plan_score(self, prompts: str | Sequence[str], responses: Sequence[str], hidden: Any) -> list[list[dict]]:
-        """Check the arguments of `score()` and split its items into chunks that each fit one request."""
+    def _plan_score(
+        self,
+        prompts: str | Sequence[str],
+        responses: Sequence[str],
+        hidden: Any,
+        share_prefix: bool = True,
+        prefix_lengths: int | Sequence[int | None] | None = None,
+    ) -> list[list[dict]]:
+        """Check the arguments of `score()`, split shared prompt prefixes off (see `_split_prefixes`) and split the
+        items into chunks that each fit one request. An item that uses a prefix holds it under the private key
+        `"_prefix"`; `_score_body` turns that into the request's `prefixes` and an index."""
         if isinstance(responses, str) or not isinstance(responses, Sequence):
             raise InvalidRequest(f"responses must be a sequence of strings, got {type(responses).__name__}")
         n = len(responses)
@@ -142,24 +151,43 @@ class _BaseClient:
         elif not isinstance(hidden, Sequence) or len(hidden) != n:
             raise InvalidRequest(f"hidden must be None or a sequence of {n} entries (None or a (T, D) array)")
 
-        chunks: list[list[dict]] = []
-        chunk: list[dict] = []
-        chunk_cost = 0
+        items: list[dict[str, Any]] = []
         for i, (prompt, response, h) in enumerate(zip(prompts, responses, hidden, strict=True)):
             for name, text in (("prompts", prompt), ("responses", response)):
                 if not isinstance(text, str):
                     raise InvalidRequest(f"{name}[{i}] must be a str, got {type(text).__name__}")
             item: dict[str, Any] = {"prompt": prompt, "response": response}
-            cost = len(prompt) + len(response)
             if h is not None:
                 t = WireTensor.from_array(h, path=f"hidden[{i}]")
                 if len(t.shape) != 2:
                     raise InvalidRequest(f"hidden[{i}] must be 2-D (T, D), got shape {list(t.shape)}")
                 item["policy_hidden"] = t
-                cost += t.nbytes * 4 // 3 if self.encoding == "json" else t.nbytes  # base64 grows data by 4/3
+            items.append(item)
+        if prefix_lengths is not None:
+            _apply_prefix_lengths(items, prefix_lengths)
+        elif share_prefix:
+            _split_prefixes(items)
+
+        chunks: list[list[dict]] = []
+        chunk: list[dict] = []
+        chunk_cost = 0
+        chunk_prefixes: set[int] = set()
+        grow = 4 / 3 if self.encoding == "json" else 1  # base64 grows data by 4/3
+        for item in items:
+            cost = len(item["prompt"]) + len(item["response"])
+            if "policy_hidden" in item:
+                cost += int(item["policy_hidden"].nbytes * grow)
+            prefix = item.get("_prefix")
+            new_prefix = prefix is not None and id(prefix) not in chunk_prefixes
+            if new_prefix:
+                cost += int(prefix.nbytes * grow)  # a chunk carries each prefix its items use, once
             if chunk and (len(chunk) >= self.max_items_per_request or chunk_cost + cost > self.max_bytes_per_request):
                 chunks.append(chunk)
-                chunk, chunk_cost = [], 0
+                chunk, chunk_cost, chunk_prefixes = [], 0, set()
+                if prefix is not None and not new_prefix:
+                    cost += int(prefix.nbytes * grow)
+            if prefix is not None:
+                chunk_prefixes.add(id(prefix))
             chunk.append(item)  # an item larger than max_bytes_per_request goes alone
             chunk_cost += cost
         chunks.append(chunk)
@@ -167,7 +195,21 @@ class _BaseClient:
 
     def _score_body(self, items: list[dict], step: int, total_steps: int) -> dict[str, Any]:
         """The keyword arguments of `request()` for one chunk, in the client's encoding."""
-        payload = {"items": items, "step": step, "total_steps": total_steps}
+        prefixes: list[WireTensor] = []
+        index: dict[int, int] = {}
+        wire_items = []
+        for item in items:
+            prefix = item.get("_prefix")
+            if prefix is None:
+                wire_items.append(item)
+                continue
+            if id(prefix) not in index:
+                index[id(prefix)] = len(prefixes)
+                prefixes.append(prefix)
+            wire_items.append({k: v for k, v in item.items() if k != "_prefix"} | {"prefix": index[id(prefix)]})
+        payload: dict[str, Any] = {"items": wire_items, "step": step, "total_steps": total_steps}
+        if prefixes:  # only then: a request without sharing stays exactly what servers before it accept
+            payload["prefixes"] = prefixes
         if self.encoding == "json":
             return {"json": jsonify_request(payload)}
         return {
@@ -369,6 +411,86 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, seconds) if seconds == seconds else None  # NaN is unreadable
 
 
+# --- prompt-prefix sharing ------------------------------------------------------------------------------------
+
+
+def _rows(t: WireTensor, start: int, stop: int) -> WireTensor:
+    """Rows `start:stop` of a 2-D WireTensor as a zero-copy slice of its bytes."""
+    row = t.shape[1] * t.itemsize
+    return WireTensor(t.dtype, (stop - start, t.shape[1]), t.data[start * row : stop * row])
+
+
+def _raw_rows(t: WireTensor) -> np.ndarray:
+    """A `(T, words)` integer view of a 2-D WireTensor's bytes, for bit-exact row comparison (no copy)."""
+    row = t.shape[1] * t.itemsize
+    word = next(w for w in (np.uint64, np.uint32, np.uint16, np.uint8) if row % np.dtype(w).itemsize == 0)
+    return np.frombuffer(t.data, dtype=word).reshape(t.shape[0], -1)
+
+
+def common_prefix_rows(tensors: Sequence[WireTensor]) -> int:
+    """The number of leading rows that are bit-identical in every tensor (same dtype and width assumed).
+
+    Exact equality of the raw bytes, so sharing them is lossless by construction. Each tensor is compared with the
+    first only over the run still common, so the cost is about one read of the shared rows per tensor.
+    """
+    base = _raw_rows(tensors[0])
+    n = min(t.shape[0] for t in tensors)
+    for t in tensors[1:]:
+        if n == 0:
+            break
+        diff = (base[:n] != _raw_rows(t)[:n]).any(axis=1)  # (n,) True where a row differs
+        first = int(diff.argmax())
+        n = first if diff[first] else n
+    return n
+
+
+def _share(group: list[dict[str, Any]], rows: int) -> None:
+    """Give the items of `group` one shared prefix: the first `rows` rows of the first item's hidden states."""
+    prefix = _rows(group[0]["policy_hidden"], 0, rows)
+    for item in group:
+        t = item["policy_hidden"]
+        item["policy_hidden"] = _rows(t, rows, t.shape[0])
+        item["_prefix"] = prefix
+
+
+def _split_prefixes(items: list[dict[str, Any]]) -> None:
+    """Automatic sharing: items with the same prompt (and hidden dtype and width), two or more of them, send the
+    longest run of leading rows they all have bit for bit once, as a prefix."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for item in items:
+        t = item.get("policy_hidden")
+        if t is not None:
+            groups.setdefault((item["prompt"], t.dtype, t.shape[1]), []).append(item)
+    for group in groups.values():
+        if len(group) > 1:
+            rows = common_prefix_rows([item["policy_hidden"] for item in group])
+            if rows:
+                _share(group, rows)
+
+
+def _apply_prefix_lengths(items: list[dict[str, Any]], lengths: int | Sequence[int | None]) -> None:
+    """Explicit sharing: items with the same prompt and the same given length L share their first L rows; the
+    caller vouches that those rows are the same in each (the group's first item's rows are sent)."""
+    n = len(items)
+    if isinstance(lengths, int) and not isinstance(lengths, bool):
+        lengths = [lengths] * n
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or len(lengths) != n:
+        raise InvalidRequest(f"prefix_lengths must be an int or a sequence of {n} entries (int or None)")
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for i, (item, length) in enumerate(zip(items, lengths)):
+        if length is None or length == 0:
+            continue
+        t = item.get("policy_hidden")
+        if type(length) is not int or length < 0 or t is None or length > t.shape[0]:
+            rows = t.shape[0] if t is not None else "no hidden states"
+            raise InvalidRequest(
+                f"prefix_lengths[{i}]={length!r} must be None or an integer in [0, T] for hidden[{i}] ({rows} rows)"
+            )
+        groups.setdefault((item["prompt"], t.dtype, t.shape[1], length), []).append(item)
+    for (_, _, _, length), group in groups.items():
+        _share(group, length)
+
+
 class R2MClient(_BaseClient):
     """Blocking client of the r2m reward service.
 
@@ -475,6 +597,8 @@ class R2MClient(_BaseClient):
         *,
         step: int = 0,
         total_steps: int = 1,
+        share_prefix: bool = True,
+        prefix_lengths: int | Sequence[int | None] | None = None,
     ) -> ScoreResult:
         """Score responses with the service's reward model (R2M-corrected where hidden states are given).
 
@@ -490,6 +614,12 @@ class R2MClient(_BaseClient):
                 bfloat16; float64 is sent as float32).
             step: the RL step t for the omega schedule, 0 <= step <= total_steps.
             total_steps: the total number of RL steps T, >= 1.
+            share_prefix: send the hidden-state rows that all responses of one prompt have bit for bit (the
+                prompt's, in a causal policy) once per request instead of once per response (docs/api.md,
+                prompt-prefix sharing). Lossless: rewards are the same as without it.
+            prefix_lengths: instead of searching, the number of leading rows of each response's hidden states
+                that belong to its prompt (one int for all, or one int or None per response); responses of the
+                same prompt with the same length send the first one's rows for all of them, unchecked.
 
         Returns:
             A `ScoreResult` with one reward per response.
@@ -505,7 +635,7 @@ class R2MClient(_BaseClient):
             [1.93, -0.41]
         """
         self._check_step(step, total_steps)
-        chunks = self._plan_score(prompts, responses, hidden)
+        chunks = self._plan_score(prompts, responses, hidden, share_prefix, prefix_lengths)
         parts = []
         for items in chunks:
             response = self.request("POST", "/score", **self._score_body(items, step, total_steps))
@@ -677,6 +807,8 @@ class AsyncR2MClient(_BaseClient):
         *,
         step: int = 0,
         total_steps: int = 1,
+        share_prefix: bool = True,
+        prefix_lengths: int | Sequence[int | None] | None = None,
     ) -> ScoreResult:
         """Score responses; see `R2MClient.score` for the arguments. Chunks go out concurrently.
 
@@ -685,7 +817,7 @@ class AsyncR2MClient(_BaseClient):
             [1.93, -0.41]
         """
         self._check_step(step, total_steps)
-        chunks = self._plan_score(prompts, responses, hidden)
+        chunks = self._plan_score(prompts, responses, hidden, share_prefix, prefix_lengths)
         limit = asyncio.Semaphore(self.max_concurrency)
 
         async def send(items: list[dict]) -> tuple[list[float], int, float]:

@@ -27,7 +27,14 @@ class ServiceSettings(BaseSettings):
     seed: int = Field(0, description="Seed of the initial feedback attention; equal on every replica.")
     device: str = Field("auto", description="`auto` (cuda when available), `cpu`, `cuda`, `cuda:N`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Backbone dtype; `auto` is bfloat16 on CUDA and float32 on CPU."
+        "auto",
+        description=(
+            "Backbone dtype. `auto`: a Hugging Face RM runs in its checkpoint's saved dtype (as plain "
+            "transformers does); the bundled default and r2m encoder RMs run bfloat16 on CUDA, float32 on CPU. "
+            "`bfloat16` on a CPU with native bf16 (AVX512-BF16/AMX) runs the default RM ~1.5-1.9x faster, with "
+            "rewards within 0.15 (max) / 0.03 (mean) abs of float32 (correlation > 0.9999), but a text's reward "
+            "then moves by up to ~0.04 with its batch-mates."
+        ),
     )
     max_tokens: int | None = Field(
         None, ge=1, description="Longest RM input in tokens; default and cap: the model's own context length."

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backbone import Backbone, Encoded
+from .heads import SERVING_DTYPE
 from .model import HeadConfig, R2MHead
 
 __all__ = ["HeadVersion", "PreparedItem", "R2MModel", "initial_head"]
@@ -17,11 +18,17 @@ __all__ = ["HeadVersion", "PreparedItem", "R2MModel", "initial_head"]
 
 @dataclass(frozen=True)
 class PreparedItem:
-    """One validated /score item: tokens for the backbone, optional hidden states `(T, D_policy)`, its omega."""
+    """One validated /score item: tokens for the backbone, optional hidden states `(T, D_policy)`, its omega.
+
+    With prompt-prefix sharing, `prefix` holds the group's shared leading rows `(T_p, D_policy)` (the same tensor
+    object for every item of the request that uses it, never a copy) and `hidden` only the rows after it (possibly
+    zero of them); the item's hidden states are `cat(prefix, hidden)`, which is never built.
+    """
 
     encoded: Encoded
     hidden: torch.Tensor | None
     w: float
+    prefix: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,10 @@ def initial_head(backbone: Backbone, config: HeadConfig, seed: int = 0) -> R2MHe
         torch.manual_seed(seed)
         head = R2MHead(config)
     with torch.no_grad():
+        # Start from weights the float16 serving copy holds exactly, so version 0 scores the same on a replica
+        # that built it and on one that loaded it from the store (service/heads.py, SERVING_DTYPE).
+        for p in head.attention.parameters():
+            p.copy_(p.to(SERVING_DTYPE))
         head.score.weight.copy_(backbone.score_weight)
         if head.score.bias is not None:
             head.score.bias.copy_(backbone.score_bias if backbone.score_bias is not None else 0.0)
@@ -73,7 +84,9 @@ class R2MModel:
         """Rewards `(N,)` float32 for `items`, all scored by one head snapshot."""
         head = head or self._current
         rte = self.embed([it.encoded for it in items], max_batch_tokens)  # (N, D_rm)
-        return score_rte(head.head, rte, [it.hidden for it in items], [it.w for it in items])
+        return score_rte(
+            head.head, rte, [it.hidden for it in items], [it.w for it in items], [it.prefix for it in items]
+        )
 
     def embed(self, encoded: Sequence[Encoded], max_batch_tokens: int = 16384) -> torch.Tensor:
         """RTEs `(N, D_rm)` float32, run through the backbone in length-sorted chunks of <= max_batch_tokens."""
@@ -92,23 +105,54 @@ class R2MModel:
 
 
 def score_rte(
-    head: R2MHead, rte: torch.Tensor, hidden: Sequence[torch.Tensor | None], weights: Sequence[float]
+    head: R2MHead,
+    rte: torch.Tensor,
+    hidden: Sequence[torch.Tensor | None],
+    weights: Sequence[float],
+    prefixes: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Rewards `(N,)` from RTEs `(N, D_rm)`; items with hidden states and w < 1 go through the feedback attention."""
+    """Rewards `(N,)` from RTEs `(N, D_rm)`; items with hidden states and w < 1 go through the feedback attention.
+
+    `prefixes[i]`, when given and not None, is item i's shared prefix (see `PreparedItem`); items that share one
+    pass the same tensor object, and it is read once for all of them.
+    """
     device = rte.device
     w = torch.tensor(weights, dtype=torch.float32, device=device)
     use = [h is not None and wi < 1.0 for h, wi in zip(hidden, weights)]
     if not any(use):
         return head(rte, w)
     selected = [h for h, u in zip(hidden, use) if u]
-    h_pad, mask = pad_hidden(selected, head.attention.w_k.weight.dtype, device)
-    return head(rte, w, h_pad, mask, with_feedback=torch.tensor(use, device=device))
+    h_pad, mask = pad_hidden(selected, None, device)
+    distinct: dict[int, int] = {}  # id(prefix tensor) -> its index in `shared`
+    shared: list[torch.Tensor] = []
+    index: list[int] = []
+    for p, u in zip(prefixes or [None] * len(hidden), use):
+        if not u:
+            continue
+        if p is None:
+            index.append(-1)
+            continue
+        if id(p) not in distinct:
+            distinct[id(p)] = len(shared)
+            shared.append(p.to(device, non_blocking=True))
+        index.append(distinct[id(p)])
+    prefix_index = torch.tensor(index, dtype=torch.long, device=device) if shared else None
+    sel = torch.tensor(use, device=device)
+    return head(rte, w, h_pad, mask, with_feedback=sel, prefixes=shared, prefix_index=prefix_index)
 
 
 def pad_hidden(
-    hidden: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device
+    hidden: Sequence[torch.Tensor], dtype: torch.dtype | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack `(T_i, D)` tensors into `(N, T_max, D)` zeros-padded, with a `(N, T_max)` mask of real rows."""
+    """Stack `(T_i, D)` tensors into `(N, T_max, D)` zeros-padded, with a `(N, T_max)` mask of real rows.
+
+    `dtype=None` keeps the tensors' own dtype (bfloat16 stays bfloat16: the attention reads it as it is); tensors
+    of different dtypes, e.g. from two requests merged into one batch, are stacked in float32. `T_max` may be 0
+    when every item's rows are all in its shared prefix.
+    """
+    if dtype is None:
+        dtypes = {h.dtype for h in hidden}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     T = max(h.shape[0] for h in hidden)
     D = hidden[0].shape[1]
     out = torch.zeros((len(hidden), T, D), dtype=dtype, device=device)

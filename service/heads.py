@@ -9,7 +9,8 @@ replicas only ever move forward.
 Redis layout (prefix `r2m` by default):
     {p}:heads:latest          latest version (int)
     {p}:heads:versions        sorted set of kept versions
-    {p}:head:{v}:weights      safetensors of the head's state dict
+    {p}:head:{v}:weights      safetensors of the head's state dict (float32: the master copy)
+    {p}:head:{v}:serving      the same with the attention matrices in float16: what replicas fetch (half the bytes)
     {p}:head:{v}:optim        safetensors of the optimizer state (for workers)
     {p}:head:{v}:meta         JSON metadata (version, parent, batch_ids, loss, created, sha256, config, model)
     {p}:heads:applied         set of batch ids already part of a published version
@@ -41,6 +42,7 @@ __all__ = [
     "StoreUnavailable",
     "head_from_bytes",
     "head_to_bytes",
+    "serving_bytes",
     "optimizer_from_bytes",
     "optimizer_to_bytes",
 ]
@@ -54,14 +56,30 @@ class StoreUnavailable(Exception):
     """The store (Redis) cannot be reached."""
 
 
-def head_to_bytes(head: R2MHead) -> bytes:
-    state = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+# The attention matrices replicas serve travel in float16: half of the swap's fetch, hash and load time (a 40 MB
+# head at d = 2048 becomes 20 MB), at a relative rounding error of ~5e-4 in weights of magnitude ~1/sqrt(d). The score
+# layer phi stays float32, so a row without feedback (w = 1) still gets the plain RM's reward bit for bit.
+SERVING_DTYPE = torch.float16
+
+
+def head_to_bytes(head: R2MHead, attention_dtype: torch.dtype = torch.float32) -> bytes:
+    """The head's state dict as safetensors; the attention matrices in `attention_dtype`, phi always float32."""
+    state = {
+        k: v.detach().to(attention_dtype if k.startswith("attention.") else torch.float32).cpu().contiguous()
+        for k, v in head.state_dict().items()
+    }
     return st_save(state, metadata={"config": json.dumps(head.config.to_dict())})
 
 
+def serving_bytes(head: R2MHead) -> bytes:
+    """The copy replicas fetch on a swap (`SERVING_DTYPE` attention): see `head_to_bytes`."""
+    return head_to_bytes(head, SERVING_DTYPE)
+
+
 def head_from_bytes(blob: bytes, config: HeadConfig) -> R2MHead:
-    """Rebuild a head; raises ValueError when the blob does not fit `config` (another model or width)."""
-    state = st_load(blob)
+    """Rebuild a float32 head from a master or serving blob; raises ValueError when the blob does not fit `config`
+    (another model or width)."""
+    state = {k: v if v.dtype == torch.float32 else v.float() for k, v in st_load(blob).items()}
     with torch.device("meta"):  # no random init of weights that are overwritten at once (~100 ms at d = 2048)
         head = R2MHead(config)
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
@@ -112,6 +130,7 @@ class HeadStore(Protocol):
     def versions(self) -> list[int]: ...
     def meta(self, version: int) -> dict[str, Any] | None: ...
     def weights(self, version: int) -> bytes | None: ...
+    def serving(self, version: int) -> bytes | None: ...
     def optim(self, version: int) -> bytes | None: ...
     def applied(self, batch_ids: Iterable[str]) -> set[str]: ...
     def publish(
@@ -122,22 +141,39 @@ class HeadStore(Protocol):
         optim: bytes | None,
         meta: dict[str, Any],
         batch_ids: list[str],
+        serving: bytes | None = None,
     ) -> dict[str, Any]: ...
     def rollback(self, to: int) -> dict[str, Any]: ...
     def wait_for_change(self, seen: int | None, timeout: float) -> int | None: ...
     def close(self) -> None: ...
 
 
-def _new_meta(version: int, parent: int | None, weights: bytes, meta: dict[str, Any], batch_ids: list[str]) -> dict:
-    return {
+def _new_meta(
+    version: int,
+    parent: int | None,
+    weights: bytes,
+    meta: dict[str, Any],
+    batch_ids: list[str],
+    serving: bytes | None,
+    digests: tuple[str, str | None],
+) -> dict:
+    full = {
         **meta,
         "version": version,
         "parent": parent,
         "batch_ids": list(batch_ids),
         "created": time.time(),
-        "sha256": sha256(weights),
+        "sha256": digests[0],
         "bytes": len(weights),
     }
+    if serving is not None:
+        full |= {"serving_sha256": digests[1], "serving_bytes": len(serving)}
+    return full
+
+
+def _digests(weights: bytes, serving: bytes | None) -> tuple[str, str | None]:
+    """Hashed before a publish takes its timestamp: the replica's swap latency starts at `created`."""
+    return sha256(weights), sha256(serving) if serving is not None else None
 
 
 class MemoryHeadStore:
@@ -146,7 +182,7 @@ class MemoryHeadStore:
     def __init__(self, keep: int = 5) -> None:
         self.keep = keep
         self._cond = threading.Condition()
-        self._versions: dict[int, tuple[bytes, bytes | None, dict[str, Any]]] = {}
+        self._versions: dict[int, tuple[bytes, bytes | None, dict[str, Any], bytes | None]] = {}
         self._latest: int | None = None
         self._applied: set[str] = set()
 
@@ -164,6 +200,10 @@ class MemoryHeadStore:
         entry = self._versions.get(version)
         return entry[0] if entry else None
 
+    def serving(self, version: int) -> bytes | None:
+        entry = self._versions.get(version)
+        return entry[3] if entry else None
+
     def optim(self, version: int) -> bytes | None:
         entry = self._versions.get(version)
         return entry[1] if entry else None
@@ -172,14 +212,22 @@ class MemoryHeadStore:
         return {b for b in batch_ids if b in self._applied}
 
     def publish(
-        self, *, parent: int | None, weights: bytes, optim: bytes | None, meta: dict[str, Any], batch_ids: list[str]
+        self,
+        *,
+        parent: int | None,
+        weights: bytes,
+        optim: bytes | None,
+        meta: dict[str, Any],
+        batch_ids: list[str],
+        serving: bytes | None = None,
     ) -> dict[str, Any]:
+        digests = _digests(weights, serving)
         with self._cond:
             if parent != self._latest:
                 raise Conflict(f"latest is {self._latest}, update was trained from {parent}")
             version = 0 if parent is None else parent + 1
-            full = _new_meta(version, parent, weights, meta, batch_ids)
-            self._versions[version] = (weights, optim, full)
+            full = _new_meta(version, parent, weights, meta, batch_ids, serving, digests)
+            self._versions[version] = (weights, optim, full, serving)
             self._applied.update(batch_ids)
             self._latest = version
             for old in sorted(self._versions)[: -self.keep]:
@@ -192,10 +240,15 @@ class MemoryHeadStore:
             entry = self._versions.get(to)
             if entry is None:
                 raise KeyError(to)
-            weights, optim, meta = entry
+            weights, optim, meta, serving = entry
             base = {k: v for k, v in meta.items() if k in ("config", "model")}
             return self.publish(
-                parent=self._latest, weights=weights, optim=optim, meta={**base, "rollback_of": to}, batch_ids=[]
+                parent=self._latest,
+                weights=weights,
+                optim=optim,
+                meta={**base, "rollback_of": to},
+                batch_ids=[],
+                serving=serving,
             )
 
     def wait_for_change(self, seen: int | None, timeout: float) -> int | None:
@@ -240,6 +293,9 @@ class RedisHeadStore:
     def weights(self, version: int) -> bytes | None:
         return self._call(self.r.get, self._k("head", version, "weights"))
 
+    def serving(self, version: int) -> bytes | None:
+        return self._call(self.r.get, self._k("head", version, "serving"))
+
     def optim(self, version: int) -> bytes | None:
         return self._call(self.r.get, self._k("head", version, "optim"))
 
@@ -251,9 +307,17 @@ class RedisHeadStore:
         return {b for b, f in zip(ids, flags) if f}
 
     def publish(
-        self, *, parent: int | None, weights: bytes, optim: bytes | None, meta: dict[str, Any], batch_ids: list[str]
+        self,
+        *,
+        parent: int | None,
+        weights: bytes,
+        optim: bytes | None,
+        meta: dict[str, Any],
+        batch_ids: list[str],
+        serving: bytes | None = None,
     ) -> dict[str, Any]:
         latest_key = self._k("heads", "latest")
+        digests = _digests(weights, serving)
         try:
             with self.r.pipeline() as pipe:
                 pipe.watch(latest_key)
@@ -262,9 +326,11 @@ class RedisHeadStore:
                 if current != parent:
                     raise Conflict(f"latest is {current}, update was trained from {parent}")
                 version = 0 if parent is None else parent + 1
-                full = _new_meta(version, parent, weights, meta, batch_ids)
+                full = _new_meta(version, parent, weights, meta, batch_ids, serving, digests)
                 pipe.multi()
                 pipe.set(self._k("head", version, "weights"), weights)
+                if serving is not None:
+                    pipe.set(self._k("head", version, "serving"), serving)
                 if optim is not None:
                     pipe.set(self._k("head", version, "optim"), optim)
                 pipe.set(self._k("head", version, "meta"), json.dumps(full))
@@ -287,9 +353,8 @@ class RedisHeadStore:
             v = int(v)
             # Unlist first, so kept_versions never names a version whose blobs are already gone.
             self._call(self.r.zrem, self._k("heads", "versions"), str(v))
-            self._call(
-                self.r.delete, self._k("head", v, "weights"), self._k("head", v, "optim"), self._k("head", v, "meta")
-            )
+            keys = [self._k("head", v, name) for name in ("weights", "serving", "optim", "meta")]
+            self._call(self.r.delete, *keys)
 
     def rollback(self, to: int) -> dict[str, Any]:
         for _ in range(10):
@@ -304,6 +369,7 @@ class RedisHeadStore:
                     optim=self.optim(to),
                     meta={**base, "rollback_of": to},
                     batch_ids=[],
+                    serving=self.serving(to),
                 )
             except Conflict:
                 continue

@@ -88,12 +88,17 @@ class HeadSync:
     def load(self, version: int) -> bool:
         """Fetch, verify and swap in `version`; False (and the current head kept) when it does not fit."""
         started = time.perf_counter()
-        meta, weights = self.store.meta(version), self.store.weights(version)
-        if meta is None or weights is None:
+        meta = self.store.meta(version)
+        if meta is None:
             return False  # pruned meanwhile; a newer one is announced
+        # The float16 serving copy when the publisher made one (half the bytes); the float32 master otherwise.
+        serving = "serving_sha256" in meta
+        weights = self.store.serving(version) if serving else self.store.weights(version)
+        if weights is None:
+            return False
         expected = self.model.head_config.to_dict()
         problem = None
-        if sha256(weights) != meta.get("sha256"):
+        if sha256(weights) != meta.get("serving_sha256" if serving else "sha256"):
             problem = "content hash mismatch"
         elif meta.get("config") != expected:
             problem = f"head config {meta.get('config')} differs from this replica's {expected}"

@@ -65,6 +65,15 @@ class FeedbackAttention(nn.Module):
     The query is a single token, so `softmax(q (h W_k)^T) (h W_v) W_o` is computed as
     `softmax((q W_k^T) h^T) h W_v W_o` per head: `W_k` folds into the query and `W_v` applies after pooling, so `h`
     is read twice and never projected (T x D_policy instead of T x D_policy x d multiply-adds).
+
+    `h` is read in its own dtype (bfloat16/float16 as it came off the wire, no float32 copy): the folded query is
+    cast to `h`'s dtype for the scores `h u`, the softmax runs in float32 on the small `(B, H, T)` scores, the
+    pooling `p h` runs in `h`'s dtype again, and the small pooled vectors go back to float32 for `W_v` and `W_o`.
+
+    A sequence may also be split into a shared prefix and its own rows (docs/api.md, prompt-prefix sharing): item
+    `b`'s hidden states are `cat(prefixes[prefix_index[b]], h[b][mask[b]])`. The scores and the pooling over a
+    prefix are one matmul for all the items that share it (`P @ U`, `U` their folded queries), and one softmax
+    runs over both segments, so the result equals the concatenated form without ever building it.
     """
 
     def __init__(self, rm_dim: int, policy_dim: int, attn_dim: int = 2048, n_heads: int = 1) -> None:
@@ -78,27 +87,60 @@ class FeedbackAttention(nn.Module):
         self.w_v = nn.Linear(policy_dim, attn_dim, bias=False)
         self.w_o = nn.Linear(attn_dim, rm_dim, bias=False)
 
-    def forward(self, e: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def fold_query(self, e: torch.Tensor) -> torch.Tensor:
+        """The query folded through `W_k` and scaled: `(B, D_rm)` -> `(B, H, D_policy)`, in the weights' dtype."""
+        H, dh, P = self.n_heads, self.head_dim, self.policy_dim
+        q = self.w_q(e.to(self.w_q.weight.dtype)).view(-1, H, dh)  # (B, H, dh)
+        return torch.einsum("bhe,hep->bhp", q, self.w_k.weight.view(H, dh, P)) / math.sqrt(dh)
+
+    def forward(
+        self,
+        e: torch.Tensor,
+        h: torch.Tensor,
+        mask: torch.Tensor,
+        prefixes: Sequence[torch.Tensor] = (),
+        prefix_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Read-outs `(B, D_rm)` in the weights' dtype.
+
+        Args:
+            e: RTEs `(B, D_rm)`.
+            h: each item's own hidden-state rows, `(B, T, D_policy)` padded, any float dtype (read as it is).
+            mask: `(B, T)`, True on real rows.
+            prefixes: shared leading rows, each `(T_j, D_policy)` in any float dtype.
+            prefix_index: `(B,)` long, the prefix item b continues, -1 for none (None: no item has one).
+        """
         B, T, P = h.shape
-        H, dh = self.n_heads, self.head_dim
-        assert e.shape[0] == B and mask.shape == (B, T) and self.policy_dim == P, (
-            e.shape,
-            h.shape,
-            mask.shape,
-        )
-        assert bool(mask.any(dim=1).all()), "every item needs at least one unmasked hidden state"
-        h = h.to(self.w_k.weight.dtype)
-        q = self.w_q(e).view(B, H, dh)  # (B, H, dh)
-        q_k = torch.einsum("bhe,hep->bhp", q, self.w_k.weight.view(H, dh, P)) / math.sqrt(dh)  # (B, H, P)
-        scores = torch.einsum("btp,bhp->bht", h, q_k)  # (B, H, T)
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1)  # (B, H, T)
-        pooled = torch.einsum("bht,btp->bhp", probs, h)  # (B, H, P)
-        v = torch.einsum("bhp,hep->bhe", pooled, self.w_v.weight.view(H, dh, P))  # (B, H, dh)
-        return self.w_o(v.reshape(B, H * dh))  # (B, D_rm)
+        H = self.n_heads
+        assert e.shape[0] == B and mask.shape == (B, T) and self.policy_dim == P, (e.shape, h.shape, mask.shape)
+        if prefix_index is None or not prefixes:
+            prefixes, prefix_index = (), None
+        has_rows = mask.any(dim=1) if prefix_index is None else mask.any(dim=1) | (prefix_index >= 0)
+        assert bool(has_rows.all()), "every item needs at least one unmasked hidden state"
+        # Scores, softmax and pooled sums in float32 at least, also for a half-precision (serving) copy of the head.
+        u = self.fold_query(e)  # (B, H, P)
+        u = u.to(torch.promote_types(u.dtype, torch.float32))
+        scores = _scores(h, u).masked_fill(~mask[:, None, :], float("-inf"))  # (B, H, T), u's dtype
+        if prefix_index is None:
+            pooled = _pool(scores.softmax(dim=-1), h)  # (B, H, P)
+        else:
+            assert prefix_index.shape == (B,), prefix_index.shape
+            groups = [(p, (prefix_index == j).nonzero().squeeze(1)) for j, p in enumerate(prefixes)]
+            groups = [(p, idx) for p, idx in groups if idx.numel()]
+            Tp = max(p.shape[0] for p, _ in groups)
+            front = scores.new_full((B, H, Tp), float("-inf"))  # (B, H, Tp): scores over each item's prefix
+            for p, idx in groups:
+                s = _scores_shared(p, u[idx])  # (n, H, T_j): one matmul for the n items sharing p
+                front = front.index_put((idx,), F.pad(s, (0, Tp - p.shape[0]), value=float("-inf")))
+            probs = torch.cat([front, scores], dim=-1).softmax(dim=-1)  # one softmax over prefix + own rows
+            pooled = _pool(probs[..., Tp:], h)
+            for p, idx in groups:
+                pooled = pooled.index_add(0, idx, _pool_shared(probs[idx, :, : p.shape[0]], p))
+        v = torch.einsum("bhp,hep->bhe", pooled.to(self.w_v.weight.dtype), self.w_v.weight.view(H, self.head_dim, P))
+        return self.w_o(v.reshape(B, H * self.head_dim))  # (B, D_rm)
 
     def forward_reference(self, e: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The textbook form (project keys and values, then attend); slow, for tests."""
+        """The textbook form (project keys and values, then attend) in the weights' dtype; slow, for tests."""
         B, T, _ = h.shape
         H, dh = self.n_heads, self.head_dim
         h = h.to(self.w_k.weight.dtype)
@@ -109,6 +151,33 @@ class FeedbackAttention(nn.Module):
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
         out = scores.softmax(dim=-1) @ v  # (B, H, 1, dh)
         return self.w_o(out.reshape(B, H * dh))
+
+
+# The four reads of h. Each matmul runs in h's dtype (bf16 GEMMs accumulate in float32 inside; torch 2.13 has no
+# float32-output bf16 matmul on CPU: `mm(..., out_dtype=)` is CUDA-only) and only its small output is widened, to
+# the dtype of the folded query `u` (float32, or float64 for float64 weights in tests).
+
+
+def _scores(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """`(B, T, P)` x `(B, H, P)` -> scores `(B, H, T)` in u's dtype."""
+    return torch.bmm(u.to(h.dtype), h.transpose(1, 2)).to(u.dtype)
+
+
+def _pool(probs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """`(B, H, T)` x `(B, T, P)` -> pooled `(B, H, P)` in probs' dtype."""
+    return torch.bmm(probs.to(h.dtype), h).to(probs.dtype)
+
+
+def _scores_shared(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One prefix `(T_j, P)` against n items' folded queries `(n, H, P)` -> `(n, H, T_j)`, one matmul."""
+    n, H, P = u.shape
+    return (u.reshape(n * H, P).to(p.dtype) @ p.T).to(u.dtype).view(n, H, -1)
+
+
+def _pool_shared(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """n items' weights over one prefix `(n, H, T_j)` -> their pooled prefix part `(n, H, P)`."""
+    n, H, T = probs.shape
+    return (probs.reshape(n * H, T).to(p.dtype) @ p).to(probs.dtype).view(n, H, -1)
 
 
 class R2MHead(nn.Module):
@@ -127,12 +196,15 @@ class R2MHead(nn.Module):
         h: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         with_feedback: torch.Tensor | None = None,
+        prefixes: Sequence[torch.Tensor] = (),
+        prefix_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rewards `(B,)` for RTEs `e` `(B, D_rm)` and per-item weights `w` `(B,)`.
 
         `h` `(N, T, D_policy)` and `mask` `(N, T)` hold the hidden states of the N items selected by the boolean
-        `with_feedback` `(B,)` (all items when it is None). Items without feedback, or with `w == 1`, get exactly
-        `phi(e)`: the plain reward model's reward.
+        `with_feedback` `(B,)` (all items when it is None), in any float dtype; `prefixes` and `prefix_index` `(N,)`
+        give those items' shared leading rows (see `FeedbackAttention.forward`). Items without feedback, or with
+        `w == 1`, get exactly `phi(e)`: the plain reward model's reward.
         """
         e = e.to(self.score.weight.dtype)
         f = e
@@ -141,7 +213,7 @@ class R2MHead(nn.Module):
             sel = torch.ones(e.shape[0], dtype=torch.bool, device=e.device) if with_feedback is None else with_feedback
             assert int(sel.sum()) == h.shape[0], (int(sel.sum()), h.shape)
             e_sel, w_sel = e[sel], w[sel].to(e.dtype)[:, None]
-            a = self.attention(e_sel, h, mask)  # (N, D_rm)
+            a = self.attention(e_sel, h, mask, prefixes, prefix_index)  # (N, D_rm)
             f = e.clone()
             # w == 1 must give phi(e) bit for bit, so those rows keep e untouched.
             f[sel] = torch.where(w_sel == 1.0, e_sel, w_sel * e_sel + (1.0 - w_sel) * a)

@@ -70,12 +70,24 @@ class ScoreItem(_Strict):
     response: str = Field(description="The response y, plain text; may be empty (policies do emit empty answers).")
     policy_hidden: TensorField | None = Field(
         None,
-        description="The policy's last-layer hidden states over query + response, shape (T, policy_dim).",
+        description="The policy's last-layer hidden states over query + response, shape (T, policy_dim); with "
+        "`prefix`, only the rows after the shared prefix (may then be (0, policy_dim)).",
+    )
+    prefix: int | None = Field(
+        None,
+        ge=0,
+        description="Index into the request's `prefixes`: the item's hidden states are "
+        "cat(prefixes[prefix], policy_hidden). Needs policy_hidden.",
     )
 
 
 class ScoreRequest(_Strict):
     items: list[ScoreItem] = Field(min_length=1, description="Items to score, each scored independently.")
+    prefixes: list[TensorField] = Field(
+        default_factory=list,
+        description="Shared prompt-prefix hidden states, each (T_p, policy_dim), T_p >= 1, sent once for the items "
+        "that name them in `prefix`; every prefix must be used by at least one item.",
+    )
     step: int = Field(0, ge=0, description="RL step t of the omega schedule.")
     total_steps: int = Field(1, ge=1, description="Total RL steps T of the omega schedule.")
 
@@ -83,6 +95,27 @@ class ScoreRequest(_Strict):
     def _step_in_range(self) -> ScoreRequest:
         if self.step > self.total_steps:
             raise ValueError(f"step={self.step} must be <= total_steps={self.total_steps}")
+        return self
+
+    @model_validator(mode="after")
+    def _prefixes_used_and_in_range(self) -> ScoreRequest:
+        used = set()
+        for i, item in enumerate(self.items):
+            if item.prefix is None:
+                continue
+            if item.prefix >= len(self.prefixes):
+                raise ValueError(
+                    f"items[{i}].prefix={item.prefix} is out of range: the request has {len(self.prefixes)} prefixes"
+                )
+            if item.policy_hidden is None:
+                raise ValueError(
+                    f"items[{i}].prefix is set but policy_hidden is missing; send the rows after the prefix "
+                    "(shape (0, policy_dim) when there are none)"
+                )
+            used.add(item.prefix)
+        unused = sorted(set(range(len(self.prefixes))) - used)
+        if unused:
+            raise ValueError(f"prefixes{unused} are not used by any item; send only the prefixes items name")
         return self
 
 

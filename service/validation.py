@@ -18,8 +18,14 @@ from .schemas import PreferencesRequest, ScoreRequest, as_payload
 __all__ = ["encode_checked", "hidden_to_torch", "max_tokens_of", "prepare_preferences", "prepare_score_items"]
 
 
-def hidden_to_torch(t: WireTensor, path: str, settings: ServiceSettings) -> torch.Tensor:
-    """A `(T, policy_dim)` tensor of the wire dtype (one copy), or BadInput naming `path` and the limit."""
+def hidden_to_torch(
+    t: WireTensor, path: str, settings: ServiceSettings, *, min_rows: int = 1, prefix_rows: int = 0
+) -> torch.Tensor:
+    """A `(T, policy_dim)` tensor of the wire dtype (one copy), or BadInput naming `path` and the limit.
+
+    `prefix_rows`: rows of a shared prefix in front of these (the length limit applies to the sum); `min_rows` is
+    0 for the rows after a prefix.
+    """
     if len(t.shape) != 2:
         raise BadInput(f"{path}: expected shape (T, {settings.policy_dim}), got {list(t.shape)}")
     rows, width = t.shape
@@ -28,10 +34,11 @@ def hidden_to_torch(t: WireTensor, path: str, settings: ServiceSettings) -> torc
             f"{path}: hidden width {width} does not match the server's policy width R2M_POLICY_DIM="
             f"{settings.policy_dim}"
         )
-    if rows < 1:
+    if rows < min_rows:
         raise BadInput(f"{path}: needs at least one hidden-state row, got 0 (omit the field for no feedback)")
-    if rows > settings.max_hidden_tokens:
-        raise BadInput(f"{path}: {rows} hidden-state rows exceed R2M_MAX_HIDDEN_TOKENS={settings.max_hidden_tokens}")
+    if prefix_rows + rows > settings.max_hidden_tokens:
+        what = f"{prefix_rows} prefix + {rows} own" if prefix_rows else str(rows)
+        raise BadInput(f"{path}: {what} hidden-state rows exceed R2M_MAX_HIDDEN_TOKENS={settings.max_hidden_tokens}")
     h = t.to_torch()
     if not bool(torch.isfinite(h).all()):
         bad = int((~torch.isfinite(h)).any(dim=1).nonzero()[0, 0])
@@ -63,13 +70,27 @@ def prepare_score_items(req: ScoreRequest, model: R2MModel, settings: ServiceSet
         )
     w = omega(req.step, req.total_steps, settings.omega_floor)
     limit = max_tokens_of(model, settings)
+    # Each shared prefix becomes one tensor, checked once; its items hold references to it, never copies.
+    prefixes = [hidden_to_torch(t, f"prefixes[{j}]", settings) for j, t in enumerate(req.prefixes)]
     out = []
     for i, item in enumerate(req.items):
-        hidden = None
+        hidden = prefix = None
         if item.policy_hidden is not None:
-            hidden = hidden_to_torch(item.policy_hidden, f"items[{i}].policy_hidden", settings)
+            path = f"items[{i}].policy_hidden"
+            if item.prefix is None:
+                hidden = hidden_to_torch(item.policy_hidden, path, settings)
+            else:
+                prefix = prefixes[item.prefix]  # the schema checked the index
+                if item.policy_hidden.dtype != req.prefixes[item.prefix].dtype:
+                    raise BadInput(
+                        f"{path}: dtype {item.policy_hidden.dtype} differs from its prefix's, "
+                        f"prefixes[{item.prefix}] ({req.prefixes[item.prefix].dtype}); send both in one dtype"
+                    )
+                hidden = hidden_to_torch(
+                    item.policy_hidden, path, settings, min_rows=0, prefix_rows=int(prefix.shape[0])
+                )
         encoded = encode_checked(model, item.prompt, item.response, f"items[{i}]", limit)
-        out.append(PreparedItem(encoded=encoded, hidden=hidden, w=w if hidden is not None else 1.0))
+        out.append(PreparedItem(encoded=encoded, hidden=hidden, w=w if hidden is not None else 1.0, prefix=prefix))
     return out
 
 

@@ -35,6 +35,7 @@ from .heads import (
     head_to_bytes,
     optimizer_from_bytes,
     optimizer_to_bytes,
+    serving_bytes,
 )
 from .model import bt_loss, grebt_loss, omega
 from .prefqueue import Message, PreferenceQueue, QueueUnavailable
@@ -160,8 +161,9 @@ class HeadTrainer:
                 group["weight_decay"] = self.settings.train_weight_decay
         self.version = version
 
-    def state_bytes(self) -> tuple[bytes, bytes]:
-        return head_to_bytes(self.head), optimizer_to_bytes(self.opt)
+    def state_bytes(self) -> tuple[bytes, bytes, bytes]:
+        """(float32 weights, optimizer state, the float16 serving copy replicas fetch)."""
+        return head_to_bytes(self.head), optimizer_to_bytes(self.opt), serving_bytes(self.head)
 
     def rtes(self, prompts: Sequence[str], responses: Sequence[str], use_cache: bool = True) -> torch.Tensor:
         """RTEs `(N, D_rm)`, from the cache where possible; misses go through the backbone in token-budget chunks."""
@@ -191,8 +193,8 @@ class HeadTrainer:
         use = [h is not None and wi < 1.0 for h, wi in zip(flat.hidden, flat.weights)]
         h_pad = mask = sel = None
         if any(use):
-            dtype = self.head.attention.w_k.weight.dtype
-            h_pad, mask = pad_hidden([h for h, u in zip(flat.hidden, use) if u], dtype, device)
+            # dtype None: bf16/fp16 hidden states stay as they came; the attention reads them without a float32 copy.
+            h_pad, mask = pad_hidden([h for h, u in zip(flat.hidden, use) if u], None, device)
             sel = torch.tensor(use, device=device)
         rank_given = s.rank_by == "given" and all(g is not None for g in flat.given)
         first: dict[str, float] = {}
@@ -304,9 +306,11 @@ class Worker:
         """Make the local head the latest published one; publish version 0 if the store is empty."""
         latest = self.store.latest()
         if latest is None:
-            weights, optim = self.trainer.state_bytes()
+            weights, optim, serving = self.trainer.state_bytes()
             try:
-                meta = self.store.publish(parent=None, weights=weights, optim=optim, meta=self._meta(), batch_ids=[])
+                meta = self.store.publish(
+                    parent=None, weights=weights, optim=optim, meta=self._meta(), batch_ids=[], serving=serving
+                )
                 self.trainer.version = meta["version"]
             except Conflict:
                 self.sync()
@@ -368,7 +372,7 @@ class Worker:
                 self.queue.ack(entries)
                 return 0
             stats = self.trainer.update(list(requests.values()))
-            weights, optim = self.trainer.state_bytes()
+            weights, optim, serving = self.trainer.state_bytes()
             try:
                 meta = self.store.publish(
                     parent=self.trainer.version,
@@ -376,6 +380,7 @@ class Worker:
                     optim=optim,
                     meta=self._meta(stats),
                     batch_ids=list(requests),
+                    serving=serving,
                 )
             except Conflict:
                 self.metrics.conflicts.inc()

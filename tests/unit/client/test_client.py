@@ -35,7 +35,8 @@ from r2m.client._wire import decode_binary, tensor_from_json, unpack_request
 
 class FakeService:
     """A /score that decodes either encoding like the real service and answers a reward that encodes the item:
-    the number in the response text ("r7" -> 7), plus the sum of its hidden states when it has them."""
+    the number in the response text ("r7" -> 7), plus the sum of its hidden states (shared prefix included) when it
+    has them."""
 
     def __init__(self, *, head_versions: list[int] | None = None):
         self.requests: list[httpx.Request] = []
@@ -49,7 +50,16 @@ class FakeService:
         for i, item in enumerate(body["items"]):
             if "policy_hidden" in item:
                 item["policy_hidden"] = tensor_from_json(item["policy_hidden"], f"items[{i}].policy_hidden")
+        body["prefixes"] = [tensor_from_json(t, f"prefixes[{j}]") for j, t in enumerate(body.get("prefixes", []))]
         return body
+
+    @staticmethod
+    def full_hidden(body: dict, item: dict) -> np.ndarray:
+        """The item's whole hidden states as float32: its prefix's rows, then its own."""
+        own = item["policy_hidden"].to_float32()
+        if item.get("prefix") is None:
+            return own
+        return np.concatenate([body["prefixes"][item["prefix"]].to_float32(), own])
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -59,7 +69,7 @@ class FakeService:
         self.decoded.append(body)
         rewards = [
             float(item["response"][1:])
-            + (float(item["policy_hidden"].to_float32().sum()) if "policy_hidden" in item else 0.0)
+            + (float(self.full_hidden(body, item).sum()) if "policy_hidden" in item else 0.0)
             for item in body["items"]
         ]
         version = self.head_versions[len(self.decoded) - 1] if self.head_versions else 3
@@ -134,7 +144,7 @@ def test_chunks_respect_the_byte_budget_and_a_large_item_goes_alone():
     large = np.zeros((100, 25), np.float32)  # 10000 bytes
     hidden = [small, small, small, large, small, small]
     with make_client(service, max_bytes_per_request=2100) as client:
-        result = client.score("p", [f"r{i}" for i in range(6)], hidden)
+        result = client.score("p", [f"r{i}" for i in range(6)], hidden, share_prefix=False)  # all rows are equal
     assert service.batch_sizes == [2, 1, 1, 2]
     assert result.rewards == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 

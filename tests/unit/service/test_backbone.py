@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from r2m.service.backbone import load_backbone, pool
+from r2m.service import backbone as backbone_module
+from r2m.service.backbone import cpu_has_native_bf16, load_backbone, pool, resolve_dtype
 from r2m.service.engine import PreparedItem, R2MModel
 from r2m.service.model import HeadConfig
 
@@ -102,3 +103,46 @@ def test_unsupported_reward_models_fail_clearly(tmp_path: Path) -> None:
     ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="linear `score` layer"):
         load_backbone(str(tmp_path), device="cpu", dtype="float32")
+
+
+# --- dtype: R2M_DTYPE=auto ------------------------------------------------------------------------------------------
+
+
+def test_auto_dtype_is_the_checkpoints_for_hf_rms_and_float32_for_encoders_on_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, "sequence-classification") is None  # the checkpoint's own
+    for native in (True, False):  # bf16 on CPU is opt-in: it makes a reward depend on its batch-mates (README)
+        monkeypatch.setattr(backbone_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu, "sequence-classification") == torch.bfloat16
+    with pytest.raises(ValueError, match="auto, float32"):
+        resolve_dtype("int8", cpu)
+
+
+def test_a_float32_checkpoint_stays_float32_under_auto(tiny_llama_rm: Path) -> None:
+    backbone = load_backbone(str(tiny_llama_rm), device="cpu", dtype="auto")
+    assert backbone.dtype == torch.float32 and next(backbone.model.parameters()).dtype == torch.float32
+
+
+def test_native_bf16_detection_agrees_with_the_cpu_flags() -> None:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if flags:
+        assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_bf16_default_backbone_rewards_are_within_the_documented_tolerance() -> None:
+    """README (R2M_DTYPE): bf16 vs float32 on the default RM, max |diff| < 0.15, mean < 0.03, correlation > 0.9999."""
+    from r2m.service.prefdata import generate_preferences
+
+    pairs = generate_preferences(48, seed=4242)
+    rewards = {}
+    for dtype in ("float32", "bfloat16"):
+        bb = load_backbone("default", device="cpu", dtype=dtype)
+        encoded = [bb.encode(p["prompt"], r) for p in pairs for r in (p["chosen"], p["rejected"])]
+        rewards[dtype] = bb.plain_reward(bb.embed(encoded)).double()
+    diff = (rewards["float32"] - rewards["bfloat16"]).abs()
+    assert float(diff.max()) < 0.15 and float(diff.mean()) < 0.03
+    assert float(torch.corrcoef(torch.stack(list(rewards.values())))[0, 1]) > 0.9999
+    assert float(diff.max()) > 0, "the bf16 backbone really ran in bf16"
