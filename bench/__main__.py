@@ -1,340 +1,225 @@
-"""r2m benchmarks: each section measures a figure beside its baseline in the same run (the machine is noisy).
+"""r2m benchmarks: every figure is measured beside its baseline in the same run (the machine is shared and noisy).
 
-    .venv/bin/python -m bench                       # every section, JSON to bench/results.json
-    .venv/bin/python -m bench --only codec score    # some sections
-    .venv/bin/python -m bench --quick               # tiny sizes, for CI: checks the benchmark runs
+    .venv/bin/python -m bench                          # every section; JSON to bench/results.json, then a table
+    .venv/bin/python -m bench --only codec attention   # some sections
+    .venv/bin/python -m bench --quick                  # tiny sizes, a few seconds a section (CI runs this)
+    .venv/bin/python -m bench --device cuda            # tensors and servers on the GPU
+    .venv/bin/python -m bench.report --readme bench/README.md   # README table and plot from the JSON
 
-Sections:
-    codec    binary decode of 16 x 256 x 2048 fp16/bf16 (decode + copy into torch) beside a plain memory copy;
-             JSON/base64 decode of the same
-    score    /score throughput of the real server (uvicorn, default model) at several concurrencies, vanilla and
-             with 256 x policy_dim bf16 hidden states; latency p50/p99
-    grebt    one GREBT update on 256 groups of 2 (pairs) with hidden states, RTE cache cold vs warm
-    swap     publish-to-served latency of head versions through Redis (a replica and a redis-server of ours)
+Sections (numbers as in the performance issue):
+    codec      1  binary decode GB/s of 16 x 256 x 2048 bf16/fp16 beside a plain memory copy; JSON base64 decode
+    attention  2  feedback attention per item at T=700, D_policy=4096, d=2048 beside one read of h; fp32, bf16 h
+    prefix     3  bytes on the wire per response with and without group prompt-prefix sharing (bench/prefix_bytes.py)
+    serve      4  /score seq/s through `r2m serve` at concurrency 1, 8, 32 vs the bare backbone in-process; p50/p99
+    overhead   5  /score with 256 x 2048 bf16 hidden states vs without, same server and client
+    grebt      6  GREBT update on 256 groups with and without the RTE cache
+    swap       7  publish-to-served latency through Redis; /score seq/s during a stream of swaps vs without
+    peer       8  OpenRLHF's serve_rm vs r2m's /get_reward on the same model, OpenRLHF's client: seq/s, rewards
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib
 import json
+import math
 import os
 import platform
-import shutil
-import socket
-import statistics
-import subprocess
+import shlex
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
-
-import httpx
-import torch
-
-from r2m.client import AsyncR2MClient
-from r2m.client._wire import WireTensor, decode_binary, encode_binary, pack_request, tensor_from_json, tensor_to_json
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
+SECTIONS = ("codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer")
 
 
-def _best(fn, repeat: int) -> float:  # noqa: ANN001
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def _run_prefix(opts: argparse.Namespace) -> dict:
+    """Section 3 lives in bench/prefix_bytes.py (`run(quick: bool) -> dict`), written separately; its own rows are
+    kept as `prefix_rows` and turned into table rows here."""
+    from ._common import Unavailable, row
 
-
-def bench_codec(quick: bool) -> dict:
-    n, T, D = (4, 64, 256) if quick else (16, 256, 2048)
-    out = {"shape": [n, T, D]}
-    for dtype in (torch.float16, torch.bfloat16):
-        tensors = [torch.randn(T, D).to(dtype) for _ in range(n)]
-        payload = {"items": [{"prompt": "p", "response": "r", "policy_hidden": t} for t in tensors]}
-        body = encode_binary(*pack_request(payload))
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        dst = [torch.empty(T, D, dtype=dtype) for _ in range(n)]
-        # The baseline copies the same bytes out of the same body buffer, minus all parsing.
-        whole = torch.frombuffer(body, dtype=torch.uint8)
-        per = T * D * 2
-        src = [whole[len(body) - nbytes + i * per : len(body) - nbytes + (i + 1) * per] for i in range(n)]
-
-        def decode() -> None:
-            meta, ts = decode_binary(body)
-            for i, t in enumerate(ts.values()):
-                t.to_torch(out=dst[i])
-
-        def memcpy() -> None:
-            for s, d in zip(src, dst):
-                d.view(-1).view(torch.uint8).copy_(s)
-
-        js = [tensor_to_json(WireTensor.from_array(t)) for t in tensors]
-
-        def decode_json() -> None:
-            for i, j in enumerate(js):
-                tensor_from_json(j).to_torch(out=dst[i])
-
-        repeat = 5 if quick else 30
-        t_dec, t_cpy, t_json = _best(decode, repeat), _best(memcpy, repeat), _best(decode_json, max(3, repeat // 5))
-        name = str(dtype).removeprefix("torch.")
-        out[name] = {
-            "binary_decode_GBps": nbytes / t_dec / 1e9,
-            "memcpy_GBps": nbytes / t_cpy / 1e9,
-            "binary_vs_memcpy": t_cpy / t_dec,
-            "json_base64_decode_GBps": nbytes / t_json / 1e9,
-        }
-    return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], env: dict[str, str], ready_url: str | None, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while ready_url and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd} exited:\n{log.read_text()[-3000:]}")
+    try:
+        module = importlib.import_module("bench.prefix_bytes")
+    except Exception as exc:  # noqa: BLE001 - any import failure makes the section unavailable, not the run
+        raise Unavailable(f"bench/prefix_bytes.py does not import: {type(exc).__name__}: {exc}") from None
+    result = dict(module.run(opts.quick))
+    theirs = result.pop("rows", [])
+    rows = []
+    for r in theirs:
         try:
-            if httpx.get(ready_url, timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    if ready_url:
-        proc.kill()
-        raise RuntimeError(f"{cmd} not ready:\n{log.read_text()[-3000:]}")
-    return proc
+            line = row(
+                f"bytes/response K={r['k']} {r['encoding']}: shared vs full (ratio: prompt part saved)",
+                r["bytes_per_response_shared"],
+                "B",
+                baseline=r["bytes_per_response_full"],
+                ratio=r["saving_of_prompt_part"],
+                target=f">= {r['target']:.3f}",
+            )
+        except (KeyError, TypeError):
+            return {**result, "prefix_rows": theirs}  # an unknown layout: the report lists its numbers
+        line["met"] = bool(r.get("met", line["met"]))  # their verdict: it allows the few bytes of JSON framing
+        rows.append(line)
+    return {**result, "prefix_rows": theirs, "rows": rows}
 
 
-def _texts(n: int) -> list[tuple[str, str]]:
-    from r2m.service.prefdata import generate_preferences
+def run_section(name: str, opts: argparse.Namespace) -> dict:
+    from ._common import Unavailable
 
-    pairs = generate_preferences(max(1, n // 2 + 1), seed=123)
-    out = [(p["prompt"], p[k]) for p in pairs for k in ("chosen", "rejected")]
-    return out[:n]
-
-
-def bench_score(quick: bool, tmp: Path, policy_dim: int) -> dict:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "R2M_PORT": str(port),
-        "R2M_POLICY_DIM": str(policy_dim),
-        "R2M_LOG_LEVEL": "warning",
-        "R2M_EMBEDDED_WORKER": "false",
-    }
-    proc = _start([sys.executable, "-m", "r2m.service.cli", "serve"], env, f"{url}/readyz", tmp / "score.log")
-    texts = _texts(64 if quick else 512)
-    rows = 256
-    hidden = [torch.randn(rows, policy_dim).to(torch.bfloat16) for _ in range(8)]
-    duration = 2.0 if quick else 12.0
-    out: dict = {"duration_s": duration, "hidden_rows": rows, "policy_dim": policy_dim}
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]  # 1-minute load: how busy the shared machine was around this section
     try:
-        for with_hidden in (False, True):
-            for conc in (1, 16) if quick else (1, 8, 16, 32):
-                lat: list[float] = []
-
-                async def run() -> int:
-                    done = 0
-                    stop = time.perf_counter() + duration
-                    async with AsyncR2MClient(url, max_retries=2, timeout=120) as client:
-
-                        async def loop(k: int) -> None:
-                            nonlocal done
-                            i = k
-                            while time.perf_counter() < stop:
-                                p, r = texts[i % len(texts)]
-                                h = [hidden[i % len(hidden)]] if with_hidden else None
-                                t = time.perf_counter()
-                                await client.score(p, [r], h, step=50 if with_hidden else 0, total_steps=100)
-                                lat.append(time.perf_counter() - t)
-                                done += 1
-                                i += conc
-
-                        await asyncio.gather(*(loop(k) for k in range(conc)))
-                    return done
-
-                t0 = time.perf_counter()
-                n = asyncio.run(run())
-                wall = time.perf_counter() - t0
-                lat.sort()
-                key = f"{'hidden' if with_hidden else 'vanilla'}_c{conc}"
-                out[key] = {
-                    "seq_per_s": n / wall,
-                    "p50_ms": 1000 * lat[len(lat) // 2],
-                    "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-                    "requests": n,
-                }
-                print(f"  score {key}: {n / wall:.1f} seq/s, p50 {out[key]['p50_ms']:.1f} ms", flush=True)
-        batches = httpx.get(f"{url}/metrics").text
-        out["mean_requests_per_batch"] = _histogram_mean(batches, "r2m_batch_requests")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    # The ceiling: the bare backbone in-process on the same texts, batch of 16.
-    from r2m.service.backbone import load_backbone
-
-    backbone = load_backbone("default", device="cpu", dtype="auto")
-    enc = [backbone.encode(p, r) for p, r in texts[:16]]
-    backbone.embed(enc)
-    t = _best(lambda: backbone.embed(enc), 3 if quick else 10)
-    out["backbone_in_process_seq_per_s_b16"] = 16 / t
-    return out
+        run = _run_prefix if name == "prefix" else importlib.import_module(f"bench.{name}").run
+        result = run(opts)
+        result = {"status": "ok", **result}
+    except Unavailable as exc:
+        result = {"status": "unavailable", "reason": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others' results
+        traceback.print_exc()
+        result = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+    result["seconds"] = time.perf_counter() - started
+    result["loadavg_1min"] = [load_before, os.getloadavg()[0]]
+    return result
 
 
-def _histogram_mean(text: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = count = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == f"{name}_sum":
-                total += s.value
-            elif s.name == f"{name}_count":
-                count += s.value
-    return total / count if count else 0.0
+def _finite(x: Any) -> Any:
+    """JSON has no NaN/Inf: write them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
-def bench_grebt(quick: bool, policy_dim: int) -> dict:
-    from r2m.service.app import build_model
-    from r2m.service.config import ServiceSettings
-    from r2m.service.schemas import PreferencesRequest
-    from r2m.service.worker import HeadTrainer
-
-    n_pairs = 16 if quick else 256
-    rows = 64
-    settings = ServiceSettings(policy_dim=policy_dim, device="cpu", train_steps=1)
-    trainer = HeadTrainer(build_model(settings), settings)
-    texts = _texts(2 * n_pairs)
-    pairs = []
-    for i in range(n_pairs):
-        (p, c), (_, r) = texts[2 * i], texts[2 * i + 1]
-        pairs.append(
-            {
-                "prompt": p,
-                "chosen": c,
-                "rejected": r,
-                "chosen_hidden": WireTensor.from_array(torch.randn(rows, policy_dim).to(torch.bfloat16)),
-                "rejected_hidden": WireTensor.from_array(torch.randn(rows, policy_dim).to(torch.bfloat16)),
-            }
-        )
-    req = PreferencesRequest.model_validate({"pairs": pairs, "step": 50, "total_steps": 100})
-    t = time.perf_counter()
-    trainer.update([req], use_cache=False)
-    cold = time.perf_counter() - t
-    trainer.update([req])  # fills the cache
-    warm = min(_best(lambda: trainer.update([req]), 3), cold)
-    return {
-        "pairs": n_pairs,
-        "hidden_rows": rows,
-        "policy_dim": policy_dim,
-        "uncached_s": cold,
-        "cached_s": warm,
-        "speedup": cold / warm,
-    }
-
-
-def bench_swap(quick: bool, tmp: Path) -> dict:
-    from r2m.service.app import build_model
-    from r2m.service.config import ServiceSettings
-    from r2m.service.heads import RedisHeadStore, head_to_bytes
-    from r2m.service.worker import HeadTrainer
-
-    exe = shutil.which("redis-server")
-    if not exe:
-        return {"skipped": "no redis-server on PATH"}
-    rport, port = _free_port(), _free_port()
-    redis_proc = _start(
-        [exe, "--port", str(rport), "--save", "", "--appendonly", "no", "--dir", str(tmp)], {}, None, tmp / "redis.log"
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    redis_url = f"redis://127.0.0.1:{rport}/0"
-    time.sleep(0.5)
-    policy_dim = 2048
-    env = {
-        "R2M_PORT": str(port),
-        "R2M_REDIS_URL": redis_url,
-        "R2M_POLICY_DIM": str(policy_dim),
-        "R2M_LOG_LEVEL": "warning",
-    }
-    url = f"http://127.0.0.1:{port}"
-    server = _start([sys.executable, "-m", "r2m.service.cli", "serve"], env, f"{url}/readyz", tmp / "swap.log")
-    try:
-        settings = ServiceSettings(policy_dim=policy_dim, device="cpu")
-        trainer = HeadTrainer(build_model(settings), settings)
-        store = RedisHeadStore(redis_url)
-        meta = {"config": trainer.model.head_config.to_dict(), "model": "default"}
-        latencies = []
-        parent = None
-        n = 5 if quick else 40
-        with httpx.Client(base_url=url) as client:
-            for i in range(n + 1):
-                with torch.no_grad():
-                    trainer.head.score.weight.add_(0.001)
-                weights = head_to_bytes(trainer.head)
-                t0 = time.perf_counter()
-                published = store.publish(parent=parent, weights=weights, optim=None, meta=meta, batch_ids=[f"b{i}"])
-                parent = published["version"]
-                while client.get("/heads/current").json()["served_version"] != parent:
-                    if time.perf_counter() - t0 > 30:
-                        raise RuntimeError("the replica did not swap within 30 s")
-                if i:  # version 0 is a no-op for a replica that starts at 0
-                    latencies.append(time.perf_counter() - t0)
-        latencies.sort()
-        return {
-            "versions": n,
-            "head_bytes": len(weights),
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-            "max_ms": 1000 * latencies[-1],
-        }
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        redis_proc.terminate()
-        redis_proc.wait(timeout=30)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION", help=f"of {', '.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and durations: checks that it all runs")
+    parser.add_argument("--model", default="default", help="reward model served by serve/overhead/grebt/swap: "
+                        "`default` (bundled) or any HF sequence-classification RM id/path [default]")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors and models run [cpu]")
+    parser.add_argument("--out", default=str(HERE / "results.json"), help="results JSON [bench/results.json]")
+    parser.add_argument("--note", default="", help="a line about the run, kept in the JSON and the README")
+    parser.add_argument("--merge", action="store_true", help="replace only the sections run in an existing --out "
+                        "JSON, keeping the others (each section records the run it came from)")
+    g = parser.add_argument_group("sizes and durations")
+    g.add_argument("--duration", type=float, default=None, help="seconds per throughput measurement [10; quick 1]")
+    g.add_argument("--rounds", type=int, default=3, help="alternating rounds of side-by-side measurements [3]")
+    g.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32], help="/score concurrency levels [1 8 32]")
+    g.add_argument("--overhead-levels", type=int, nargs="+", default=[8, 32], help="levels of section 5 [8 32]")
+    g.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads of this process and of every "
+                   "server it starts (OMP_NUM_THREADS); default: torch's (all cores). On a shared machine 1 avoids "
+                   "OpenMP threads spinning against other jobs' threads")
+    g.add_argument("--policy-dim", type=int, default=2048, help="D_policy of the served head [2048]")
+    g.add_argument("--attn-batch", type=int, default=16, help="items per timed feedback-attention call [16]")
+    g.add_argument("--grebt-groups", type=int, default=256, help="groups in the GREBT batch [256]")
+    g.add_argument("--grebt-k", type=int, default=4, help="responses per group [4]")
+    g.add_argument("--grebt-rows", type=int, default=32, help="hidden-state rows per response [32]")
+    g.add_argument("--swap-versions", type=int, default=40, help="head versions published for the latency [40]")
+    g.add_argument("--swap-interval", type=float, default=1.0, help="seconds between swaps in the stream [1]")
+    g.add_argument("--peer-samples", type=int, default=256, help="samples sent to each server per round [256]")
+    g.add_argument("--peer-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="r2m's dtype in the peer section; serve_rm runs bf16 on CPU [bfloat16]")
+    opts = parser.parse_args(argv)
+    if opts.duration is None:
+        opts.duration = 1.0 if opts.quick else 10.0
+    if opts.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device here")
+    for name in ("duration", "rounds", "attn_batch", "grebt_groups", "grebt_k", "grebt_rows", "swap_versions",
+                 "swap_interval", "peer_samples"):
+        if getattr(opts, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0")
+    if opts.threads is not None and opts.threads < 1:
+        parser.error("--threads must be >= 1")
+    if opts.grebt_k < 2:
+        parser.error("--grebt-k must be >= 2 (a group needs two responses)")
+    if min(opts.levels + opts.overhead_levels) < 1:
+        parser.error("concurrency levels must be >= 1")
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="*", default=["codec", "score", "grebt", "swap"])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and durations (CI)")
-    parser.add_argument("--policy-dim", type=int, default=2048)
-    parser.add_argument("--out", default=str(HERE / "results.json"))
-    args = parser.parse_args(argv)
-    results: dict = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    opts = parse(argv)
+    if opts.threads:
+        os.environ["OMP_NUM_THREADS"] = str(opts.threads)  # inherited by every server the sections start
+    import torch
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+
+    from .report import text_table
+
+    names = opts.only or list(SECTIONS)
+    run = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "sections": names,
+        "note": opts.note,
+    }
+    results: dict[str, Any] = {
+        **{k: run[k] for k in ("date", "command")},
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": _cpu_name(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if opts.device == "cuda" else None,
         },
-        "quick": args.quick,
+        "device": opts.device,
+        "quick": opts.quick,
+        "note": opts.note,
+        "runs": [run],
+        "sections": {},
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.only:
+    out = Path(opts.out)
+    if opts.merge and out.is_file():
+        # Keep the other sections of an earlier run (and say so): re-measuring one section costs minutes, not all.
+        earlier = json.loads(out.read_text())
+        if earlier.get("quick") != opts.quick or earlier.get("device") != opts.device:
+            raise SystemExit(f"--merge: {out} was written with --quick={earlier.get('quick')} "
+                             f"--device={earlier.get('device')}; this run differs")
+        results["runs"] = [*earlier.get("runs", []), run]
+        results["sections"] = {k: v for k, v in earlier.get("sections", {}).items() if k not in names}
+        results["note"] = " / ".join(filter(None, [earlier.get("note"), opts.note]))
+    with tempfile.TemporaryDirectory(prefix="r2m-bench-") as tmp:
+        opts.tmp = tmp
+        for name in names:
             print(f"[{name}]", flush=True)
-            if name == "codec":
-                results[name] = bench_codec(args.quick)
-            elif name == "score":
-                results[name] = bench_score(args.quick, Path(tmp), args.policy_dim)
-            elif name == "grebt":
-                results[name] = bench_grebt(args.quick, args.policy_dim)
-            elif name == "swap":
-                results[name] = bench_swap(args.quick, Path(tmp))
-            else:
-                parser.error(f"unknown section {name!r}")
-            print(json.dumps(results[name], indent=2), flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+            results["sections"][name] = {**run_section(name, opts), "run": run["date"]}
+            res = results["sections"][name]
+            print(f"  {res['status']} in {res['seconds']:.1f} s" + (f": {res['reason']}" if "reason" in res else ""),
+                  flush=True)
+    results["sections"] = {k: results["sections"][k] for k in SECTIONS if k in results["sections"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_finite(results), indent=2) + "\n")
+    print()
+    print(text_table(results))
+    print(f"\nwrote {out}")
+    return 1 if any(r["status"] == "error" for r in results["sections"].values()) else 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

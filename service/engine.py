@@ -89,19 +89,31 @@ class R2MModel:
         )
 
     def embed(self, encoded: Sequence[Encoded], max_batch_tokens: int = 16384) -> torch.Tensor:
-        """RTEs `(N, D_rm)` float32, run through the backbone in length-sorted chunks of <= max_batch_tokens."""
+        """RTEs `(N, D_rm)` float32, run through the backbone in length-sorted chunks of <= max_batch_tokens padded
+        tokens, a chunk also ending where padding would exceed its share (`_MIN_FILL`): on a CPU the forward is
+        compute-bound, so every padded token costs as much as a real one."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out = torch.empty((len(encoded), self.backbone.rm_dim), dtype=torch.float32, device=self.backbone.device)
+        min_fill = _MIN_FILL.get(self.backbone.device.type, _MIN_FILL["cpu"])
         start = 0
         while start < len(order):
-            end = start + 1
+            end, real = start + 1, len(encoded[order[start]])
             # Sorted ascending, so the chunk's padded size is (count) x (length of its last item).
-            while end < len(order) and (end - start + 1) * len(encoded[order[end]]) <= max_batch_tokens:
+            while end < len(order):
+                n, longest = end - start + 1, len(encoded[order[end]])
+                if n * longest > max_batch_tokens or real + longest < min_fill * n * longest:
+                    break
+                real += longest
                 end += 1
             idx = order[start:end]
             out[idx] = self.backbone.embed([encoded[i] for i in idx])
             start = end
         return out
+
+
+# Least share of real (not padding) tokens in a backbone chunk. A GPU runs a wider, emptier batch at little extra
+# cost; a CPU pays for every position.
+_MIN_FILL = {"cpu": 0.8, "cuda": 0.5}
 
 
 def score_rte(

@@ -174,3 +174,27 @@ def test_the_grebt_update_backpropagates_through_bf16_hidden_states() -> None:
 def test_mixed_dtypes_in_one_batch_are_stacked_in_float32() -> None:
     h, mask = pad_hidden([torch.randn(2, P).bfloat16(), torch.randn(3, P)], None, torch.device("cpu"))
     assert h.dtype == torch.float32 and mask.sum() == 5
+
+
+def test_backbone_chunks_bound_padding_and_return_rewards_in_input_order() -> None:
+    from types import SimpleNamespace
+
+    from r2m.service.backbone import Encoded
+    from r2m.service.engine import R2MModel
+
+    chunks: list[list[int]] = []
+
+    def embed(batch: list[Encoded]) -> torch.Tensor:
+        chunks.append([len(e) for e in batch])
+        return torch.tensor([[float(len(e))] for e in batch])
+
+    fake = SimpleNamespace(device=torch.device("cpu"), rm_dim=1, embed=embed)
+    lengths = [100, 5, 6, 5, 101, 7, 5, 6]
+    out = R2MModel.embed(SimpleNamespace(backbone=fake), [Encoded(list(range(n))) for n in lengths], 16384)
+    assert out[:, 0].tolist() == [float(n) for n in lengths], "every RTE lands at its item's index"
+    assert chunks == [[5, 5, 5, 6, 6, 7], [100, 101]], "short texts are not padded to the long ones' length"
+    for chunk in chunks:
+        assert sum(chunk) >= 0.8 * len(chunk) * max(chunk)
+    chunks.clear()
+    R2MModel.embed(SimpleNamespace(backbone=fake), [Encoded(list(range(10))) for _ in range(10)], 30)
+    assert chunks == [[10, 10, 10]] * 3 + [[10]], "the token budget still caps a chunk"

@@ -1,0 +1,86 @@
+"""Section 2, feedback attention per item at the paper's shape beside one read of `h`, fp32 and bf16 `h`.
+
+The paper's shape: T = 700 policy tokens, D_policy = 4096 (a Llama-8B policy), d = 2048. The R2M query is one
+token, so the served form (`service/model.py`'s `FeedbackAttention.forward`) folds W_k into the query and applies
+W_v after pooling: about two passes over `h`. The baseline is one pass over the same `h` that touches every byte,
+in the same run: `h.sum()` (read only) and `h.clone()` (read + write); the ratio uses the faster of the two, so it
+is the stricter one. A call also reads the four weight matrices once (W_q, W_k, W_v, W_o: 128 MB in fp32 at this
+shape), whatever the batch: `--attn-batch` items share them, and the same call with T = 1 (`weights_only`) shows
+that part. The textbook form (project keys and values, then attend) is timed once for context.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from r2m.service.model import FeedbackAttention
+
+from ._common import best_time, interleaved, row
+
+RM_DIM = 4096  # a Llama-8B reward model's width (Skywork-Reward-Llama-3.1-8B)
+
+
+def run(opts) -> dict:  # noqa: ANN001
+    if opts.quick:
+        B, T, P, d, rm = 2, 64, 256, 128, 128
+    else:
+        B, T, P, d, rm = opts.attn_batch, 700, 4096, 2048, RM_DIM
+    device = opts.device
+    repeat = 3 if opts.quick else 15
+    torch.manual_seed(0)
+    attn = FeedbackAttention(rm, P, d, n_heads=1).to(device).eval()
+    e = torch.randn(B, rm, device=device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    out: dict = {"items": B, "T": T, "policy_dim": P, "attn_dim": d, "rm_dim": rm, "device": device, "rows": []}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            h = torch.randn(B, T, P, device=device).to(dtype)
+            t = interleaved(
+                {
+                    "attention": lambda: attn(e, h, mask),
+                    "sum": lambda: h.sum(),
+                    "copy": lambda: h.clone(),
+                    # T = 1: all four weight matrices are read, `h` hardly; the part of a call a bigger batch amortises
+                    "weights_only": lambda: attn(e, h[:, :1], mask[:, :1]),
+                },
+                repeat,
+                device,
+            )
+            name = str(dtype).removeprefix("torch.")
+            read = min(t["sum"], t["copy"])
+            r = {
+                "h_bytes_per_item": h[0].numel() * h.element_size(),
+                "attention_ms_per_item": 1000 * t["attention"] / B,
+                "read_sum_ms_per_item": 1000 * t["sum"] / B,
+                "read_copy_ms_per_item": 1000 * t["copy"] / B,
+                "weights_only_ms_per_item": 1000 * t["weights_only"] / B,
+                "attention_minus_weights_vs_read": (t["attention"] - t["weights_only"]) / read,
+                "attention_vs_read": t["attention"] / read,
+            }
+            out[name] = r
+            out["rows"].append(
+                row(
+                    f"feedback attention per item, h {name}, vs one read of h",
+                    r["attention_ms_per_item"],
+                    "ms",
+                    baseline=1000 * read / B,
+                    ratio=r["attention_vs_read"],
+                    target="<= 2",
+                )
+            )
+        # The textbook form once, fp32 h, for context: what folding W_k and W_v saves.
+        h = torch.randn(B, T, P, device=device)
+        t_ref = best_time(lambda: attn.forward_reference(e, h, mask), 1 if not opts.quick else 2, device)
+        t_fold = best_time(lambda: attn(e, h, mask), repeat, device)
+        out["textbook_ms_per_item"] = 1000 * t_ref / B
+        out["textbook_vs_folded"] = t_ref / t_fold
+        out["rows"].append(
+            row(
+                "textbook (projected) attention per item, h float32, vs folded",
+                out["textbook_ms_per_item"],
+                "ms",
+                baseline=1000 * t_fold / B,
+                ratio=out["textbook_vs_folded"],
+            )
+        )
+    return out
