@@ -56,6 +56,7 @@ COPY pyproject.toml README.md /tmp/r2m-src/
 COPY client /tmp/r2m-src/client
 COPY service /tmp/r2m-src/service
 COPY trainer /tmp/r2m-src/trainer
+COPY experiments /tmp/r2m-src/experiments
 RUN pip install --no-cache-dir /tmp/r2m-src \
     && rm -rf /tmp/r2m-src \
     && r2m --version

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -56,7 +57,15 @@ def _settings_from(args: argparse.Namespace) -> ServiceSettings:
         raise SystemExit("r2m: invalid settings:\n" + "\n".join(lines)) from None
 
 
+def _passive_omp() -> None:
+    """Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise). The server's event loop,
+    tokenizer and swap threads share the cores with torch's intra-op pool; spinning threads starve them. Must run
+    before torch is imported."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _passive_omp()
     import uvicorn
 
     from .app import create_app
@@ -186,6 +195,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overopt(args: argparse.Namespace) -> int:
+    from r2m.experiments.overopt.__main__ import main as overopt_main
+
+    return overopt_main(args.overopt_args)
+
+
+def _forward_overopt(argv: Sequence[str]) -> int:
+    """`r2m overopt ...` hands every flag, --help included, to the benchmark's own parser."""
+    from r2m.experiments.overopt.__main__ import main as overopt_main
+
+    return overopt_main(list(argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r2m", description="R2M reward model as a service.")
     parser.add_argument("--version", action="version", version=f"r2m {__version__}")
@@ -247,10 +269,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--reward-mode", default="r2m", choices=REWARD_MODES, help="what the service sees [default: r2m]")
     demo.add_argument("--seed", type=int, default=0, help="seed of the policy, warm-up and rollouts [default: 0]")
     demo.set_defaults(func=_demo)
+
+    overopt = sub.add_parser(
+        "overopt",
+        help="the offline reward over-optimization benchmark (every reward mode, seeds, table and plots)",
+        description="GRPO against a MiniLM proxy RM served by r2m, gold reward measured as RL goes on; "
+        "`r2m overopt --help` lists its flags (experiments/overopt/README.md).",
+        add_help=False,  # its own parser answers --help
+    )
+    overopt.add_argument("overopt_args", nargs=argparse.REMAINDER, help="flags of the benchmark")
+    overopt.set_defaults(func=_overopt)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["overopt"]:
+        return _forward_overopt(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ADVANTAGES", "REWARD_MODES", "TrainConfig", "load_prompts"]
+__all__ = ["ADVANTAGES", "REWARD_MODES", "TrainConfig", "load_pairs", "load_prompts"]
 
 BUNDLED_PROMPTS = {"default": Path(__file__).parent / "data" / "prompts.jsonl"}
 
 Advantage = Literal["grpo", "rloo"]
-RewardMode = Literal["vanilla", "r2m", "r2m-frozen", "r2m-noise", "head-only"]
+RewardMode = Literal["vanilla", "r2m", "r2m-frozen", "r2m-noise", "head-only", "r2m-pairs"]
 ADVANTAGES: tuple[str, ...] = typing.get_args(Advantage)
 REWARD_MODES: tuple[str, ...] = typing.get_args(RewardMode)
 
@@ -81,9 +81,20 @@ class TrainConfig:
             "help": "What the service sees: 'vanilla' (no hidden states, no updates), 'r2m' (hidden states "
             "and updates), 'r2m-frozen' (hidden states, no updates: the paper's w/o Train), 'r2m-noise' "
             "(Gaussian noise in place of hidden states, also posted), 'head-only' (no hidden states, groups "
-            "posted without them: the paper's Iterative RM_Head)."
+            "posted without them: the paper's Iterative RM_Head), 'r2m-pairs' (ours, not the paper's: hidden states "
+            "like 'r2m', but the update gets labelled pairs from --pairs, replayed through the current policy, "
+            "instead of in-group pseudo-labels)."
         },
     )
+    pairs: str | None = field(
+        default=None,
+        metadata={
+            "help": 'Labelled pairs for --reward-mode r2m-pairs: a .jsonl of {"prompt", "chosen", "rejected"} '
+            "lines. Each step posts --pairs-per-step of them with the hidden states of the policy after the "
+            "step's update, by teacher forcing over prompt + response + end token."
+        },
+    )
+    pairs_per_step: int = field(default=16, metadata={"help": "Pairs posted per step in r2m-pairs mode."})
     seed: int = field(default=0, metadata={"help": "Seed of prompt sampling, rollouts and noise (per step: seed+t)."})
     out_dir: str = field(default="runs/r2m", metadata={"help": "Folder for metrics.jsonl and checkpoints/."})
     save_every: int = field(default=50, metadata={"help": "Checkpoint every this many steps (0: only at the end)."})
@@ -95,12 +106,25 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "Policy weights dtype (hidden states travel in it, bf16 as is)."}
     )
+    rollout: Literal["hf", "vllm"] = field(
+        default="hf",
+        metadata={
+            "help": "Rollout engine: 'hf' (Hugging Face generate, CPU or GPU) or 'vllm' (pip install 'r2m[vllm]', "
+            "CUDA only; a vLLM copy of the policy follows the trained weights each step). Old log-probs and the "
+            "hidden states sent to the service come from the trainer's own forward either way."
+        },
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "With rollout='vllm': share of the GPU vLLM may take (weights + KV cache)."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
 
     # derived in __post_init__
     batch_size: int = field(init=False, metadata={"help": "Sequences per step: prompts_per_step * group_size."})
     sends_hidden: bool = field(init=False, metadata={"help": "Whether /score gets hidden states (or noise)."})
-    posts_preferences: bool = field(init=False, metadata={"help": "Whether groups are posted to /preferences."})
+    posts_groups: bool = field(init=False, metadata={"help": "Whether groups are posted to /preferences."})
+    posts_pairs: bool = field(init=False, metadata={"help": "Whether labelled pairs are posted to /preferences."})
+    posts_preferences: bool = field(init=False, metadata={"help": "Whether anything is posted to /preferences."})
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, msg: str) -> None:
@@ -108,7 +132,14 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: {msg}")
 
         need(bool(self.policy), "policy", "give a causal LM folder or hub id")
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "max_prompt_tokens", "policy_epochs"):
+        for name in (
+            "steps",
+            "prompts_per_step",
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "policy_epochs",
+            "pairs_per_step",
+        ):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
         need(self.group_size >= 2, "group_size", "GRPO/RLOO need K >= 2 responses per prompt")
         need(self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0 (0 = whole batch)")
@@ -123,6 +154,9 @@ class TrainConfig:
         need(self.advantage in ADVANTAGES, "advantage", f"choose one of {', '.join(ADVANTAGES)}")
         need(self.reward_mode in REWARD_MODES, "reward_mode", f"choose one of {', '.join(REWARD_MODES)}")
         need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "choose float32, bfloat16 or float16")
+        need(self.rollout in ("hf", "vllm"), "rollout", "choose hf or vllm")
+        need(self.rollout != "vllm" or self.device != "cpu", "rollout", "vLLM rollouts need a CUDA device (device=cpu)")
+        need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "must be in (0, 1)")
         need(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "device",
@@ -133,9 +167,17 @@ class TrainConfig:
             "prompts",
             f"not a file nor a bundled set ({', '.join(BUNDLED_PROMPTS)})",
         )
+        if self.reward_mode == "r2m-pairs":
+            need(
+                self.pairs is not None and Path(self.pairs).is_file(),
+                "pairs",
+                "reward_mode r2m-pairs needs a .jsonl file of labelled pairs (--pairs FILE)",
+            )
         self.batch_size = self.prompts_per_step * self.group_size
-        self.sends_hidden = self.reward_mode in ("r2m", "r2m-frozen", "r2m-noise")
-        self.posts_preferences = self.reward_mode in ("r2m", "r2m-noise", "head-only")
+        self.sends_hidden = self.reward_mode in ("r2m", "r2m-frozen", "r2m-noise", "r2m-pairs")
+        self.posts_groups = self.reward_mode in ("r2m", "r2m-noise", "head-only")
+        self.posts_pairs = self.reward_mode == "r2m-pairs"
+        self.posts_preferences = self.posts_groups or self.posts_pairs
 
     # --- (de)serialisation: a checkpoint carries the config that rebuilds it -------------------------------------
 
@@ -172,3 +214,18 @@ def load_prompts(source: str) -> list[str]:
     if not prompts:
         raise ValueError(f"prompts={source!r}: no prompts in {path}")
     return prompts
+
+
+def load_pairs(path: str) -> list[dict[str, str]]:
+    """Labelled pairs from a .jsonl file of {"prompt", "chosen", "rejected"} lines (other keys are ignored)."""
+    pairs = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise ValueError(f"pairs={path!r}: line {i + 1} is not a JSON object with string prompt, chosen, rejected")
+        pairs.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+    if not pairs:
+        raise ValueError(f"pairs={path!r}: no pairs in the file")
+    return pairs

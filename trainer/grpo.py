@@ -12,7 +12,9 @@ One RL step t, as in R2M.md:
   5. update: k epochs of the clipped token-level policy gradient + kl_coef * KL(policy || reference), AdamW,
      one optimizer step per epoch (micro-batches accumulate gradients);
   6. the LAST epoch's forward pass also returns hidden states h' (output_hidden_states=True, no extra pass);
-  7. r2m post: every group (prompt, K responses, K h', its rewards) goes to `/preferences`.
+  7. r2m post: every group (prompt, K responses, K h', its rewards) goes to `/preferences`; in the `r2m-pairs`
+     mode (ours) labelled pairs from a file go instead, each replayed through the updated policy by teacher
+     forcing for its hidden states.
 
 Which parameters h' belong to: the last epoch's forward runs before that epoch's optimizer step, so h' are the
 hidden states of the policy after k-1 updates of this step (for the paper's k = 2: after the first epoch's step),
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig, load_prompts
+from .config import TrainConfig, load_pairs, load_prompts
 
 __all__ = ["GRPOTrainer", "Rollout", "group_advantages", "sequence_forward", "train"]
 
@@ -155,6 +157,7 @@ class GRPOTrainer:
             self.device = torch.device(c.device)
         dtype = getattr(torch, c.dtype)
         self.prompts = load_prompts(c.prompts)
+        self.pairs = load_pairs(c.pairs) if c.posts_pairs and c.pairs else []  # r2m-pairs: labelled pairs to replay
 
         self.start_step = 0
         checkpoint = self.latest_checkpoint()
@@ -194,6 +197,19 @@ class GRPOTrainer:
         eos = self.policy.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=self.device)
+        self.vllm = None
+        if c.rollout == "vllm":
+            if self.device.type != "cuda":
+                raise ValueError(f"rollout='vllm' needs a CUDA device; this run is on {self.device}")
+            from .vllm_rollout import VLLMRollout
+
+            self.vllm = VLLMRollout(
+                policy_path,
+                dtype=c.dtype,
+                seed=c.seed,
+                max_model_len=c.max_prompt_tokens + c.max_new_tokens,
+                gpu_memory_utilization=c.vllm_gpu_memory_utilization,
+            )
 
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         if checkpoint is not None:
@@ -269,7 +285,7 @@ class GRPOTrainer:
         # ---------------------------------------------------------------------------------------------- score --
         with timer("score"):
             score_hidden: list[torch.Tensor] | None = None
-            if c.reward_mode in ("r2m", "r2m-frozen"):
+            if c.reward_mode in ("r2m", "r2m-frozen", "r2m-pairs"):
                 score_hidden = hidden
             elif c.reward_mode == "r2m-noise":
                 score_hidden = _noise_like(hidden, noise_gen)
@@ -293,7 +309,7 @@ class GRPOTrainer:
                         batch.attention_mask[s],
                         batch.prompt_len,
                         c.temperature,
-                        hidden=last_epoch and c.posts_preferences,
+                        hidden=last_epoch and c.posts_groups,
                     )
                     if h:
                         refreshed.extend(x.cpu() for x in h)  # h': this forward's parameters (before the step)
@@ -321,8 +337,10 @@ class GRPOTrainer:
 
         # ------------------------------------------------------------------------------------------ r2m post --
         with timer("r2m_post"):
-            posted = 0
-            if c.posts_preferences:
+            posted = pairs_posted = 0
+            if c.posts_pairs:
+                pairs_posted = self.post_pairs(t)
+            if c.posts_groups:
                 post_hidden: list[Any] | None = None
                 if c.reward_mode == "r2m":
                     post_hidden = refreshed
@@ -361,6 +379,7 @@ class GRPOTrainer:
             "head_version": result.head_version,
             "omega": result.omega,
             "r2m/groups_posted": posted,
+            "r2m/pairs_posted": pairs_posted,
             **timer.seconds,
         }
 
@@ -374,41 +393,46 @@ class GRPOTrainer:
             reps = math.ceil(c.prompts_per_step / len(group_prompts))
             group_prompts = (group_prompts * reps)[: c.prompts_per_step]
         tok = self.tokenizer
-        if tok.chat_template:
-            texts = [
-                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in group_prompts
-            ]
-            enc = tok(
-                texts,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=c.max_prompt_tokens,
-                add_special_tokens=False,
-            )
-        else:
-            enc = tok(group_prompts, return_tensors="pt", padding=True, truncation=True, max_length=c.max_prompt_tokens)
+        enc = self.encode_prompts(group_prompts)
         prompt_ids = enc["input_ids"].repeat_interleave(c.group_size, dim=0).to(self.device)  # (B, P)
         prompt_mask = enc["attention_mask"].repeat_interleave(c.group_size, dim=0).to(self.device)
-        with torch.no_grad():
-            sequences = self.policy.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                do_sample=True,
+        prompt_len = prompt_ids.shape[1]
+        if self.vllm is not None:  # vLLM samples token ids only, from weights synced with the policy being trained
+            from .vllm_rollout import pack_responses, unpadded
+
+            self.vllm.sync_weights(self.policy)
+            sampled = self.vllm.generate(
+                unpadded(enc["input_ids"], enc["attention_mask"]),
+                n=c.group_size,
                 temperature=c.temperature,
                 top_p=c.top_p,
-                top_k=0,  # sample from the full distribution, the one the log-probs are computed on
-                max_new_tokens=c.max_new_tokens,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=self.eos_ids.tolist(),
-            )  # (B, L)
-        prompt_len = prompt_ids.shape[1]
-        response = sequences[:, prompt_len:]  # (B, R)
-        # A response is its tokens up to and including the first EOS; what follows is padding.
-        is_eos = torch.isin(response, self.eos_ids)
-        after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-        response_mask = (~after_eos).long()
+                max_tokens=c.max_new_tokens,
+                eos_ids=self.eos_ids.tolist(),
+                seed=c.seed + t,
+            )
+            response, response_mask = (
+                x.to(self.device)
+                for x in pack_responses(sampled, tok.pad_token_id, self.eos_ids.tolist(), c.max_new_tokens)
+            )
+            sequences = torch.cat([prompt_ids, response], dim=1)  # (B, L)
+        else:
+            with torch.no_grad():
+                sequences = self.policy.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    do_sample=True,
+                    temperature=c.temperature,
+                    top_p=c.top_p,
+                    top_k=0,  # sample from the full distribution, the one the log-probs are computed on
+                    max_new_tokens=c.max_new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=self.eos_ids.tolist(),
+                )  # (B, L)
+            response = sequences[:, prompt_len:]  # (B, R)
+            # A response is its tokens up to and including the first EOS; what follows is padding.
+            is_eos = torch.isin(response, self.eos_ids)
+            after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+            response_mask = (~after_eos).long()
         attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
         responses = [
             tok.decode(response[b][response_mask[b].bool()], skip_special_tokens=True) for b in range(len(response))
@@ -422,6 +446,62 @@ class GRPOTrainer:
             prompt_len=prompt_len,
             response_mask=response_mask,
         )
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Any:
+        """Left-padded prompt token ids and mask, through the tokenizer's chat template when it has one."""
+        c, tok = self.config, self.tokenizer
+        if tok.chat_template:
+            texts = [
+                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts
+            ]
+            return tok(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=c.max_prompt_tokens,
+                add_special_tokens=False,
+            )
+        return tok(list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=c.max_prompt_tokens)
+
+    # --------------------------------------------------------------------------------------- r2m-pairs mode --
+    @torch.no_grad()
+    def replay(self, prompts: Sequence[str], responses: Sequence[str]) -> list[torch.Tensor]:
+        """Teacher forcing: the current policy's last-layer hidden states over each prompt + response + end token
+        (real tokens only, as `sequence_forward` returns them), one no-grad forward; B tensors (T_b, D) on CPU."""
+        c, tok = self.config, self.tokenizer
+        enc = self.encode_prompts(prompts)
+        eos = int(self.eos_ids[0])
+        ids = [[*x, eos] for x in tok(list(responses), add_special_tokens=False)["input_ids"]]  # not truncated
+        width = max(len(x) for x in ids)
+        response = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for b, x in enumerate(ids):
+            response[b, : len(x)] = torch.tensor(x)
+            response_mask[b, : len(x)] = 1
+        sequences = torch.cat([enc["input_ids"], response], dim=1).to(self.device)
+        attention_mask = torch.cat([enc["attention_mask"], response_mask], dim=1).to(self.device)
+        hidden: list[torch.Tensor] = []
+        for s in _chunks(len(ids), c.micro_batch_size):
+            _, h = sequence_forward(
+                self.policy, sequences[s], attention_mask[s], enc["input_ids"].shape[1], c.temperature, hidden=True
+            )
+            hidden.extend(x.cpu() for x in h or [])
+        return hidden
+
+    def post_pairs(self, t: int) -> int:
+        """Post `pairs_per_step` labelled pairs (drawn with seed + t) with the updated policy's hidden states."""
+        c = self.config
+        pick = torch.randperm(len(self.pairs), generator=torch.Generator().manual_seed(c.seed + t))
+        rows = [self.pairs[i] for i in pick[: c.pairs_per_step].tolist()]
+        prompts = [r["prompt"] for r in rows]
+        hidden = self.replay(prompts * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+        n = len(rows)
+        pairs = [{**r, "chosen_hidden": hidden[i], "rejected_hidden": hidden[n + i]} for i, r in enumerate(rows)]
+        return self.client.post_preferences(
+            pairs=pairs, step=t, total_steps=c.steps, batch_id=f"{self.run_id}-s{t:06d}"
+        ).pairs
 
     # -------------------------------------------------------------------------------------------- checkpoints --
     def latest_checkpoint(self) -> Path | None:

@@ -68,9 +68,11 @@ class RecordingClient:
         self.scores.append({"step": step, "responses": list(responses), "hidden": hidden, "result": result})
         return result
 
-    def post_preferences(self, groups=None, *, step, total_steps, batch_id=None):
-        self.posts.append({"step": step, "groups": groups, "batch_id": batch_id})
-        return self.client.post_preferences(groups=groups, step=step, total_steps=total_steps, batch_id=batch_id)
+    def post_preferences(self, groups=None, pairs=None, *, step, total_steps, batch_id=None):
+        self.posts.append({"step": step, "groups": groups, "pairs": pairs, "batch_id": batch_id})
+        return self.client.post_preferences(
+            groups=groups, pairs=pairs, step=step, total_steps=total_steps, batch_id=batch_id
+        )
 
     def current_head(self) -> dict[str, Any]:
         return self.client.current_head()
@@ -272,6 +274,40 @@ def test_r2m_posts_refreshed_hidden_states_and_the_head_advances(
     assert run["metrics"][-1]["omega"] < 1.0  # step 1 of 2: w(t) = max(0.5 cos(pi/2) + 0.5, Omega) < 1
 
 
+def test_r2m_pairs_posts_replayed_labelled_pairs_and_no_groups(policy_dir: Path, server: ServerProcess, tmp_path: Path):
+    rows = [
+        {"prompt": "how do i boil an egg", "chosen": "simmer it for nine minutes", "rejected": "no idea"},
+        {"prompt": "name a color", "chosen": "blue", "rejected": "an egg is not a color at all"},
+        {"prompt": "say hello", "chosen": "hello there", "rejected": "bye"},
+    ]
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = run_mode("r2m-pairs", policy_dir, server, tmp_path / "run", pairs=str(pairs_file), pairs_per_step=2)
+    check_common(run)
+    client, trainer, k = run["client"], run["trainer"], run["config"].policy_epochs
+    tok = trainer.tokenizer
+    assert [p["step"] for p in client.posts] == list(range(STEPS))
+    for t, (call, post) in enumerate(zip(client.scores, client.posts)):
+        assert same(call["hidden"], sampling_hidden(run, t))  # scored with hidden states, like r2m
+        assert not post["groups"] and len(post["pairs"]) == 2  # labelled pairs instead of in-group pseudo-labels
+        # The policy after the step's last update: the next step's first snapshot, or the final parameters.
+        params = run["snapshots"][(t + 1) * k] if t + 1 < STEPS else dict(trainer.policy.named_parameters())
+        model = type(trainer.policy)(trainer.policy.config).eval()
+        model.load_state_dict(params, strict=False)
+        for pair in post["pairs"]:
+            assert {k_: pair[k_] for k_ in ("prompt", "chosen", "rejected")} in rows
+            for key in ("chosen", "rejected"):
+                # Teacher forcing, unpadded: prompt tokens + response tokens + the end token.
+                ids = tok(pair["prompt"])["input_ids"] + tok(pair[key], add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([[*ids, tok.eos_token_id]])
+                with torch.no_grad():
+                    expected = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+                sent = pair[f"{key}_hidden"]
+                assert sent.shape == (ids.shape[1], HIDDEN) and torch.allclose(sent, expected, atol=1e-4)
+    assert all(m["r2m/pairs_posted"] == 2 and m["r2m/groups_posted"] == 0 for m in run["metrics"])
+    assert wait_version_above(client, run["version_before"]) > run["version_before"]
+
+
 # --- the command line, checkpoints and resume ---------------------------------------------------------------------
 
 
@@ -333,6 +369,8 @@ def test_advantages():
         ({"reward_mode": "magic"}, "reward_mode"),
         ({"prompts": "no/such/file.jsonl"}, "prompts"),
         ({"device": "tpu"}, "device"),
+        ({"reward_mode": "r2m-pairs"}, "pairs"),
+        ({"reward_mode": "r2m-pairs", "pairs": "no/such/pairs.jsonl"}, "pairs"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_setting(override: dict[str, Any], name: str):

@@ -1,0 +1,215 @@
+"""`python -m experiments.overopt` (or `r2m overopt`): the offline reward over-optimization benchmark.
+
+    python -m experiments.overopt                       # the full run: 6 arms x 3 seeds, ~32 min on 2 shared cores
+    python -m experiments.overopt --quick --out-dir /tmp/overopt-quick   # CI: 2 arms, 1 seed, a few steps
+
+Writes OUT_DIR/results.json (every curve), OUT_DIR/results.md (the table), OUT_DIR/*.png (plots); the SFT
+policy, the proxy RM and the pair files are cached in OUT_DIR/artefacts/ and reused by every arm (and by a rerun
+with the same settings). See experiments/overopt/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .report import describe_overoptimization, markdown_table, plot_curves, summarise
+from .run import ArmSpec, RunSettings, run_and_report
+
+ARMS = ("vanilla", "r2m", "r2m-frozen", "r2m-noise", "head-only", "r2m-pairs")
+REPORTED_SEEDS = (0, 1, 2)
+DEV_SEEDS = (100, 101)  # hyper-parameters were fixed on these; never on the reported ones
+
+# The task's artefacts: an SFT policy, the proxy's noisy training pairs, held-out gold pairs, the proxy RM.
+ARTEFACTS = {
+    "width": 128,
+    "layers": 2,
+    "sft_answers": 20000,
+    "sft_steps": 600,
+    "proxy_pairs": 500,
+    "proxy_label_temperature": 1.0,  # BT-sampled labels: about 80% agree with gold
+    "proxy_l2": 1e-5,  # fit-rm's default
+    "heldout_pairs": 256,
+    "seed": 7,  # of the SFT corpus and init, the pair sets and the proxy split (the RL seeds are the arms')
+}
+QUICK_ARTEFACTS = {**ARTEFACTS, "sft_answers": 2000, "sft_steps": 60, "proxy_pairs": 200, "heldout_pairs": 64}
+
+
+def prepare(out: Path, spec: dict[str, Any], say: Any) -> dict[str, Any]:
+    """Build (or reuse, when OUT_DIR/artefacts/artefacts.json has the same spec) the shared artefacts."""
+    import torch
+
+    from r2m.service.backbone import load_backbone
+    from r2m.service.fit import fit_encoder_rm
+
+    from .policy import build_sft_policy
+    from .task import gold_reward, labelled_pairs, write_jsonl
+
+    art = out / "artefacts"
+    manifest = art / "artefacts.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("spec") == spec:
+        say(f"[1/3] reusing the SFT policy and proxy RM in {art}")
+        return json.loads(manifest.read_text())
+    torch.set_num_threads(1)  # the CPU is shared: more threads than free cores spin and crawl
+    art.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    say(f"[1/3] SFT policy: word-level Llama, width {spec['width']}, {spec['sft_answers']} templated answers")
+    policy = build_sft_policy(
+        art / "policy",
+        width=spec["width"],
+        layers=spec["layers"],
+        n_answers=spec["sft_answers"],
+        sft_steps=spec["sft_steps"],
+        seed=spec["seed"],
+        say=say,
+    )
+    say(f"  {policy['params']} parameters, SFT loss {policy['sft_loss']:.3f}, {policy['seconds']} s")
+    train = labelled_pairs(
+        spec["proxy_pairs"], seed=spec["seed"] + 1, noise_temperature=spec["proxy_label_temperature"]
+    )
+    heldout = labelled_pairs(spec["heldout_pairs"], seed=spec["seed"] + 2, noise_temperature=None)
+    write_jsonl(train, art / "proxy_pairs.jsonl")
+    write_jsonl(heldout, art / "heldout_pairs.jsonl")
+    say(f"  proxy RM: MiniLM + a linear head fitted by Bradley-Terry on {len(train)} noisy gold-labelled pairs")
+    fit = fit_encoder_rm(
+        art / "proxy", data=art / "proxy_pairs.jsonl", seed=spec["seed"], l2=spec["proxy_l2"], device="cpu"
+    )
+
+    # Gold units for the proxy: the least-squares affine map proxy -> gold over the held-out pairs' texts.
+    backbone = load_backbone(str(art / "proxy"), device="cpu", dtype="float32")
+    texts = [(p["prompt"], p[k]) for p in heldout for k in ("chosen", "rejected")]
+    proxy = backbone.plain_reward(backbone.embed([backbone.encode(p, r) for p, r in texts])).tolist()
+    gold = [gold_reward(p, r) for p, r in texts]
+    mp, mg = sum(proxy) / len(proxy), sum(gold) / len(gold)
+    a = sum((x - mp) * (y - mg) for x, y in zip(proxy, gold)) / sum((x - mp) ** 2 for x in proxy)
+    plain_acc = sum(proxy[2 * i] > proxy[2 * i + 1] for i in range(len(heldout))) / len(heldout)
+    result = {
+        "spec": spec,
+        "policy": policy,
+        "policy_dim": spec["width"],
+        "proxy_fit": fit,
+        "proxy_label_agreement": sum(r["gold_agrees"] for r in train) / len(train),
+        "proxy_heldout_gold_accuracy": plain_acc,
+        "calibration": {"a": a, "b": mg - a * mp},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    manifest.write_text(json.dumps(result, indent=2) + "\n")
+    say(
+        f"  proxy: {100 * fit['heldout_accuracy']:.0f}% on its own held-out noisy pairs, "
+        f"{100 * plain_acc:.0f}% on {len(heldout)} held-out gold pairs; artefacts in {result['seconds']} s"
+    )
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="r2m overopt",
+        description="Offline reward over-optimization benchmark: GRPO against a MiniLM proxy RM served by r2m, "
+        "gold reward measured as RL goes on, per reward mode and seed. See experiments/overopt/README.md.",
+    )
+    p.add_argument("--out-dir", default="runs/overopt", help="results, plots and cached artefacts [runs/overopt]")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=None, help=f"reward modes [all: {' '.join(ARMS)}]")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=None, help=f"RL seeds [{' '.join(map(str, REPORTED_SEEDS))}]"
+    )
+    p.add_argument("--steps", type=int, default=None, help=f"RL steps per run [{RunSettings.steps}]")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel, one core each [2]")
+    p.add_argument("--quick", action="store_true", help="CI: vanilla and r2m, one seed, 6 steps, small artefacts")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        raise SystemExit("r2m overopt: --workers must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit("r2m overopt: --steps must be >= 1")
+    started = time.perf_counter()
+    out = Path(args.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    settings = RunSettings(steps=6, eval_every=3, pairs_per_step=4) if args.quick else RunSettings()
+    if args.steps is not None:
+        settings = replace(settings, steps=args.steps)
+    arms = args.arms or (("vanilla", "r2m") if args.quick else ARMS)
+    seeds = args.seeds if args.seeds is not None else ((0,) if args.quick else REPORTED_SEEDS)
+
+    art = prepare(out, QUICK_ARTEFACTS if args.quick else ARTEFACTS, say)
+    a = out / "artefacts"
+    specs = [
+        ArmSpec(
+            mode=arm,
+            seed=seed,
+            policy=str(a / "policy"),
+            proxy=str(a / "proxy"),
+            train_pairs=str(a / "proxy_pairs.jsonl"),
+            heldout_pairs=str(a / "heldout_pairs.jsonl"),
+            out_dir=str(out / "runs" / f"{arm}-seed{seed}"),
+            policy_dim=art["policy_dim"],
+            settings=settings,
+        )
+        for seed in seeds
+        for arm in arms
+    ]
+    say(
+        f"[2/3] {len(specs)} runs ({len(arms)} arms x {len(seeds)} seeds, {settings.steps} steps), "
+        f"{args.workers} at a time"
+    )
+    if args.workers == 1:
+        runs = [run_and_report(s) for s in specs]
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
+            runs = pool.map(run_and_report, specs, chunksize=1)
+
+    say("[3/3] report")
+    arms_summary = summarise(runs, art["calibration"])
+    table = markdown_table(arms_summary, ARMS)
+    plots = plot_curves(runs, art["calibration"], ARMS, out)
+    wall = time.perf_counter() - started
+    command = "python -m experiments.overopt " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    meta = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command.strip(),
+        "wall_s": round(wall, 1),
+        "arms": list(arms),
+        "seeds": list(seeds),
+        "dev_seeds": list(DEV_SEEDS),
+        "settings": asdict(settings),
+        "artefacts": art,
+    }
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": arms_summary, "runs": runs}) + "\n")
+    lines = [
+        f"Date: {meta['date']}. Command: `{meta['command']}`. Wall time: {wall / 60:.1f} min "
+        f"(artefacts {art['seconds']} s when built).",
+        f"RL seeds {', '.join(map(str, seeds))}; intervals are 95% t-intervals of the mean over RL seeds (one SFT "
+        "policy and one proxy RM shared by every run).",
+        f"Proxy: {100 * art['proxy_heldout_gold_accuracy']:.1f}% agreement with gold on "
+        f"{art['spec']['heldout_pairs']} held-out pairs (plain, no policy feedback).",
+        "",
+        table,
+    ]
+    if "vanilla" in arms_summary:
+        lines.append(f"Vanilla: {describe_overoptimization(arms_summary['vanilla'])}.\n")
+    (out / "results.md").write_text("\n".join(lines))
+    say(table)
+    if "vanilla" in arms_summary:
+        say(f"vanilla: {describe_overoptimization(arms_summary['vanilla'])}")
+    say(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in plots))
+    say(f"done in {wall:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,316 @@
+"""One arm on one seed: GRPO against the proxy RM served by r2m's own app, with gold and proxy measured as it goes.
+
+The reward service is r2m's FastAPI app (`create_app`, embedded mode: in-process queue, head store and GREBT worker)
+on a uvicorn server in a thread on a free loopback port; the trainer talks to it through the real `R2MClient`.
+After each post the run waits until the replica serves the version that trained on it, so step t+1 is always
+scored by the head updated on step t (the paper's loop) and a run is a function of its seed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r2m.client import R2MClient
+from r2m.service.app import build_model, create_app
+from r2m.service.config import ServiceSettings
+from r2m.trainer import GRPOTrainer, TrainConfig, sequence_forward
+from r2m.trainer.grpo import _noise_like
+
+from .task import PROMPTS, gold_terms
+
+__all__ = ["ArmSpec", "RunSettings", "run_and_report", "run_arm"]
+
+EVAL_SAMPLES_PER_PROMPT = 8  # 32 prompts x 8 = 256 samples per evaluation
+EVAL_SEED = 31337  # the evaluation samples' seed: the same for every arm, seed and step
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything an arm's run depends on besides its reward mode and seed (fixed on the dev seeds)."""
+
+    steps: int = 60
+    prompts_per_step: int = 16
+    group_size: int = 4
+    max_new_tokens: int = 32
+    lr: float = 1.5e-4
+    kl_coef: float = 0.01
+    eval_every: int = 5
+    # The R2M service (R2M_* settings): the paper's Omega and alpha; lr, steps and width fixed on dev seeds.
+    omega_floor: float = 0.6
+    grebt_alpha: float = 0.3
+    service_lr: float = 1e-5
+    service_train_steps: int = 1
+    attn_dim: int = 64
+    pairs_per_step: int = 16
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    mode: str
+    seed: int
+    policy: str
+    proxy: str
+    train_pairs: str
+    heldout_pairs: str
+    out_dir: str
+    policy_dim: int
+    settings: RunSettings
+
+
+# --- the service ---------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve_proxy(proxy_dir: str, policy_dim: int, s: RunSettings) -> Iterator[tuple[str, Any]]:
+    """r2m's app (embedded mode) serving the proxy RM on a free loopback port; yields (url, the R2MModel)."""
+    import uvicorn
+
+    settings = ServiceSettings(
+        _env_file=None,  # the user's .env and R2M_* are for their own server, not this one
+        model=proxy_dir,
+        device="cpu",
+        dtype="float32",
+        policy_dim=policy_dim,
+        attn_dim=s.attn_dim,
+        omega_floor=s.omega_floor,
+        grebt_alpha=s.grebt_alpha,
+        train_lr=s.service_lr,
+        train_steps=s.service_train_steps,
+        redis_url=None,
+        api_key=None,
+        head_poll_s=0.05,
+        batch_wait_ms=0.0,
+        log_level="warning",
+    )
+    model = build_model(settings)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, model), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="overopt-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the embedded r2m server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", model
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+class SyncedClient:
+    """The real client; `post_preferences` returns once the replica serves the head trained on that batch."""
+
+    def __init__(self, client: R2MClient, timeout_s: float = 120.0) -> None:
+        self.client = client
+        self.timeout_s = timeout_s
+
+    def score(self, prompts, responses, hidden=None, *, step, total_steps):  # noqa: ANN001, ANN201
+        return self.client.score(prompts, responses, hidden=hidden, step=step, total_steps=total_steps)
+
+    def post_preferences(self, groups=None, pairs=None, *, step, total_steps, batch_id=None):  # noqa: ANN001, ANN201
+        result = self.client.post_preferences(groups, pairs, step=step, total_steps=total_steps, batch_id=batch_id)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            head = self.client.current_head()
+            if set(result.batch_ids) <= set(head["batch_ids"]) and head["served_version"] == head["version"]:
+                return result
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"batch {result.batch_ids} not served after {self.timeout_s:.0f} s: {head}")
+            time.sleep(0.005)
+
+    def current_head(self) -> dict[str, Any]:
+        return self.client.current_head()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# --- measurements --------------------------------------------------------------------------------------------------
+
+
+def frozen_proxy(model: Any, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """The proxy RM's own reward (its fitted linear head on the frozen encoder), untouched by any R2M update."""
+    backbone = model.backbone
+    rte = model.embed([backbone.encode(p, r) for p, r in zip(prompts, responses)])
+    return backbone.plain_reward(rte).tolist()
+
+
+@torch.no_grad()
+def evaluate(trainer: GRPOTrainer, model: Any) -> dict[str, Any]:
+    """Gold, frozen proxy and KL to the reference on a fixed set of 256 samples (32 prompts x 8, seeded)."""
+    c, tok = trainer.config, trainer.tokenizer
+    prompts = [p for p in PROMPTS for _ in range(EVAL_SAMPLES_PER_PROMPT)]
+    enc = trainer.encode_prompts(prompts)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(EVAL_SEED)
+        sequences = trainer.policy.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            do_sample=True,
+            temperature=c.temperature,
+            top_k=0,
+            max_new_tokens=c.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=trainer.eos_ids.tolist(),
+        )
+    prompt_len = enc["input_ids"].shape[1]
+    response = sequences[:, prompt_len:]
+    is_eos = torch.isin(response, trainer.eos_ids)
+    mask = ((is_eos.cumsum(1) - is_eos.long()) == 0).long()
+    attention = torch.cat([enc["attention_mask"], mask], dim=1)
+    finished = is_eos.any(dim=1).tolist()
+    texts = [tok.decode(response[b][mask[b].bool()], skip_special_tokens=True) for b in range(len(prompts))]
+    logp, _ = sequence_forward(trainer.policy, sequences, attention, prompt_len, c.temperature)
+    ref, _ = sequence_forward(trainer.reference, sequences, attention, prompt_len, c.temperature)
+    kl = ((logp - ref) * mask).sum(1)  # (N,) log pi/pi_ref of each sample: its mean estimates KL(pi || pi_ref)
+    terms = [gold_terms(p, r, f) for p, r, f in zip(prompts, texts, finished)]
+    proxy = frozen_proxy(model, prompts, texts)
+    n = len(prompts)
+    return {
+        "gold": sum(g.reward for g in terms) / n,
+        "proxy": sum(proxy) / n,
+        "kl": kl.mean().item(),
+        "length": mask.sum(1).float().mean().item(),
+        "finished": sum(finished) / n,
+        "repeats": sum(g.repeats for g in terms) / n,
+        "distinct_good": sum(g.distinct_good for g in terms) / n,
+        "samples": texts[:: EVAL_SAMPLES_PER_PROMPT * 4][:4],  # a few to read
+    }
+
+
+def heldout_accuracy(trainer: GRPOTrainer, client: SyncedClient, pairs: list[dict], with_hidden: str | None) -> float:
+    """Share of held-out gold-labelled pairs the served head ranks right, scored at the final step (w = Omega) with
+    the current policy's hidden states (`with_hidden`: "policy", "noise" or None for the modes that send none)."""
+    c = trainer.config
+    prompts = [p["prompt"] for p in pairs] * 2
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    hidden = None
+    if with_hidden is not None:
+        hidden = trainer.replay(prompts, responses)
+        if with_hidden == "noise":
+            hidden = _noise_like(hidden, torch.Generator().manual_seed(EVAL_SEED))
+    rewards = client.score(prompts, responses, hidden=hidden, step=c.steps, total_steps=c.steps).rewards
+    n = len(pairs)
+    return sum(rewards[i] > rewards[n + i] for i in range(n)) / n
+
+
+def _finished(batch: Any, eos_ids: torch.Tensor) -> list[bool]:
+    return torch.isin(batch.sequences[:, batch.prompt_len :], eos_ids).any(dim=1).tolist()
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+
+def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
+    """Train one arm on one seed; writes and returns {"mode", "seed", "steps": [...], "evals": [...], ...}."""
+    torch.set_num_threads(1)  # two runs share the two cores
+    s = spec.settings
+    started = time.perf_counter()
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = [json.loads(line) for line in Path(spec.heldout_pairs).read_text().splitlines()]
+    hidden_kind = {"r2m": "policy", "r2m-frozen": "policy", "r2m-pairs": "policy", "r2m-noise": "noise"}
+    with serve_proxy(spec.proxy, spec.policy_dim, s) as (url, model):
+        config = TrainConfig(
+            policy=spec.policy,
+            server_url=url,
+            steps=s.steps,
+            prompts_per_step=s.prompts_per_step,
+            group_size=s.group_size,
+            max_new_tokens=s.max_new_tokens,
+            lr=s.lr,
+            kl_coef=s.kl_coef,
+            reward_mode=spec.mode,  # type: ignore[arg-type]
+            pairs=spec.train_pairs if spec.mode == "r2m-pairs" else None,
+            pairs_per_step=s.pairs_per_step,
+            seed=spec.seed,
+            out_dir=str(out / "trainer"),
+            save_every=0,
+            device="cpu",
+            progress=False,
+        )
+        client = SyncedClient(R2MClient(url, timeout=120.0))
+        trainer = GRPOTrainer(config, client)
+        try:
+            acc_before = heldout_accuracy(trainer, client, heldout, hidden_kind.get(spec.mode))
+            steps, evals = [], [{"step": 0, **evaluate(trainer, model)}]
+            for t in range(s.steps):
+                m = trainer.train_step(t)
+                batch = trainer.batch
+                assert batch is not None
+                finished = _finished(batch, trainer.eos_ids)
+                gold = [gold_terms(p, r, f).reward for p, r, f in zip(batch.prompts, batch.responses, finished)]
+                steps.append(
+                    {
+                        "step": t,
+                        "gold": sum(gold) / len(gold),
+                        "reward": m["rewards/mean"],  # what this arm optimises (the proxy, R2M-corrected or not)
+                        "reward_std": m["rewards/std"],
+                        "group_std": m["rewards/group_std_mean"],
+                        "kl": m["kl"],
+                        "length": m["response_length/mean"],
+                        "head_version": m["head_version"],
+                        "omega": m["omega"],
+                        "seconds": sum(v for k, v in m.items() if k.startswith("time/")),
+                    }
+                )
+                if (t + 1) % s.eval_every == 0 or t + 1 == s.steps:
+                    evals.append({"step": t + 1, **evaluate(trainer, model)})
+                    if verbose:
+                        e = evals[-1]
+                        print(
+                            f"{spec.mode} seed {spec.seed} step {t + 1}: gold {e['gold']:+.2f} proxy {e['proxy']:+.2f} "
+                            f"kl {e['kl']:.2f} reward {m['rewards/mean']:+.2f} head v{m['head_version']} "
+                            f"{time.perf_counter() - started:.0f} s",
+                            flush=True,
+                        )
+            acc_after = heldout_accuracy(trainer, client, heldout, hidden_kind.get(spec.mode))
+            final_head = client.current_head()["version"]
+        finally:
+            trainer.close()
+    result = {
+        "mode": spec.mode,
+        "seed": spec.seed,
+        "settings": asdict(s),
+        "steps": steps,
+        "evals": evals,
+        "heldout_accuracy": {"before": acc_before, "after": acc_after},
+        "final_head_version": final_head,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    (out / "result.json").write_text(json.dumps(result) + "\n")
+    return result
+
+
+def run_and_report(spec: ArmSpec) -> dict[str, Any]:
+    """`run_arm` and one summary line (a pool worker's task: importable, unlike a function of __main__)."""
+    result = run_arm(spec)
+    last = result["evals"][-1]
+    print(
+        f"  {spec.mode:>10} seed {spec.seed}: gold {result['evals'][0]['gold']:+.2f} -> {last['gold']:+.2f} "
+        f"(best {max(e['gold'] for e in result['evals']):+.2f}), kl {last['kl']:.2f}, "
+        f"held-out acc {result['heldout_accuracy']['before']:.3f} -> {result['heldout_accuracy']['after']:.3f}, "
+        f"{result['wall_s']:.0f} s",
+        flush=True,
+    )
+    return result

@@ -1,0 +1,148 @@
+"""The synthetic task: prompts about a topic, templated answers, and the programmatic gold reward.
+
+The gold reward values what the proxy's training pairs show (good adjectives, the prompt's topic, no bad
+adjectives) and also properties those pairs hardly cover, because templated answers rarely have them: repeated
+content words, length past a budget, and a missing end token. RL against a proxy fitted on such pairs can find
+responses the proxy over-rates (the probe: repeated "it is <good word>" clauses and over-long answers).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "BAD",
+    "GOOD",
+    "PROMPTS",
+    "TOPICS",
+    "Gold",
+    "gold_reward",
+    "labelled_pairs",
+    "sample_answer",
+    "topic_of",
+    "vocabulary",
+    "write_jsonl",
+]
+
+TOPICS = ("cooking", "travel", "music", "sports", "garden", "science", "money", "health")
+_PROMPT_TEMPLATES = ("tell me about {t}", "what do you think of {t}", "write a note on {t}", "give advice on {t}")
+PROMPTS = tuple(p.format(t=t) for t in TOPICS for p in _PROMPT_TEMPLATES)  # 32 prompts
+
+GOOD = ("great", "helpful", "clear", "useful", "kind", "calm", "bright", "fresh", "simple", "safe")
+NEUTRAL = ("ok", "fine", "normal", "usual", "plain")
+BAD = ("bad", "dull", "boring", "wrong", "poor", "weak")
+NOUNS = ("idea", "plan", "tip", "step", "way", "part")
+_FUNCTION = ("it", "is", "the", "and", "i", "think", "this", "very", "also", ".")
+CONTENT = frozenset(GOOD + NEUTRAL + BAD + NOUNS + TOPICS)
+
+# Sentence templates of the answers; {a} an adjective, {n} a noun, {t} the prompt's topic.
+_SENTENCES = (
+    "{t} is {a} .",
+    "it is {a} .",
+    "the {n} is {a} .",
+    "i think {t} is {a} and {a} .",
+    "this {n} is very {a} .",
+    "also the {n} is {a} .",
+)
+
+LENGTH_BUDGET = 20  # tokens; each one past it costs LENGTH_COST
+
+
+@dataclass(frozen=True)
+class Gold:
+    """The gold reward's terms, for reading what RL found."""
+
+    distinct_good: int
+    bad: int
+    repeats: int
+    over_budget: int
+    topic: bool
+    finished: bool
+
+    @property
+    def reward(self) -> float:
+        return (
+            1.0 * self.distinct_good
+            - 1.0 * self.bad
+            - 0.5 * self.repeats
+            - 0.3 * self.over_budget
+            + 1.0 * self.topic
+            - 2.0 * (not self.finished)
+        )
+
+
+def topic_of(prompt: str) -> str:
+    return prompt.split()[-1]
+
+
+def vocabulary() -> list[str]:
+    """Every word prompts and answers use, in a fixed order (the policy's word-level vocabulary)."""
+    words: dict[str, None] = {}
+    for text in (*PROMPTS, " ".join(GOOD + NEUTRAL + BAD + NOUNS + _FUNCTION), "answer :"):
+        for w in text.split():
+            words.setdefault(w, None)
+    return list(words)
+
+
+def gold_terms(prompt: str, response: str, finished: bool = True) -> Gold:
+    words = response.split()
+    content = [w for w in words if w in CONTENT]
+    return Gold(
+        distinct_good=len({w for w in words if w in GOOD}),
+        bad=sum(w in BAD for w in words),
+        repeats=len(content) - len(set(content)),
+        over_budget=max(0, len(words) - LENGTH_BUDGET),
+        topic=topic_of(prompt) in words,
+        finished=finished,
+    )
+
+
+def gold_reward(prompt: str, response: str, finished: bool = True) -> float:
+    """The gold reward of a response (`finished`: it ended with the end token rather than at the length cap)."""
+    return gold_terms(prompt, response, finished).reward
+
+
+def sample_answer(prompt: str, rng: random.Random) -> str:
+    """One templated answer: 1-3 sentences, adjectives of mixed quality, the topic mentioned most of the time."""
+    topic = topic_of(prompt) if rng.random() < 0.7 else rng.choice(TOPICS)
+    quality = rng.random()  # per answer: how likely each adjective is good (a spread of answer qualities)
+    out = []
+    for _ in range(rng.randint(1, 3)):
+        template = rng.choice(_SENTENCES)
+        while "{a}" in template:
+            u = rng.random()
+            pool = GOOD if u < quality else (NEUTRAL if u < quality + (1 - quality) / 2 else BAD)
+            template = template.replace("{a}", rng.choice(pool), 1)
+        out.append(template.format(t=topic, n=rng.choice(NOUNS)))
+    return " ".join(out)
+
+
+def labelled_pairs(n: int, seed: int, noise_temperature: float | None) -> list[dict]:
+    """`n` pairs of two templated answers to one prompt, labelled by gold. With `noise_temperature`, the label
+    is drawn Bradley-Terry style (chosen = a with probability sigmoid((g_a - g_b) / temperature)): a limited,
+    noisy set like human labels; without it, the gold order (ties skipped)."""
+    import math
+
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    while len(rows) < n:
+        prompt = rng.choice(PROMPTS)
+        a, b = sample_answer(prompt, rng), sample_answer(prompt, rng)
+        ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
+        if a == b or (noise_temperature is None and ga == gb):
+            continue
+        if noise_temperature is None:
+            a_wins = ga > gb
+        else:
+            a_wins = rng.random() < 1 / (1 + math.exp(-(ga - gb) / noise_temperature))
+        chosen, rejected = (a, b) if a_wins else (b, a)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "gold_agrees": (ga > gb) == a_wins})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
