@@ -18,6 +18,7 @@ from r2m.service.model import FeedbackAttention
 from ._common import best_time, interleaved, row
 
 RM_DIM = 4096  # a Llama-8B reward model's width (Skywork-Reward-Llama-3.1-8B)
+BUNDLED_RM_DIM = 384  # the bundled MiniLM RM's width
 
 
 def run(opts) -> dict:  # noqa: ANN001
@@ -68,6 +69,28 @@ def run(opts) -> dict:  # noqa: ANN001
                     target="<= 2",
                 )
             )
+        # The bundled RM is 384 wide: a serving head then reads W_q W_k^T and W_v^T W_o^T (fused once per head
+        # version) instead of the four matrices. Same h, same batch, fp32.
+        small = FeedbackAttention(BUNDLED_RM_DIM if not opts.quick else rm // 2, P, d, n_heads=1).to(device).eval()
+        e_small = torch.randn(B, small.w_q.in_features, device=device)
+        h = torch.randn(B, T, P, device=device)
+        t = interleaved({"attention": lambda: small(e_small, h, mask), "sum": lambda: h.sum()}, repeat, device)
+        out["bundled_rm"] = {
+            "rm_dim": small.w_q.in_features,
+            "fused": small._fused() is not None,
+            "attention_ms_per_item": 1000 * t["attention"] / B,
+            "attention_vs_read": t["attention"] / t["sum"],
+        }
+        out["rows"].append(
+            row(
+                f"feedback attention per item, D_rm={small.w_q.in_features} (bundled RM), h float32, vs one read of h",
+                out["bundled_rm"]["attention_ms_per_item"],
+                "ms",
+                baseline=1000 * t["sum"] / B,
+                ratio=out["bundled_rm"]["attention_vs_read"],
+                target="<= 2",
+            )
+        )
         # The textbook form once, fp32 h, for context: what folding W_k and W_v saves.
         h = torch.randn(B, T, P, device=device)
         t_ref = best_time(lambda: attn.forward_reference(e, h, mask), 1 if not opts.quick else 2, device)

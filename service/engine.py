@@ -63,6 +63,8 @@ class R2MModel:
         self.backbone = backbone
         self.head_config = head_config
         head = initial_head(backbone, head_config, seed).to(backbone.device).eval().requires_grad_(False)
+        with torch.no_grad():
+            head.attention._fused()
         self._current = HeadVersion(version=0, head=head, meta={"created": time.time()})
         self._swap_lock = threading.Lock()
 
@@ -73,6 +75,8 @@ class R2MModel:
     def swap(self, new: HeadVersion) -> HeadVersion:
         """Install `new` as the head for every batch that starts after this call; returns the old one."""
         new.head.to(self.backbone.device).eval().requires_grad_(False)
+        with torch.no_grad():
+            new.head.attention._fused()  # built here (the swap thread), not by the first batch that the head scores
         with self._swap_lock:
             old, self._current = self._current, new
         return old

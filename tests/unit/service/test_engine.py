@@ -198,3 +198,30 @@ def test_backbone_chunks_bound_padding_and_return_rewards_in_input_order() -> No
     chunks.clear()
     R2MModel.embed(SimpleNamespace(backbone=fake), [Encoded(list(range(10))) for _ in range(10)], 30)
     assert chunks == [[10, 10, 10]] * 3 + [[10]], "the token budget still caps a chunk"
+
+
+@pytest.mark.parametrize("n_heads", [1, 2])
+def test_serving_uses_fused_weights_that_equal_the_four_matrices(n_heads: int) -> None:
+    """Eval + no autograd reads W_q W_k^T and W_v^T W_o^T (cached) instead of the four matrices; same read-out, with
+    shared prefixes too, and the cache follows in-place weight changes."""
+    torch.manual_seed(0)
+    attn = FeedbackAttention(rm_dim=8, policy_dim=48, attn_dim=32, n_heads=n_heads).double()
+    e, h = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 5, 48, dtype=torch.float64)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    prefixes, index = [torch.randn(3, 48, dtype=torch.float64)], torch.tensor([0, -1, 0, -1])
+    want = attn(e, h, mask, prefixes, index).detach()  # training mode: the four matrices
+    attn.eval()
+    with torch.no_grad():
+        got = attn(e, h, mask, prefixes, index)
+        assert attn._fused() is not None and torch.allclose(got, want, atol=1e-10)
+        attn.w_k.weight.mul_(2.0)  # an in-place change (a swap never does this, a test might)
+        again = attn(e, h, mask, prefixes, index)
+    attn.train()
+    assert torch.allclose(again, attn(e, h, mask, prefixes, index).detach(), atol=1e-10)
+    assert not torch.allclose(again, want)
+
+
+def test_fused_weights_are_skipped_where_they_would_be_larger() -> None:
+    attn = FeedbackAttention(rm_dim=64, policy_dim=64, attn_dim=16).eval()  # 64*64 > 16*(64+64)
+    assert attn._fused() is None
