@@ -10,7 +10,6 @@ import asyncio
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from r2m.trainer.demo import free_port
 
 
 class Unavailable(Exception):
@@ -117,12 +118,6 @@ def texts(n: int, seed: int = 123) -> list[tuple[str, str]]:
 
 
 # --- processes on loopback ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

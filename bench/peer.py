@@ -120,14 +120,24 @@ def _load_by_path(name: str, path: Path) -> ModuleType:
     return module
 
 
-def openrlhf_executor_class() -> type:
-    """`SingleTurnAgentExecutor` from the installed wheel, unmodified (by path: `openrlhf.utils` pulls in more)."""
+OPENRLHF_LOGGING = "openrlhf.utils.logging_utils"
+
+
+def load_openrlhf_agent() -> ModuleType:
+    """`openrlhf/utils/agent.py` (its remote-RM client) from the installed wheel, unmodified, loaded by path:
+    `import openrlhf.utils` pulls in the math grader's dependencies. Its one import, `OPENRLHF_LOGGING`, is
+    OpenRLHF's own file too, put into sys.modules the same way (unless already there)."""
     spec = importlib.util.find_spec("openrlhf")
-    assert spec is not None and spec.origin is not None
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("openrlhf is not installed: pip install openrlhf==0.11.2 --no-deps")
     root = Path(spec.origin).parent
-    name = "openrlhf.utils.logging_utils"
-    sys.modules.setdefault(name, _load_by_path(name, root / "utils" / "logging_utils.py"))
-    return _load_by_path("openrlhf_utils_agent", root / "utils" / "agent.py").SingleTurnAgentExecutor
+    sys.modules.setdefault(OPENRLHF_LOGGING, _load_by_path(OPENRLHF_LOGGING, root / "utils" / "logging_utils.py"))
+    return _load_by_path("openrlhf_utils_agent", root / "utils" / "agent.py")
+
+
+def openrlhf_executor_class() -> type:
+    """`SingleTurnAgentExecutor` from the installed wheel, unmodified."""
+    return load_openrlhf_agent().SingleTurnAgentExecutor
 
 
 def drive(url: str, queries: list[tuple[str, str, str]], in_flight: int) -> tuple[list[float], float]:

@@ -34,7 +34,7 @@ import torch
 
 from .config import TrainConfig, load_prompts
 
-__all__ = ["DemoConfig", "build_policy", "plot_metrics", "run_demo"]
+__all__ = ["DemoConfig", "build_policy", "free_port", "plot_metrics", "run_demo"]
 
 PHASES = ("rollout", "policy_forward", "score", "update", "r2m_post")
 POLICY_WIDTH = 64
@@ -154,7 +154,8 @@ def build_policy(path: str | Path, *, warmup_steps: int = 200, seed: int = 0, lo
 # --- 2. the service -----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port that was free on the loopback interface a moment ago (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -167,7 +168,7 @@ def embedded_service(
     """`r2m serve` (embedded: no Redis) as a child process on a free loopback port; yields its URL, stops it after."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     # The user's R2M_* settings (a Redis URL, an 8B model, a key) are for their own server, not this one.
     env = {k: v for k, v in os.environ.items() if not k.startswith("R2M_")}
     env.update(

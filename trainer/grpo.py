@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig, load_pairs, load_prompts
+from .vllm_rollout import VLLMRollout, pack_responses, unpadded
 
 __all__ = ["GRPOTrainer", "Rollout", "group_advantages", "sequence_forward", "train"]
 
@@ -201,8 +202,6 @@ class GRPOTrainer:
         if c.rollout == "vllm":
             if self.device.type != "cuda":
                 raise ValueError(f"rollout='vllm' needs a CUDA device; this run is on {self.device}")
-            from .vllm_rollout import VLLMRollout
-
             self.vllm = VLLMRollout(
                 policy_path,
                 dtype=c.dtype,
@@ -398,8 +397,6 @@ class GRPOTrainer:
         prompt_mask = enc["attention_mask"].repeat_interleave(c.group_size, dim=0).to(self.device)
         prompt_len = prompt_ids.shape[1]
         if self.vllm is not None:  # vLLM samples token ids only, from weights synced with the policy being trained
-            from .vllm_rollout import pack_responses, unpadded
-
             self.vllm.sync_weights(self.policy)
             sampled = self.vllm.generate(
                 unpadded(enc["input_ids"], enc["attention_mask"]),

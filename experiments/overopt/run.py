@@ -9,7 +9,6 @@ scored by the head updated on step t (the paper's loop) and a run is a function 
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,7 @@ from r2m.client import R2MClient
 from r2m.service.app import build_model, create_app
 from r2m.service.config import ServiceSettings
 from r2m.trainer import GRPOTrainer, TrainConfig, sequence_forward
+from r2m.trainer.demo import free_port
 from r2m.trainer.grpo import _noise_like
 
 from .task import PROMPTS, gold_terms
@@ -70,12 +70,6 @@ class ArmSpec:
 # --- the service ---------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def serve_proxy(proxy_dir: str, policy_dim: int, s: RunSettings) -> Iterator[tuple[str, Any]]:
     """r2m's app (embedded mode) serving the proxy RM on a free loopback port; yields (url, the R2MModel)."""
@@ -99,7 +93,7 @@ def serve_proxy(proxy_dir: str, policy_dim: int, s: RunSettings) -> Iterator[tup
         log_level="warning",
     )
     model = build_model(settings)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings, model), host="127.0.0.1", port=port, log_level="warning")
     )

@@ -10,7 +10,6 @@ OpenRLHF's own file too, loaded the same way. Nothing of theirs is stubbed or pa
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import sys
 import threading
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.peer import OPENRLHF_LOGGING, load_openrlhf_agent
 from r2m.service.backbone import Encoded, load_backbone
 
 from .conftest import SMALL_SERVER_ENV, ServerProcess, start_server, stop_server
@@ -38,28 +38,18 @@ RESPONSES = [
 ]
 
 
-def _load_by_path(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def openrlhf_agent() -> Iterator[ModuleType]:
-    spec = importlib.util.find_spec("openrlhf")
-    if spec is None or spec.origin is None:
-        pytest.skip("openrlhf is not installed: pip install openrlhf==0.11.2 --no-deps")
-    root = Path(spec.origin).parent
-    name = "openrlhf.utils.logging_utils"
-    had = name in sys.modules
-    sys.modules.setdefault(name, _load_by_path(name, root / "utils" / "logging_utils.py"))
+    had = OPENRLHF_LOGGING in sys.modules
     try:
-        yield _load_by_path("openrlhf_utils_agent", root / "utils" / "agent.py")
+        agent = load_openrlhf_agent()
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield agent
     finally:
         if not had:
-            sys.modules.pop(name, None)
+            sys.modules.pop(OPENRLHF_LOGGING, None)
 
 
 @pytest.fixture(scope="module")
