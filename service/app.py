@@ -21,7 +21,7 @@ from . import __version__
 from .api import get_reward, heads, health, preferences, score
 from .api.deps import ServiceState
 from .backbone import load_backbone
-from .batcher import Batcher, Overloaded
+from .batcher import BadReward, Batcher, Overloaded
 from .config import ServiceSettings
 from .engine import R2MModel
 from .errors import BadInput, PayloadTooLarge
@@ -203,6 +203,12 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=503,
             headers={"Retry-After": "1"},
         )
+
+    @app.exception_handler(BadReward)
+    async def bad_reward(request: Request, exc: BadReward) -> JSONResponse:
+        if exc.retry:
+            return JSONResponse({"detail": exc.detail}, status_code=503, headers={"Retry-After": "0"})
+        return JSONResponse({"detail": exc.detail}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -15,16 +15,26 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .engine import PreparedItem, R2MModel
+from .engine import NonFiniteReward, PreparedItem, R2MModel
 from .metrics import ServiceMetrics
 
-__all__ = ["Batcher", "Overloaded", "BatchResult"]
+__all__ = ["Batcher", "BadReward", "BatchResult", "Overloaded"]
 
 log = logging.getLogger(__name__)
 
 
 class Overloaded(Exception):
     """The queue is full; the caller should answer 503 with Retry-After."""
+
+
+class BadReward(Exception):
+    """The request's batch produced a non-finite reward: answered 5xx, never 200. `retry`: the replica reverted to
+    its last good head, so a retry is scored by that one (503); otherwise 500."""
+
+    def __init__(self, detail: str, retry: bool) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry = retry
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,9 @@ class Batcher:
                 rewards = await loop.run_in_executor(
                     self._executor, self.model.score, items, head, self.max_batch_tokens
                 )
+            except NonFiniteReward as exc:
+                self._non_finite(batch, exc)
+                continue
             except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
                 log.exception("scoring a batch of %d requests / %d items failed", len(batch), len(items))
                 for p in batch:
@@ -141,6 +154,37 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_result(BatchResult(values[offset : offset + n], head.version))
                 offset += n
+
+    def _non_finite(self, batch: list[_Pending], exc: NonFiniteReward) -> None:
+        """Fail the requests a non-finite reward touches; when the head is to blame, every request of the batch
+        (all were scored by it) and the replica goes back to its last good head."""
+        self.metrics.non_finite_rewards.inc(len(exc.items))
+        if exc.from_backbone:
+            log.error("%s (items %s); those requests get 500", exc, exc.items[:10])
+            bad, start = set(exc.items), 0
+            for p in batch:
+                hit = sorted(i - start for i in bad if start <= i < start + len(p.items))
+                start += len(p.items)
+                if hit and not p.future.done():
+                    detail = f"the reward model's embedding of items {hit} is non-finite; no reward was produced"
+                    p.future.set_exception(BadReward(detail, retry=False))
+            # The other requests are scored again next round, by themselves.
+            rest = [p for p in batch if not p.future.done()]
+            self._queue.extendleft(reversed(rest))
+            self._queued_items += sum(len(p.items) for p in rest)
+            return
+        now = self.model.revert(exc.version)
+        self.metrics.head_reverts.inc()
+        if now is None:
+            detail = f"{exc}; there is no earlier head to go back to, so this replica cannot score it"
+            log.error(detail)
+        else:
+            self.metrics.head_version.set(now.version)
+            detail = f"{exc}; this replica went back to head version {now.version}: retry"
+            log.error("%s; reverted to head version %d and will not serve %d again", exc, now.version, exc.version)
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(BadReward(detail, retry=now is not None))
 
     def _observe(self, batch: list[_Pending], items: list[PreparedItem], seconds: float) -> None:
         m = self.metrics

@@ -40,6 +40,14 @@ class ServiceSettings(BaseSettings):
         None, ge=1, description="Longest RM input in tokens; default and cap: the model's own context length."
     )
     max_hidden_tokens: int = Field(8192, ge=1, description="Most hidden-state rows (T) per item.")
+    max_hidden_abs: float = Field(
+        1e4,
+        gt=0,
+        allow_inf_nan=False,
+        description="Largest magnitude of a hidden-state value (422 beyond). A decoder's last-layer states after its "
+        "final norm stay below about sqrt(D_policy) times its largest norm weight (tens to a few hundred); values "
+        "near the float32 limit pass a finiteness check but overflow inside the attention.",
+    )
     max_items_per_request: int = Field(1024, ge=1, description="Most items in one /score request.")
     max_batch_tokens: int = Field(16384, ge=1, description="Token budget (padded) of one backbone forward.")
     batch_wait_ms: float = Field(

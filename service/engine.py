@@ -13,7 +13,7 @@ from .backbone import Backbone, Encoded
 from .heads import SERVING_DTYPE
 from .model import HeadConfig, R2MHead
 
-__all__ = ["HeadVersion", "PreparedItem", "R2MModel", "initial_head"]
+__all__ = ["HeadVersion", "NonFiniteReward", "PreparedItem", "R2MModel", "head_is_finite", "initial_head"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,25 @@ class HeadVersion:
     version: int
     head: R2MHead
     meta: dict = field(default_factory=dict)
+
+
+class NonFiniteReward(Exception):
+    """A batch produced a NaN or an Inf reward; never answered as a reward.
+
+    `from_backbone`: the reward model's own embedding of those items was non-finite (the head is not to blame);
+    otherwise the head version that scored the batch produced it on finite inputs and is reverted.
+    """
+
+    def __init__(self, version: int, items: list[int], from_backbone: bool) -> None:
+        where = "the reward model's embedding" if from_backbone else f"head version {version}"
+        super().__init__(f"{where} produced a non-finite reward for {len(items)} item(s) of the batch")
+        self.version = version
+        self.items = items
+        self.from_backbone = from_backbone
+
+
+def head_is_finite(head: R2MHead) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in head.parameters())
 
 
 def initial_head(backbone: Backbone, config: HeadConfig, seed: int = 0) -> R2MHead:
@@ -66,6 +85,8 @@ class R2MModel:
         with torch.no_grad():
             head.attention._fused()
         self._current = HeadVersion(version=0, head=head, meta={"created": time.time()})
+        self._previous: HeadVersion | None = None  # what served before the last swap: the revert target
+        self.bad_versions: set[int] = set()  # versions this replica refuses to serve (never swapped in again)
         self._swap_lock = threading.Lock()
 
     @property
@@ -79,18 +100,39 @@ class R2MModel:
             new.head.attention._fused()  # built here (the swap thread), not by the first batch that the head scores
         with self._swap_lock:
             old, self._current = self._current, new
+            self._previous = old
         return old
+
+    def revert(self, version: int) -> HeadVersion | None:
+        """Stop serving `version` (it produced a non-finite reward): go back to the head that served before it.
+        Returns the head now served, or None when there is nothing to go back to."""
+        with self._swap_lock:
+            self.bad_versions.add(version)
+            if self._current.version != version:
+                return self._current  # already moved on
+            if self._previous is None or self._previous.version in self.bad_versions:
+                return None
+            self._current, self._previous = self._previous, None
+            return self._current
 
     @torch.inference_mode()
     def score(
         self, items: Sequence[PreparedItem], head: HeadVersion | None = None, max_batch_tokens: int = 16384
     ) -> torch.Tensor:
-        """Rewards `(N,)` float32 for `items`, all scored by one head snapshot."""
+        """Rewards `(N,)` float32 for `items`, all scored by one head snapshot; NonFiniteReward instead of a NaN or
+        an Inf."""
         head = head or self._current
         rte = self.embed([it.encoded for it in items], max_batch_tokens)  # (N, D_rm)
-        return score_rte(
+        rewards = score_rte(
             head.head, rte, [it.hidden for it in items], [it.w for it in items], [it.prefix for it in items]
         )
+        finite = torch.isfinite(rewards)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().squeeze(1)
+            # The head is to blame unless every bad item's embedding was already non-finite.
+            from_backbone = not bool(torch.isfinite(rte[bad]).all(dim=1).any())
+            raise NonFiniteReward(head.version, bad.tolist(), from_backbone)
+        return rewards
 
     def embed(self, encoded: Sequence[Encoded], max_batch_tokens: int = 16384) -> torch.Tensor:
         """RTEs `(N, D_rm)` float32, run through the backbone in length-sorted chunks of <= max_batch_tokens padded

@@ -10,7 +10,7 @@ import time
 
 from prometheus_client import Counter, Histogram
 
-from .engine import HeadVersion, R2MModel
+from .engine import HeadVersion, R2MModel, head_is_finite
 from .heads import HeadStore, StoreUnavailable, head_from_bytes, sha256
 from .metrics import ServiceMetrics
 
@@ -45,7 +45,6 @@ class HeadSync:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
-        self._bad: set[int] = set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="r2m-headsync", daemon=True)
@@ -71,7 +70,7 @@ class HeadSync:
             if latest == seen:
                 continue  # the timer ran out with nothing new
             seen = latest
-            if latest is None or latest == self.model.current.version or latest in self._bad:
+            if latest is None or latest == self.model.current.version or latest in self.model.bad_versions:
                 continue
             try:
                 if not self.load(latest):
@@ -109,10 +108,13 @@ class HeadSync:
                 head = head_from_bytes(weights, self.model.head_config)
             except ValueError as exc:
                 problem = str(exc)
+            else:
+                if not head_is_finite(head):
+                    problem = "its weights hold NaN or Inf"
         if problem is not None:
             log.error("not swapping to head version %d: %s", version, problem)
             self.failures.inc()
-            self._bad.add(version)
+            self.model.bad_versions.add(version)
             return False
         self.model.swap(HeadVersion(version=version, head=head, meta=meta))
         self.metrics.head_version.set(version)

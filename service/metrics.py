@@ -58,6 +58,12 @@ class ServiceMetrics:
         self.model_load_seconds = Gauge("r2m_model_load_seconds", "Time taken to load the model.", registry=r)
         self.model_ready = Gauge("r2m_model_ready", "1 once the model is loaded and serving.", registry=r)
         self.head_version = Gauge("r2m_head_version", "Head version this replica serves.", registry=r)
+        self.non_finite_rewards = Counter(
+            "r2m_non_finite_rewards_total", "Rewards that came out NaN or Inf (answered 5xx, never 200).", registry=r
+        )
+        self.head_reverts = Counter(
+            "r2m_head_reverts_total", "Times this replica went back to its last good head after a bad one.", registry=r
+        )
         self.preference_batches = Counter(
             "r2m_preference_batches_total", "Preference batches accepted and queued.", registry=r
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 
 import torch
@@ -15,7 +16,14 @@ from .errors import BadInput
 from .model import omega
 from .schemas import PreferencesRequest, ScoreRequest, as_payload
 
-__all__ = ["encode_checked", "hidden_to_torch", "max_tokens_of", "prepare_preferences", "prepare_score_items"]
+__all__ = [
+    "check_hidden_values",
+    "encode_checked",
+    "hidden_to_torch",
+    "max_tokens_of",
+    "prepare_preferences",
+    "prepare_score_items",
+]
 
 
 def hidden_to_torch(
@@ -40,16 +48,31 @@ def hidden_to_torch(
         what = f"{prefix_rows} prefix + {rows} own" if prefix_rows else str(rows)
         raise BadInput(f"{path}: {what} hidden-state rows exceed R2M_MAX_HIDDEN_TOKENS={settings.max_hidden_tokens}")
     h = t.to_torch()
-    # A NaN or an Inf anywhere makes the float32 sum non-finite, and the sum is one fast pass (an elementwise
-    # isfinite on bf16 is ~13x slower); only a non-finite sum (or a sum of huge finite values that overflowed)
-    # pays for the exact scan.
-    if not bool(torch.isfinite(h.sum(dtype=torch.float32))):
-        rows_bad = (~torch.isfinite(h)).any(dim=1).nonzero()
-        if len(rows_bad):
-            raise BadInput(
-                f"{path}: non-finite value (NaN or Inf) in row {int(rows_bad[0, 0])}; hidden states must be finite"
-            )
+    if rows:
+        check_hidden_values(h, path, settings.max_hidden_abs)
     return h
+
+
+def check_hidden_values(h: torch.Tensor, path: str, bound: float) -> None:
+    """BadInput naming `path`, the row and the value when `h` holds a NaN, an Inf or a magnitude above `bound`.
+
+    One `aminmax` pass decides (NaN propagates into it): ~35x faster than a float32 sum of bf16 on a CPU without
+    native bf16 (0.7 vs 26 ms for 4096 x 2048 here); only a refused tensor pays for the exact scan. Values near the
+    float32 limit are finite yet overflow inside the attention, so the bound is what keeps a head finite.
+    """
+    lo, hi = (float(v) for v in torch.aminmax(h))
+    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= bound:
+        return
+    bad = ~torch.isfinite(h)
+    if bool(bad.any()):
+        row = int(bad.any(dim=1).nonzero()[0, 0])
+        raise BadInput(f"{path}: non-finite value (NaN or Inf) in row {row}; hidden states must be finite")
+    over = (h.abs() > bound).nonzero()[0]
+    row, col = int(over[0]), int(over[1])
+    raise BadInput(
+        f"{path}: value {float(h[row, col]):.4g} in row {row}, column {col} exceeds R2M_MAX_HIDDEN_ABS={bound:g} "
+        "in magnitude; send the policy's last-layer hidden states (after its final norm), which stay far below it"
+    )
 
 
 def encode_checked(model: R2MModel, prompt: str, response: str, path: str, max_tokens: int) -> Encoded:

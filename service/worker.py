@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -26,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from r2m.client._wire import decode_binary, unpack_request
 
 from .config import ServiceSettings
-from .engine import R2MModel, initial_head, pad_hidden
+from .engine import R2MModel, head_is_finite, initial_head, pad_hidden
 from .heads import (
     Conflict,
     HeadStore,
@@ -41,7 +42,16 @@ from .model import bt_loss, grebt_loss, omega
 from .prefqueue import Message, PreferenceQueue, QueueUnavailable
 from .schemas import PreferencesRequest
 
-__all__ = ["HeadTrainer", "RTECache", "UpdateStats", "Worker", "WorkerMetrics", "WorkerThread", "decode_batch"]
+__all__ = [
+    "HeadTrainer",
+    "RTECache",
+    "UpdateRefused",
+    "UpdateStats",
+    "Worker",
+    "WorkerMetrics",
+    "WorkerThread",
+    "decode_batch",
+]
 
 log = logging.getLogger("r2m.worker")
 
@@ -78,6 +88,14 @@ class RTECache:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+class UpdateRefused(Exception):
+    """The update's candidate head must not be published; `reason` is a short label for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 @dataclass
@@ -182,7 +200,11 @@ class HeadTrainer:
         return torch.stack(out)  # type: ignore[arg-type]
 
     def update(self, requests: Sequence[PreferencesRequest], use_cache: bool = True) -> UpdateStats:
-        """One R2M optimisation phase on the batches' groups (GREBT) and labelled pairs (BT)."""
+        """One R2M optimisation phase on the batches' groups (GREBT) and labelled pairs (BT).
+
+        Raises UpdateRefused when a loss or the updated weights are non-finite; the head is then left in an unknown
+        state, and the caller reloads it from the store before training again.
+        """
         started = time.perf_counter()
         hits, misses = self.cache.hits, self.cache.misses
         s = self.settings
@@ -215,6 +237,8 @@ class HeadTrainer:
                 terms.append(pair)
                 weights.append(len(flat.pairs))
             loss = sum(t * n for t, n in zip(terms, weights)) / sum(weights)
+            if not math.isfinite(loss.item()):
+                raise UpdateRefused("non_finite_loss", f"GREBT loss {loss.item()} at optimizer step {step}")
             if step == 0:
                 with torch.no_grad():
                     stds = [rewards[r.start : r.stop].std(correction=0).item() for r in flat.groups]
@@ -229,6 +253,8 @@ class HeadTrainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), s.train_max_grad_norm)
             self.opt.step()
+        if not head_is_finite(self.head):
+            raise UpdateRefused("non_finite_weights", "the updated head's weights hold NaN or Inf")
         return UpdateStats(
             **first,
             groups=len(flat.groups),
@@ -255,6 +281,12 @@ class WorkerMetrics:
             "r2m_worker_batches_rejected_total", "Batches that could not be decoded (logged, dropped).", registry=r
         )
         self.updates = Counter("r2m_worker_updates_total", "Head versions published by this worker.", registry=r)
+        self.refused = Counter(
+            "r2m_worker_updates_refused_total",
+            "Updates whose candidate head was not published, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.conflicts = Counter(
             "r2m_worker_publish_conflicts_total", "Updates retrained because another version came first.", registry=r
         )
@@ -371,7 +403,13 @@ class Worker:
             if not requests:
                 self.queue.ack(entries)
                 return 0
-            stats = self.trainer.update(list(requests.values()))
+            try:
+                stats = self.trainer.update(list(requests.values()))
+            except UpdateRefused as exc:
+                self.trainer.version = None  # the local head is spoilt: reload the served one before the next update
+                self.metrics.refused.labels(exc.reason).inc()
+                log.error("not publishing the update of batches %s: %s", sorted(requests), exc)
+                raise
             weights, optim, serving = self.trainer.state_bytes()
             try:
                 meta = self.store.publish(

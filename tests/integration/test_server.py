@@ -102,6 +102,8 @@ NAN = GOOD.copy()
 NAN[1, 5] = np.nan
 INF = GOOD.copy()
 INF[2, 0] = np.inf
+HUGE = GOOD.copy()
+HUGE[0, 3] = 3.0e38  # finite, but it once trained a NaN head
 
 BAD_JSON_REQUESTS = {
     "wrong hidden width": (
@@ -113,6 +115,7 @@ BAD_JSON_REQUESTS = {
     "zero hidden rows": ({"items": [_item(_tensor(np.zeros((0, 64), np.float32)))]}, 422, "at least one"),
     "NaN in hidden": ({"items": [_item(_tensor(NAN))]}, 422, "row 1"),
     "Inf in hidden": ({"items": [_item(_tensor(INF))]}, 422, "non-finite"),
+    "huge finite hidden": ({"items": [_item(_tensor(HUGE))]}, 422, "row 0, column 3 exceeds R2M_MAX_HIDDEN_ABS"),
     "too many hidden rows": (
         {"items": [_item(_tensor(np.zeros((513, 64), np.float32)))]},
         422,

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from r2m.client._wire import WireTensor, encode_binary, pack_request, tensor_to_json
 from r2m.service.app import build_model, create_app
 from r2m.service.config import ServiceSettings
+from r2m.service.engine import head_is_finite
 from r2m.service.heads import (
     Conflict,
     MemoryHeadStore,
@@ -25,7 +26,7 @@ from r2m.service.heads import (
 from r2m.service.model import HeadConfig, R2MHead
 from r2m.service.prefqueue import MemoryPreferenceQueue
 from r2m.service.schemas import PreferencesRequest, as_payload
-from r2m.service.worker import HeadTrainer, RTECache, Worker, decode_batch
+from r2m.service.worker import HeadTrainer, RTECache, UpdateRefused, Worker, decode_batch
 
 P = 8  # policy width of these tests
 
@@ -207,6 +208,25 @@ def test_a_batch_left_pending_by_a_dead_worker_is_taken_over(tiny_neox_rm: Path)
     assert store.meta(store.latest())["batch_ids"] == ["orphan"] and queue.stats()["pending"] == 0
 
 
+def test_an_update_that_goes_non_finite_is_never_published(tiny_neox_rm: Path) -> None:
+    # A runaway learning rate: the first step puts the weights near the float32 limit, the second step's forward
+    # overflows. Validated input, and still a head that must never reach a replica.
+    settings = _settings(tiny_neox_rm, train_lr=1e30, train_steps=2)
+    queue, store = MemoryPreferenceQueue(), MemoryHeadStore(keep=10)
+    worker = Worker(HeadTrainer(build_model(settings), settings), queue, store, block_ms=10)
+    worker.sync()
+    v0 = store.weights(0)
+    queue.add("runaway", _body(_request(batch_id="runaway")))
+    with pytest.raises(UpdateRefused, match="non_finite"):
+        worker.run_once()
+    assert store.latest() == 0 and store.weights(0) == v0, "nothing was published"
+    assert store.applied(["runaway"]) == set()
+    assert worker.metrics.registry.get_sample_value("r2m_worker_updates_refused_total", {"reason": "non_finite_loss"})
+    assert worker.trainer.version is None, "the spoilt local head must be reloaded before the next update"
+    worker.sync()
+    assert head_is_finite(worker.trainer.head) and worker.trainer.version == 0
+
+
 def test_decode_batch_round_trips_the_queued_body() -> None:
     req = _request(batch_id="x1")
     assert decode_batch(_body(req)) == req
@@ -267,6 +287,45 @@ def test_embedded_mode_trains_swaps_and_rolls_back(tiny_neox_rm: Path) -> None:
         assert "r2m_worker_batches_total 1.0" in metrics and "r2m_head_swaps_total 2.0" in metrics
 
 
+def test_a_head_that_scores_non_finite_is_reverted_and_never_answered(tiny_neox_rm: Path) -> None:
+    settings = _settings(tiny_neox_rm, embedded_worker=False, head_poll_s=0.1)
+    with TestClient(create_app(settings)) as client:
+        _wait(lambda: client.get("/readyz").status_code == 200)
+        state = client.app.state.r2m
+        model, store = state.model, state.store
+        meta = {"config": model.head_config.to_dict(), "model": settings.model}
+        body = {"items": [{"prompt": "help me cook", "response": "no"}]}  # the plain-RM path: phi alone
+        plain = client.post("/score", json=body).json()["rewards"]
+
+        def publish(edit) -> int:  # noqa: ANN001 - a copy of the served head, edited, as the next version
+            head = head_from_bytes(head_to_bytes(model.current.head), model.head_config)
+            with torch.no_grad():
+                edit(head)
+            latest = store.latest()
+            return store.publish(parent=latest, weights=head_to_bytes(head), optim=None, meta=meta, batch_ids=[])[
+                "version"
+            ]
+
+        publish(lambda h: None)  # version 0 as served
+        overflow = publish(lambda h: h.score.weight.fill_(1e38))  # finite weights, an Inf reward
+        _wait(lambda: model.current.version == overflow)
+        r = client.post("/score", json=body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "0", r.text
+        assert f"head version {overflow} produced a non-finite reward" in r.json()["detail"]
+        assert "went back to head version 0" in r.json()["detail"]
+        again = client.post("/score", json=body).json()
+        assert again == {"rewards": plain, "head_version": 0, "omega": 1.0}
+        nan = publish(lambda h: h.attention.w_q.weight.fill_(float("nan")))  # refused at load
+        good = publish(lambda h: h.score.weight.mul_(2.0))
+        _wait(lambda: model.current.version == good)
+        assert overflow in model.bad_versions and nan in model.bad_versions
+        doubled = client.post("/score", json=body).json()
+        assert doubled["head_version"] == good and doubled["rewards"][0] == pytest.approx(2 * plain[0], rel=1e-5)
+        metrics = client.get("/metrics").text
+        assert "r2m_head_reverts_total 1.0" in metrics and "r2m_non_finite_rewards_total 1.0" in metrics
+        assert "r2m_head_load_failures_total 1.0" in metrics
+
+
 BAD_PREFERENCES = {
     "hidden count mismatch": (
         {"groups": [{"prompt": "p", "responses": ["a", "b", "c"], "hidden": ["H", "H"]}]},
@@ -282,6 +341,10 @@ BAD_PREFERENCES = {
         {"pairs": [{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_hidden": "H"}]},
         "both chosen and rejected",
     ),
+    "huge hidden value": (
+        {"groups": [{"prompt": "p", "responses": ["a", "b"], "hidden": ["H", "X"]}]},
+        "groups[0].hidden[1]: value 3e+38 in row 0",
+    ),
     "wrong width": ({"groups": [{"prompt": "p", "responses": ["a", "b"], "hidden": ["W", "W"]}]}, "R2M_POLICY_DIM"),
     "bad batch id": ({"pairs": [{"prompt": "p", "chosen": "a", "rejected": "b"}], "batch_id": "a b"}, "batch_id"),
 }
@@ -292,12 +355,15 @@ def test_bad_preferences_get_a_clear_4xx_and_queue_nothing(tiny_neox_rm: Path, c
     body, needle = BAD_PREFERENCES[case]
     good = tensor_to_json(WireTensor.from_array(_h(3, 0)))
     wide = tensor_to_json(WireTensor.from_array(np.zeros((3, P + 1), np.float32)))
+    huge = tensor_to_json(WireTensor.from_array(np.full((3, P), 3.0e38, np.float32)))
 
     def fill(node):  # noqa: ANN001, ANN202
         if node == "H":
             return good
         if node == "W":
             return wide
+        if node == "X":
+            return huge
         if isinstance(node, dict):
             return {k: fill(v) for k, v in node.items()}
         if isinstance(node, list):
