@@ -54,9 +54,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 # The project from its own files; torch is already there and inside pyproject's range, so pip keeps it.
 COPY pyproject.toml README.md /tmp/r2m-src/
 COPY client /tmp/r2m-src/client
+COPY data /tmp/r2m-src/data
 COPY service /tmp/r2m-src/service
 COPY trainer /tmp/r2m-src/trainer
 COPY experiments /tmp/r2m-src/experiments
+COPY cli /tmp/r2m-src/cli
 RUN pip install --no-cache-dir /tmp/r2m-src \
     && rm -rf /tmp/r2m-src \
     && r2m --version

@@ -9,18 +9,12 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from r2m.trainer.demo import free_port
+from r2m.service.launch import Process, start_server
 
 
 class Unavailable(Exception):
@@ -110,7 +104,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeat: int, device: str = "c
 
 def texts(n: int, seed: int = 123) -> list[tuple[str, str]]:
     """`n` (prompt, response) pairs from r2m's synthetic preference set: the same texts for every section."""
-    from r2m.service.prefdata import generate_preferences
+    from r2m.data import generate_preferences
 
     pairs = generate_preferences(max(1, n // 2 + 1), seed=seed)
     out = [(p["prompt"], p[k]) for p in pairs for k in ("chosen", "rejected")]
@@ -120,89 +114,9 @@ def texts(n: int, seed: int = 123) -> list[tuple[str, str]]:
 # --- processes on loopback ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Proc:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-    url: str = ""
-
-    def tail(self, n: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start(
-    name: str,
-    cmd: list[str],
-    log: Path,
-    env: dict[str, str] | None = None,
-    ready_url: str | None = None,
-    timeout: float = 240.0,
-    ready: Callable[[], bool] | None = None,
-    wait: bool = True,
-) -> Proc:
-    """Start `cmd` with output to `log`; wait until `ready_url` answers 200 (or `ready()` is true) unless not `wait`
-    (then call `wait_ready` later: two servers can load their models at the same time)."""
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT)
-    p = Proc(name, proc, log, ready_url.rsplit("/", 1)[0] if ready_url else "")
-    if wait and (ready_url is not None or ready is not None):
-        wait_ready(p, ready_url, timeout, ready)
-    return p
-
-
-def wait_ready(
-    p: Proc, ready_url: str | None, timeout: float = 240.0, ready: Callable[[], bool] | None = None
-) -> Proc:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if p.proc.poll() is not None:
-            raise RuntimeError(f"{p.name} exited with {p.proc.returncode}:\n{p.tail()}")
-        try:
-            if ready is not None and ready():
-                return p
-            if ready_url is not None and httpx.get(ready_url, timeout=2).status_code == 200:
-                return p
-        except (httpx.TransportError, OSError):
-            pass
-        time.sleep(0.2)
-    p.stop()
-    raise RuntimeError(f"{p.name} was not ready within {timeout:.0f} s:\n{p.tail()}")
-
-
-def start_r2m(tmp: Path, env: dict[str, str], name: str = "r2m") -> Proc:
-    """`r2m serve` (uvicorn) as a subprocess on a free loopback port; `env` holds R2M_* settings."""
-    port = free_port()
-    full = {"R2M_HOST": "127.0.0.1", "R2M_PORT": str(port), "R2M_LOG_LEVEL": "warning", **env}
-    cmd = [sys.executable, "-m", "r2m.service.cli", "serve"]
-    return start(name, cmd, tmp / f"{name}-{port}.log", full, f"http://127.0.0.1:{port}/readyz")
-
-
-def start_redis(tmp: Path) -> Proc:
-    """A private redis-server on a free port, no persistence (as the integration tests run it)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise RuntimeError("redis-server is not on PATH (Debian/Ubuntu: apt-get install redis-server)")
-    port = free_port()
-    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)]
-
-    def ping() -> bool:
-        import redis
-
-        return bool(redis.Redis(port=port, socket_connect_timeout=1).ping())
-
-    p = start("redis", cmd, tmp / f"redis-{port}.log", ready=ping, timeout=30)
-    p.url = f"redis://127.0.0.1:{port}/0"
-    return p
+def start_r2m(tmp: Path, env: dict[str, str], name: str = "r2m") -> Process:
+    """`r2m serve` on a free loopback port (r2m.service.launch); `env` holds R2M_* settings."""
+    return start_server(tmp, env, timeout=240, name=name)
 
 
 def histogram_delta_mean(before: str, after: str, name: str) -> float:

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from r2m.client._wire import WireTensor, decode_binary, encode_binary, pack_request, tensor_from_json, tensor_to_json
+from r2m.client.wire import WireTensor, decode_binary, encode_binary, pack_request, tensor_from_json, tensor_to_json
 
 from ._common import interleaved, row
 

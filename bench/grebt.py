@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from r2m.client._wire import WireTensor
+from r2m.client.wire import WireTensor
 
 from ._common import best_time, row, texts
 

@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from ._common import CpuMeter, Unavailable, free_port, row, start, start_r2m, wait_ready
+from r2m.service.launch import free_port, http_ready, spawn, wait_until
+
+from ._common import CpuMeter, Unavailable, row, start_r2m
 
 HERE = Path(__file__).resolve().parent
 STUBS = HERE / "peer_stubs"
@@ -59,32 +61,15 @@ def _words(n: int) -> list[str]:
 def build_model(path: Path, quick: bool, seed: int = 0) -> Path:
     """A seeded random Llama sequence-classification RM and its word-level chat tokenizer, saved to `path`."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import LlamaForSequenceClassification
 
-    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "user": 4, "assistant": 5, ":": 6}
-    for w in _words(2000):
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
+    from r2m.trainer.tiny import llama_config, word_tokenizer
+
+    fast = word_tokenizer(["user", "assistant", ":", *_words(2000)], chat_template=CHAT_TEMPLATE,
+                          split_punctuation=False)
     hidden, layers, heads = (64, 2, 4) if quick else (384, 6, 6)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=1024,
-        num_labels=1,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
+    config = llama_config(fast, width=hidden, layers=layers, heads=heads, kv_heads=heads, intermediate=4 * hidden,
+                          max_positions=1024, num_labels=1)
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(config)
     # The default init (std 0.02) leaves the score layer near zero: rewards would differ from text to text by
@@ -221,7 +206,8 @@ def run(opts) -> dict:  # noqa: ANN001
         "--data.max_len", "2048",
     ]  # fmt: skip
     ready_url = f"http://127.0.0.1:{port}/docs"  # serve_rm has no health route; FastAPI's docs page answers
-    peer = start("serve_rm", cmd, tmp / f"serve_rm-{port}.log", env, ready_url, wait=False)
+    peer = spawn("serve_rm", cmd, tmp / f"serve_rm-{port}.log", env)
+    peer.url = f"http://127.0.0.1:{port}"
     r2m = None
     try:
         r2m_env = {
@@ -232,7 +218,7 @@ def run(opts) -> dict:  # noqa: ANN001
             "R2M_MAX_ITEMS_PER_REQUEST": "1024",
         }
         r2m = start_r2m(tmp, r2m_env, "peer-r2m")  # loads while serve_rm does
-        wait_ready(peer, ready_url)
+        wait_until(peer, http_ready(ready_url), 240)
         servers = {"r2m": r2m.url, "serve_rm": peer.url}
         for url in servers.values():  # warm: first-call costs out of the timings
             drive(url, queries[: min(16, n)], IN_FLIGHT)

@@ -18,7 +18,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from ._common import drive_score, histogram_delta_mean, percentile, row, start_r2m, start_redis, texts
+from r2m.service.launch import start_redis
+
+from ._common import drive_score, histogram_delta_mean, percentile, row, start_r2m, texts
 from .serve import server_env
 
 POLL_S = 0.005

@@ -20,7 +20,7 @@ from ._exceptions import (
     TransportError,
     WireError,
 )
-from ._wire import BINARY_CONTENT_TYPE, WireTensor
+from .wire import BINARY_CONTENT_TYPE, WireTensor
 
 __all__ = [
     "BINARY_CONTENT_TYPE",

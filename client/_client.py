@@ -35,7 +35,7 @@ from ._exceptions import (
     Timeout,
     TransportError,
 )
-from ._wire import BINARY_CONTENT_TYPE, WireTensor, encode_binary, jsonify_request, pack_request
+from .wire import BINARY_CONTENT_TYPE, WireTensor, encode_binary, jsonify_request, pack_request
 
 __all__ = ["AsyncR2MClient", "PreferencesResult", "R2MClient", "ScoreResult"]
 

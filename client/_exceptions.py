@@ -7,7 +7,7 @@
     ├── ServerError             another 5xx: the service failed; retrying will not help
     ├── InvalidRequest          a 4xx, or arguments the client rejected before sending
     │   └── AuthenticationError 401/403: missing or wrong API key
-    └── WireError               a tensor or body that does not follow the wire format (see `_wire`)
+    └── WireError               a tensor or body that does not follow the wire format (see `wire`)
 
 `InvalidRequest` and `WireError` are also `ValueError`s, so code that catches `ValueError` for bad arguments
 keeps working. Attributes: `status_code` on `ServiceUnavailable`, `ServerError` and `InvalidRequest` (`None`

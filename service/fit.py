@@ -2,7 +2,7 @@
 
 The bundled default (`service/assets/default_rm/`) was written by `r2m fit-rm` with its defaults: the
 all-MiniLM-L6-v2 encoder (mean pooling, L2-normalised, as it was trained) and the synthetic preference set of
-`r2m.service.prefdata`. The backbone stays frozen: only `weight (1, D)` and `bias (1,)` are fitted.
+`r2m.data`. The backbone stays frozen: only `weight (1, D)` and `bias (1,)` are fitted.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from r2m.data import generate_preferences, read_jsonl, split_preferences
+
 from .backbone import ENCODER_RM_CONFIG, Backbone, load_encoder, resolve_device, resolve_encoder_path
-from .prefdata import generate_preferences, read_jsonl, split_preferences
 
 __all__ = ["fit_encoder_rm"]
 
@@ -106,7 +107,7 @@ def fit_encoder_rm(
         "train_pairs": len(train),
         "heldout_pairs": len(held),
         "data_sha256": digest,
-        "data": str(data) if data else f"r2m.service.prefdata.generate_preferences(n={n_pairs}, seed={seed})",
+        "data": str(data) if data else f"r2m.data.generate_preferences(n={n_pairs}, seed={seed})",
         "l2": l2,
         "fit_max_tokens": max_tokens,
         "train_accuracy": float(((tr_c - tr_r) @ w > 0).float().mean()),

@@ -1,5 +1,5 @@
 """Wire schemas of the HTTP API (docs/api.md). Tensor fields accept the JSON form or, after a binary body is
-unpacked, the `WireTensor` it references; both validate through the one codec in `r2m.client._wire`."""
+unpacked, the `WireTensor` it references; both validate through the one codec in `r2m.client.wire`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 
-from r2m.client._wire import WireTensor, tensor_from_json
+from r2m.client.wire import WireTensor, tensor_from_json
 
 __all__ = [
     "as_payload",

@@ -7,7 +7,7 @@ import uuid
 
 import torch
 
-from r2m.client._wire import WireTensor, encode_binary, pack_request
+from r2m.client.wire import WireTensor, encode_binary, pack_request
 
 from .backbone import Encoded
 from .config import ServiceSettings

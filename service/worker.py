@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from r2m.client._wire import decode_binary, unpack_request
+from r2m.client.wire import decode_binary, unpack_request
 
 from .config import ServiceSettings
 from .engine import R2MModel, head_is_finite, initial_head, pad_hidden

@@ -17,20 +17,9 @@ WORDS = (
 
 
 def build_tokenizer(chat_template: str | None = None):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from r2m.trainer.tiny import word_tokenizer
 
-    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
+    return word_tokenizer(WORDS, chat_template=chat_template)
 
 
 CHAT_TEMPLATE = (
@@ -40,28 +29,26 @@ CHAT_TEMPLATE = (
 
 def _save_tiny(path: Path, arch: str, chat_template: str | None) -> Path:
     import torch
-    from transformers import (
-        GPTNeoXConfig,
-        GPTNeoXForSequenceClassification,
-        LlamaConfig,
-        LlamaForSequenceClassification,
-    )
+    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification, LlamaForSequenceClassification
+
+    from r2m.trainer.tiny import llama_config
 
     tok = build_tokenizer(chat_template)
     torch.manual_seed(0)
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_labels=1,
-        pad_token_id=0,
-        max_position_embeddings=128,
-    )
     if arch == "llama":
-        model = LlamaForSequenceClassification(LlamaConfig(num_key_value_heads=2, **common))
+        config = llama_config(tok, width=32, intermediate=64, num_labels=1)  # pad id 0: the tokenizer's
+        model = LlamaForSequenceClassification(config)
     else:
+        common = dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_labels=1,
+            pad_token_id=0,
+            max_position_embeddings=128,
+        )
         model = GPTNeoXForSequenceClassification(GPTNeoXConfig(**common))
     # Random init leaves the score layer near zero; widen it so rewards differ visibly between texts.
     with torch.no_grad():
@@ -73,24 +60,10 @@ def _save_tiny(path: Path, arch: str, chat_template: str | None) -> Path:
 
 def save_tiny_policy(path: Path, hidden: int = 32, chat_template: str | None = None) -> Path:
     """A tiny random Llama causal LM and its word-level tokenizer, saved like a user's checkpoint."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from r2m.trainer.tiny import tiny_llama
 
     tok = build_tokenizer(chat_template)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama(tok, width=hidden, intermediate=64, seed=0).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

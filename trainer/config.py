@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ADVANTAGES", "REWARD_MODES", "TrainConfig", "load_pairs", "load_prompts"]
+from r2m.data import BUNDLED_PROMPTS, load_pairs, load_prompts
 
-BUNDLED_PROMPTS = {"default": Path(__file__).parent / "data" / "prompts.jsonl"}
+__all__ = ["ADVANTAGES", "REWARD_MODES", "TrainConfig", "load_pairs", "load_prompts"]
 
 Advantage = Literal["grpo", "rloo"]
 RewardMode = Literal["vanilla", "r2m", "r2m-frozen", "r2m-noise", "head-only", "r2m-pairs"]
@@ -196,36 +196,3 @@ class TrainConfig:
         """Names of the settings that differ between two configs and matter for resuming."""
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs.get(k))
-
-
-def load_prompts(source: str) -> list[str]:
-    """Prompts from a bundled set name, a .jsonl file ({"prompt": ...} per line) or a text file (one per line)."""
-    path = BUNDLED_PROMPTS.get(source, Path(source))
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        prompts = []
-        for i, line in enumerate(lines):
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"prompts={source!r}: line {i + 1} is not a JSON object with a string 'prompt'")
-            prompts.append(row["prompt"])
-    else:
-        prompts = lines
-    if not prompts:
-        raise ValueError(f"prompts={source!r}: no prompts in {path}")
-    return prompts
-
-
-def load_pairs(path: str) -> list[dict[str, str]]:
-    """Labelled pairs from a .jsonl file of {"prompt", "chosen", "rejected"} lines (other keys are ignored)."""
-    pairs = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            raise ValueError(f"pairs={path!r}: line {i + 1} is not a JSON object with string prompt, chosen, rejected")
-        pairs.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
-    if not pairs:
-        raise ValueError(f"pairs={path!r}: no pairs in the file")
-    return pairs

@@ -18,10 +18,7 @@ What it does, top to bottom:
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -32,17 +29,16 @@ from typing import Any, TextIO
 
 import torch
 
-from .config import TrainConfig, load_prompts
+from r2m.data import generate_preferences, load_prompts
+from r2m.service.launch import start_server
 
-__all__ = ["DemoConfig", "build_policy", "free_port", "plot_metrics", "run_demo"]
+from .config import TrainConfig
+from .tiny import ANSWER_TEMPLATE, tiny_llama, word_tokenizer
+
+__all__ = ["DemoConfig", "build_policy", "plot_metrics", "run_demo"]
 
 PHASES = ("rollout", "policy_forward", "score", "update", "r2m_post")
 POLICY_WIDTH = 64
-# The policy answers after this marker; its chat template renders "<s> {prompt} answer :".
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}answer :{% endif %}"
-)
 
 
 @dataclass
@@ -68,8 +64,6 @@ class DemoConfig:
 def _warmup_texts(seed: int) -> tuple[list[str], list[str]]:
     """(prompts, good answers) of the synthetic preference set: the SFT data and, with the bundled prompts, the
     vocabulary."""
-    from r2m.service.prefdata import generate_preferences
-
     rows = generate_preferences(300, seed=seed)
     return [r["prompt"] for r in rows], [r["chosen"] for r in rows]
 
@@ -80,8 +74,6 @@ def build_policy(path: str | Path, *, warmup_steps: int = 200, seed: int = 0, lo
     A word-level vocabulary (~2k words, lower case) keeps the model tiny and its samples readable words rather
     than WordPiece fragments; the warm-up makes them answer-like, so the reward curve starts somewhere meaningful.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the demo prints its own lines
@@ -92,32 +84,8 @@ def build_policy(path: str | Path, *, warmup_steps: int = 200, seed: int = 0, lo
     for text in [*load_prompts("default"), *prompts, *answers, "answer :"]:
         for w in re.findall(r"\w+|[^\w\s]", text.lower()):  # what the Whitespace pre-tokenizer splits into
             words.setdefault(w, None)
-    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    tok.chat_template = CHAT_TEMPLATE
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=POLICY_WIDTH,
-        intermediate_size=2 * POLICY_WIDTH,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
+    tok = word_tokenizer(words, chat_template=ANSWER_TEMPLATE, lowercase=True)
+    model = tiny_llama(tok, width=POLICY_WIDTH, kv_heads=2, max_positions=256, tie_word_embeddings=True, seed=seed)
 
     # ------------------------------------------------------------------- warm-up: SFT on the good answers --
     if warmup_steps:
@@ -154,27 +122,11 @@ def build_policy(path: str | Path, *, warmup_steps: int = 200, seed: int = 0, lo
 # --- 2. the service -----------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A port that was free on the loopback interface a moment ago (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
-def embedded_service(
-    log_path: Path, policy_dim: int, train_lr: float = 1e-4, timeout_s: float = 120.0
-) -> Iterator[str]:
-    """`r2m serve` (embedded: no Redis) as a child process on a free loopback port; yields its URL, stops it after."""
-    import httpx
-
-    port = free_port()
-    # The user's R2M_* settings (a Redis URL, an 8B model, a key) are for their own server, not this one.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("R2M_")}
-    env.update(
-        R2M_HOST="127.0.0.1",
-        R2M_PORT=str(port),
-        R2M_LOG_LEVEL="warning",
+def embedded_service(log_dir: Path, policy_dim: int, train_lr: float = 1e-4, timeout_s: float = 120.0) -> Iterator[str]:
+    """`r2m serve` (embedded: no Redis) as a child process on a free loopback port; yields its URL, stops it after.
+    The user's R2M_* settings (a Redis URL, an 8B model, a key) are for their own server, not this one."""
+    env = dict(
         R2M_MODEL="default",
         R2M_DEVICE="cpu",
         R2M_POLICY_DIM=str(policy_dim),
@@ -184,31 +136,8 @@ def embedded_service(
         R2M_HEAD_POLL_S="0.2",
         OMP_NUM_THREADS="1",  # 2 cores: one for the service (RM forward, updates), one for the trainer
     )
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "r2m.service.cli", "serve"], env=env, stdout=fh, stderr=fh)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"r2m serve exited with {proc.returncode}; see {log_path}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"r2m serve was not ready within {timeout_s:.0f} s; see {log_path}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with start_server(log_dir, env, timeout=timeout_s, clean_env=True, log_file="server.log") as server:
+        yield server.url
 
 
 # --- 4. the report ------------------------------------------------------------------------------------------------
@@ -268,7 +197,7 @@ def run_demo(config: DemoConfig | None = None, log: TextIO = sys.stdout) -> dict
     policy = build_policy(out / "policy", warmup_steps=c.warmup_steps, seed=c.seed, log=log)
 
     say(f"[2/4] r2m serve (embedded: queue, head store and update worker in-process); log -> {out / 'server.log'}")
-    with embedded_service(out / "server.log", POLICY_WIDTH, c.service_lr, c.ready_timeout_s) as url:
+    with embedded_service(out, POLICY_WIDTH, c.service_lr, c.ready_timeout_s) as url:
         say(f"  ready at {url} after {time.perf_counter() - start:.1f} s")
         train_config = TrainConfig(
             policy=str(policy),

@@ -48,11 +48,12 @@ def prepare(out: Path, spec: dict[str, Any], say: Any) -> dict[str, Any]:
     """Build (or reuse, when OUT_DIR/artefacts/artefacts.json has the same spec) the shared artefacts."""
     import torch
 
+    from r2m.data import write_jsonl
     from r2m.service.backbone import load_backbone
     from r2m.service.fit import fit_encoder_rm
 
     from .policy import build_sft_policy
-    from .task import gold_reward, labelled_pairs, write_jsonl
+    from .task import gold_reward, labelled_pairs
 
     art = out / "artefacts"
     manifest = art / "artefacts.json"

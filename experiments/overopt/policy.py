@@ -9,27 +9,11 @@ from pathlib import Path
 
 import torch
 
-from r2m.trainer.demo import CHAT_TEMPLATE
+from r2m.trainer.tiny import ANSWER_TEMPLATE, tiny_llama, word_tokenizer
 
 from .task import PROMPTS, sample_answer, vocabulary
 
 __all__ = ["build_sft_policy"]
-
-
-def _tokenizer():  # noqa: ANN202 - a PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
-    for w in vocabulary():
-        vocab.setdefault(w, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # the task's texts are space-separated words
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    tok.chat_template = CHAT_TEMPLATE  # "<s> {prompt} answer :"
-    return tok
 
 
 def build_sft_policy(
@@ -45,27 +29,15 @@ def build_sft_policy(
     say: Callable[[str], None] = print,
 ) -> dict:
     """Write the SFT policy to `path`; returns {"params", "sft_loss", "seconds"}."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    tok = _tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
+    # The task's texts are space-separated words: split at spaces only.
+    tok = word_tokenizer(vocabulary(), chat_template=ANSWER_TEMPLATE, split_punctuation=False)
+    model = tiny_llama(
+        tok, width=width, layers=layers, kv_heads=4, max_positions=128, tie_word_embeddings=True, seed=seed
     )
-    model = LlamaForCausalLM(config)
 
     rng = random.Random(seed)
     texts = []

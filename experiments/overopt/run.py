@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from r2m.client import R2MClient
+from r2m.data import read_jsonl
 from r2m.service.app import build_model, create_app
 from r2m.service.config import ServiceSettings
+from r2m.service.launch import free_port
 from r2m.trainer import GRPOTrainer, TrainConfig, sequence_forward
-from r2m.trainer.demo import free_port
 from r2m.trainer.grpo import _noise_like
 
 from .task import PROMPTS, gold_terms
@@ -222,7 +223,7 @@ def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    heldout = [json.loads(line) for line in Path(spec.heldout_pairs).read_text().splitlines()]
+    heldout = read_jsonl(spec.heldout_pairs)
     hidden_kind = {"r2m": "policy", "r2m-frozen": "policy", "r2m-pairs": "policy", "r2m-noise": "noise"}
     with serve_proxy(spec.proxy, spec.policy_dim, s) as (url, model):
         config = TrainConfig(

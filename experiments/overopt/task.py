@@ -8,10 +8,8 @@ responses the proxy over-rates (the probe: repeated "it is <good word>" clauses 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 __all__ = [
     "BAD",
@@ -24,7 +22,6 @@ __all__ = [
     "sample_answer",
     "topic_of",
     "vocabulary",
-    "write_jsonl",
 ]
 
 TOPICS = ("cooking", "travel", "music", "sports", "garden", "science", "money", "health")
@@ -141,8 +138,3 @@ def labelled_pairs(n: int, seed: int, noise_temperature: float | None) -> list[d
         chosen, rejected = (a, b) if a_wins else (b, a)
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "gold_agrees": (ga > gb) == a_wins})
     return rows
-
-
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path

@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from r2m.client._wire import BINARY_CONTENT_TYPE, WireError, decode_binary, unpack_request
+from r2m.client.wire import BINARY_CONTENT_TYPE, WireError, decode_binary, unpack_request
 
 from ..errors import BadInput
 from ..schemas import ErrorResponse

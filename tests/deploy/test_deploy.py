@@ -31,16 +31,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from r2m.service.config import ServiceSettings
+from r2m.service.launch import Process, free_port, start_server, start_worker
 
-from ..integration.conftest import (
-    ServerProcess,
-    free_port,
-    start_redis,
-    start_server,
-    start_worker,
-    stop_server,
-    stop_worker,
-)
+from ..integration.conftest import start_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -192,7 +185,7 @@ def test_dockerfile_copies_enough_to_build_the_package(tmp_path: Path) -> None:
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, target / path.name)
     ignore = (ROOT / ".dockerignore").read_text().split()
-    for needed in ("pyproject.toml", "README.md", "client/", "service/"):
+    for needed in ("pyproject.toml", "README.md", "client/", "data/", "service/", "trainer/", "experiments/", "cli/"):
         assert f"!{needed}" in ignore, f".dockerignore keeps {needed} out of the build context"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w"),
@@ -202,7 +195,8 @@ def test_dockerfile_copies_enough_to_build_the_package(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     wheel = next((tmp_path / "w").glob("r2m-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "r2m/service/cli.py" in names and "r2m/client/__init__.py" in names
+    assert "r2m/cli/__init__.py" in names and "r2m/client/__init__.py" in names
+    assert "r2m/data/subjects.txt" in names and "r2m/data/prompts.jsonl" in names
     assert "r2m/service/assets/default_rm/head.safetensors" in names
 
 
@@ -439,7 +433,7 @@ def _hidden(rows: int, seed: int) -> dict[str, Any]:
 def driven_server_metrics(tmp_path_factory: pytest.TempPathFactory) -> str:
     """/metrics of a real `r2m serve` in embedded mode (its worker's metrics in the same registry) after it scored
     with and without hidden states, accepted a preference batch, trained on it and swapped to the new head."""
-    server: ServerProcess = start_server(tmp_path_factory.mktemp("deploy-server"), SERVER_ENV)
+    server: Process = start_server(tmp_path_factory.mktemp("deploy-server"), SERVER_ENV)
     try:
         url = server.url
         prompt = "How do I boil an egg?"
@@ -462,7 +456,7 @@ def driven_server_metrics(tmp_path_factory: pytest.TempPathFactory) -> str:
             assert client.post("/score", json={"items": items}).json()["head_version"] >= 1
             text = client.get("/metrics").text
     finally:
-        stop_server(server)
+        server.stop()
     return text
 
 
@@ -498,7 +492,7 @@ def test_worker_metrics_are_served_by_r2m_worker_on_its_port(tmp_path: Path) -> 
                 assert time.monotonic() < deadline, worker.output()
                 time.sleep(0.1)
     finally:
-        stop_worker(worker)
+        worker.stop()
         redis.stop(signal.SIGKILL)
     declared = _declared_samples(text)
     worker_names = {n for e in _dashboard_exprs() for n in _metric_names(e)

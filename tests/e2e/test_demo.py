@@ -17,7 +17,7 @@ STEPS = 3
 
 def test_demo_trains_advances_the_head_and_writes_a_plot(tmp_path: Path):
     out = tmp_path / "demo"
-    args = [sys.executable, "-m", "r2m.service.cli", "demo", "--steps", str(STEPS), "--out-dir", str(out)]
+    args = [sys.executable, "-m", "r2m.cli", "demo", "--steps", str(STEPS), "--out-dir", str(out)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

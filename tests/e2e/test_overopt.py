@@ -72,7 +72,7 @@ def test_interval_is_a_t_interval():
 
 
 def test_r2m_overopt_forwards_to_the_benchmark_and_rejects_bad_flags(tmp_path: Path):
-    cli = [sys.executable, "-m", "r2m.service.cli", "overopt"]
+    cli = [sys.executable, "-m", "r2m.cli", "overopt"]
     shown = subprocess.run([*cli, "--help"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "--quick" in shown.stdout and "r2m-pairs" in shown.stdout
     out = tmp_path / "never"

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from r2m.client import R2MClient
+from r2m.service.launch import Process, start_server
 from r2m.trainer import GRPOTrainer, TrainConfig, group_advantages, load_prompts, sequence_forward
 
 from ..conftest import save_tiny_policy
-from ..integration.conftest import ServerProcess, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +49,10 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     s = start_server(tmp_path_factory.mktemp("server"), SERVER_ENV)
     yield s
-    stop_server(s)
+    s.stop()
 
 
 class RecordingClient:
@@ -78,7 +78,7 @@ class RecordingClient:
         return self.client.current_head()
 
 
-def run_mode(mode: str, policy_dir: Path, server: ServerProcess, out: Path, **overrides: Any) -> dict[str, Any]:
+def run_mode(mode: str, policy_dir: Path, server: Process, out: Path, **overrides: Any) -> dict[str, Any]:
     """Two RL steps in `mode`; returns what the test needs to check (see the keys)."""
     config = TrainConfig(
         policy=str(policy_dir),
@@ -182,7 +182,7 @@ def refreshed_hidden(run: dict[str, Any], t: int) -> list[torch.Tensor]:
 # --- the reward modes (the modes that post nothing run first: their head version must not move) ----------------
 
 
-def test_vanilla_sends_no_hidden_states_and_posts_nothing(policy_dir: Path, server: ServerProcess, tmp_path: Path):
+def test_vanilla_sends_no_hidden_states_and_posts_nothing(policy_dir: Path, server: Process, tmp_path: Path):
     run = run_mode("vanilla", policy_dir, server, tmp_path)
     check_common(run)
     assert all(call["hidden"] is None for call in run["client"].scores)
@@ -194,7 +194,7 @@ def test_vanilla_sends_no_hidden_states_and_posts_nothing(policy_dir: Path, serv
 
 
 def test_r2m_frozen_sends_sampling_hidden_states_and_posts_nothing(
-    policy_dir: Path, server: ServerProcess, tmp_path: Path
+    policy_dir: Path, server: Process, tmp_path: Path
 ):
     run = run_mode("r2m-frozen", policy_dir, server, tmp_path)
     check_common(run)
@@ -215,7 +215,7 @@ def test_r2m_frozen_sends_sampling_hidden_states_and_posts_nothing(
             assert sent.shape == (ids.shape[1], HIDDEN) and torch.allclose(sent, alone, atol=1e-4)
 
 
-def test_head_only_posts_groups_without_hidden_states(policy_dir: Path, server: ServerProcess, tmp_path: Path):
+def test_head_only_posts_groups_without_hidden_states(policy_dir: Path, server: Process, tmp_path: Path):
     run = run_mode("head-only", policy_dir, server, tmp_path)
     check_common(run)
     assert all(call["hidden"] is None for call in run["client"].scores)
@@ -229,7 +229,7 @@ def test_head_only_posts_groups_without_hidden_states(policy_dir: Path, server: 
 
 
 def test_r2m_noise_sends_and_posts_noise_shaped_like_hidden_states(
-    policy_dir: Path, server: ServerProcess, tmp_path: Path
+    policy_dir: Path, server: Process, tmp_path: Path
 ):
     run = run_mode("r2m-noise", policy_dir, server, tmp_path)
     check_common(run)
@@ -247,7 +247,7 @@ def test_r2m_noise_sends_and_posts_noise_shaped_like_hidden_states(
 
 
 def test_r2m_posts_refreshed_hidden_states_and_the_head_advances(
-    policy_dir: Path, server: ServerProcess, tmp_path: Path
+    policy_dir: Path, server: Process, tmp_path: Path
 ):
     run = run_mode("r2m", policy_dir, server, tmp_path)
     check_common(run)
@@ -274,7 +274,7 @@ def test_r2m_posts_refreshed_hidden_states_and_the_head_advances(
     assert run["metrics"][-1]["omega"] < 1.0  # step 1 of 2: w(t) = max(0.5 cos(pi/2) + 0.5, Omega) < 1
 
 
-def test_r2m_pairs_posts_replayed_labelled_pairs_and_no_groups(policy_dir: Path, server: ServerProcess, tmp_path: Path):
+def test_r2m_pairs_posts_replayed_labelled_pairs_and_no_groups(policy_dir: Path, server: Process, tmp_path: Path):
     rows = [
         {"prompt": "how do i boil an egg", "chosen": "simmer it for nine minutes", "rejected": "no idea"},
         {"prompt": "name a color", "chosen": "blue", "rejected": "an egg is not a color at all"},
@@ -311,10 +311,10 @@ def test_r2m_pairs_posts_replayed_labelled_pairs_and_no_groups(policy_dir: Path,
 # --- the command line, checkpoints and resume ---------------------------------------------------------------------
 
 
-def test_r2m_train_cli_checkpoints_and_resumes(policy_dir: Path, server: ServerProcess, tmp_path: Path):
+def test_r2m_train_cli_checkpoints_and_resumes(policy_dir: Path, server: Process, tmp_path: Path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "r2m.service.cli", "train", "--policy", str(policy_dir), "--server-url", server.url]
+    args = [sys.executable, "-m", "r2m.cli", "train", "--policy", str(policy_dir), "--server-url", server.url]
     args += ["--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6", "--lr", "1e-2"]
     args += ["--out-dir", str(out), "--save-every", "1", "--no-progress", "--advantage", "rloo"]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import redis_binary
+from .conftest import require_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer")
@@ -43,7 +43,7 @@ def _get(d: dict | list, dotted: str) -> object:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict, str, Path]]:
-    redis_binary()  # the swap section starts its own redis-server
+    require_redis()  # the swap section starts its own redis-server
     out = tmp_path_factory.mktemp("bench") / "results.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out)],

@@ -29,17 +29,7 @@ import redis
 from safetensors.torch import load as st_load
 
 from r2m.client import InvalidRequest, R2MClient
-
-from .conftest import (
-    RedisServer,
-    ServerProcess,
-    WorkerProcess,
-    start_server,
-    start_worker,
-    stop_server,
-    stop_worker,
-    wait_worker_ready,
-)
+from r2m.service.launch import Process, RedisServer, start_server, start_worker, wait_until, worker_ready
 
 pytestmark = pytest.mark.slow
 
@@ -133,9 +123,9 @@ def _tail(path: Path, lines: int = 60) -> str:
 class Cluster:
     tmp: Path
     redis: RedisServer
-    replicas: list[ServerProcess]
-    worker: WorkerProcess | None = None
-    workers: list[WorkerProcess] = field(default_factory=list)  # every worker ever started, for the logs
+    replicas: list[Process]
+    worker: Process | None = None
+    workers: list[Process] = field(default_factory=list)  # every worker ever started, for the logs
 
     def __post_init__(self) -> None:
         self.r = self.redis.client()
@@ -167,20 +157,20 @@ class Cluster:
             time.sleep(interval)
 
     # workers
-    def start_worker(self, env: dict[str, str] | None = None, wait: bool = True) -> WorkerProcess:
+    def start_worker(self, env: dict[str, str] | None = None, wait: bool = True) -> Process:
         w = start_worker(self.tmp, {**self.env, **FAST_WORKER_ENV, **(env or {})}, wait=False)
         self.workers.append(w)
         if wait:
             self.ready(w)
         return w
 
-    def ready(self, w: WorkerProcess) -> WorkerProcess:
+    def ready(self, w: Process) -> Process:
         try:
-            return wait_worker_ready(w)
+            return wait_until(w, worker_ready(w), 120)
         except RuntimeError as exc:
             pytest.fail(f"{exc}\n{self.diag()}")
 
-    def ensure_worker(self) -> WorkerProcess:
+    def ensure_worker(self) -> Process:
         """A live fast worker as `cluster.worker` (a test before may have killed or replaced it)."""
         if self.worker is None or not self.worker.alive():
             self.worker = self.start_worker()
@@ -227,7 +217,7 @@ class Cluster:
         return self.r.xpending(self.stream, self.group)
 
     # the replicas
-    def served(self, replica: ServerProcess) -> int:
+    def served(self, replica: Process) -> int:
         r = httpx.get(f"{replica.url}/heads/current", timeout=5)
         assert r.status_code == 200, r.text
         return int(r.json()["served_version"])
@@ -263,9 +253,9 @@ def cluster(persistent_redis_server: RedisServer, tmp_path_factory: pytest.TempP
     finally:
         with ThreadPoolExecutor(4) as pool:  # each takes a second or two to shut down cleanly
             for w in c.workers:
-                pool.submit(stop_worker, w, 10)
+                pool.submit(w.stop, 10)
             for s in replicas:
-                pool.submit(stop_server, s)
+                pool.submit(s.stop)
         c.r.close()
 
 
@@ -370,7 +360,7 @@ def test_posted_preferences_reach_both_replicas_within_2s_and_move_rewards(clust
 
 
 @contextlib.contextmanager
-def _killed_at_exit(worker: WorkerProcess) -> Iterator[None]:
+def _killed_at_exit(worker: Process) -> Iterator[None]:
     """Whatever happens, the worker does not outlive the block (a slow one would disturb the next tests)."""
     try:
         yield
@@ -382,7 +372,7 @@ def test_worker_killed_mid_batch_every_batch_trained_exactly_once(cluster: Clust
     r1, r2 = cluster.replicas
     # A slow worker (3000 GREBT steps on 1024-row hidden states: a minute or more) takes the first batch alone.
     if cluster.worker is not None:
-        stop_worker(cluster.worker)
+        cluster.worker.stop()
     slow = cluster.start_worker({"R2M_TRAIN_STEPS": "3000"})
     cluster.worker = None
     run = uuid.uuid4().hex[:8]
@@ -453,7 +443,7 @@ def test_redis_outage_scoring_continues_and_no_batch_is_lost(cluster: Cluster) -
     queued_id, outage_id = f"queued-{run}", f"outage-{run}"
     # No worker while Redis goes down, so that a batch accepted before the outage is still queued across it.
     if cluster.worker is not None:
-        stop_worker(cluster.worker)
+        cluster.worker.stop()
         cluster.worker = None
     with R2MClient(r1.url, max_retries=2) as c1:
         c1.post_preferences(pairs=_pairs(seed=11), step=STEP, total_steps=TOTAL, batch_id=queued_id)
@@ -635,7 +625,7 @@ def test_head_download_and_rollback(cluster: Cluster) -> None:
         assert cluster.meta(d)["parent"] == c
 
         # Versions that are not kept: one pruned by a worker that keeps 3, and one never published.
-        stop_worker(cluster.worker)
+        cluster.worker.stop()
         cluster.worker = cluster.start_worker({"R2M_HEAD_KEEP": "3"})
         bid3 = f"pruning-{uuid.uuid4().hex[:8]}"
         c2.post_preferences(pairs=pairs, step=STEP, total_steps=TOTAL, batch_id=bid3)

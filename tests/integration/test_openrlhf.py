@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.peer import OPENRLHF_LOGGING, load_openrlhf_agent
 from r2m.service.backbone import Encoded, load_backbone
 
-from .conftest import SMALL_SERVER_ENV, ServerProcess, start_server, stop_server
+from .conftest import SMALL_SERVER_ENV, Process, start_server
 
 pytest.importorskip("aiohttp", reason="OpenRLHF's client posts with aiohttp (pip install -e '.[test]')")
 
@@ -53,12 +53,12 @@ def openrlhf_agent() -> Iterator[ModuleType]:
 
 
 @pytest.fixture(scope="module")
-def rm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def rm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     # A longer batch wait than /score's tests: the point here is merging many one-sample requests.
     env = {**SMALL_SERVER_ENV, "R2M_BATCH_WAIT_MS": "20", "OMP_NUM_THREADS": "1"}
     s = start_server(tmp_path_factory.mktemp("openrlhf"), env)
     yield s
-    stop_server(s)
+    s.stop()
 
 
 class CharTokenizer:
@@ -100,7 +100,7 @@ def _metric_total(text: str, name: str) -> float:
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
 
-def test_openrlhf_rollouts_get_rewards_through_one_batcher(rm_server: ServerProcess, openrlhf_agent) -> None:
+def test_openrlhf_rollouts_get_rewards_through_one_batcher(rm_server: Process, openrlhf_agent) -> None:
     n = THREADS * PER_THREAD
     prompts = [f"{PROMPT}({i}) " for i in range(n)]
     responses = {p: f"{RESPONSES[i % 3]} [{i}]" for i, p in enumerate(prompts)}
@@ -149,7 +149,7 @@ def test_openrlhf_rollouts_get_rewards_through_one_batcher(rm_server: ServerProc
     assert batches < n, f"{n} concurrent /get_reward requests ran in {batches} batches: none were merged"
 
 
-def test_a_batch_request_matches_single_requests(rm_server: ServerProcess) -> None:
+def test_a_batch_request_matches_single_requests(rm_server: Process) -> None:
     texts = [PROMPT + r for r in RESPONSES]
     batch = httpx.post(f"{rm_server.url}/get_reward", json={"query": texts}).json()
     singles = [httpx.post(f"{rm_server.url}/get_reward", json={"query": [t]}).json()["rewards"][0] for t in texts]
@@ -158,13 +158,13 @@ def test_a_batch_request_matches_single_requests(rm_server: ServerProcess) -> No
     assert batch["extra_logs"] == {"head_version": [0.0] * 3}
 
 
-def test_empty_query_list_gets_empty_lists(rm_server: ServerProcess) -> None:
+def test_empty_query_list_gets_empty_lists(rm_server: Process) -> None:
     r = httpx.post(f"{rm_server.url}/get_reward", json={"query": [], "prompts": [], "labels": []})
     assert r.status_code == 200
     assert r.json() == {"rewards": [], "scores": [], "extra_logs": {"head_version": []}}
 
 
-def test_prompts_and_labels_are_optional_and_not_checked(rm_server: ServerProcess) -> None:
+def test_prompts_and_labels_are_optional_and_not_checked(rm_server: Process) -> None:
     for body in (
         {"query": [PROMPT + RESPONSES[0]]},
         {"query": [PROMPT + RESPONSES[0]], "prompts": [PROMPT, PROMPT], "labels": [None, 3, "x"]},
@@ -185,7 +185,7 @@ def test_prompts_and_labels_are_optional_and_not_checked(rm_server: ServerProces
     ],
     ids=["too-long", "not-a-list", "no-query", "too-many"],
 )
-def test_bad_requests_get_a_clear_4xx(rm_server: ServerProcess, body: dict, status: int, needle: str) -> None:
+def test_bad_requests_get_a_clear_4xx(rm_server: Process, body: dict, status: int, needle: str) -> None:
     r = httpx.post(f"{rm_server.url}/get_reward", json=body)
     assert r.status_code == status, r.text
     assert needle in str(r.json()["detail"])
@@ -202,7 +202,7 @@ def test_get_reward_takes_the_same_optional_key_as_score(tmp_path_factory: pytes
         ok = httpx.post(f"{s.url}/get_reward", json=body, headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200 and len(ok.json()["rewards"]) == 1
     finally:
-        stop_server(s)
+        s.stop()
 
 
 def test_a_templated_text_scores_as_score_does_on_a_chat_rm(
@@ -224,7 +224,7 @@ def test_a_templated_text_scores_as_score_does_on_a_chat_rm(
         items = [{"prompt": p, "response": r} for p, r in pairs]
         expected = httpx.post(f"{s.url}/score", json={"items": items}).json()["rewards"]
     finally:
-        stop_server(s)
+        s.stop()
     assert got == pytest.approx(expected, abs=1e-5)
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from r2m.client import R2MClient
-from r2m.client._wire import BINARY_CONTENT_TYPE, WireTensor, encode_binary, pack_request
+from r2m.client.wire import BINARY_CONTENT_TYPE, WireTensor, encode_binary, pack_request
 
 from ..unit.service.test_engine import BF16_REWARD_TOL
-from .conftest import POLICY_DIM, ServerProcess
+from .conftest import POLICY_DIM, Process
 
 PROMPT = "How do I boil an egg?"
 RESPONSES = [
@@ -36,7 +36,7 @@ def _group(dtype: torch.dtype, k: int = len(RESPONSES), seed: int = 0) -> list[t
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shared_and_unshared_requests_give_equal_rewards_in_both_encodings(
-    server: ServerProcess, dtype: torch.dtype
+    server: Process, dtype: torch.dtype
 ) -> None:
     hidden = _group(dtype)
     other = _group(dtype, k=2, seed=1)  # a second group in the same call, and an item without hidden states
@@ -63,7 +63,7 @@ def test_shared_and_unshared_requests_give_equal_rewards_in_both_encodings(
     assert base[6] == plain[6]
 
 
-def test_chunked_shared_requests_give_the_same_rewards(server: ServerProcess) -> None:
+def test_chunked_shared_requests_give_the_same_rewards(server: Process) -> None:
     hidden = _group(torch.float32)  # float32: equal up to summation order (bf16: see the test above)
     with R2MClient(server.url, max_retries=1, max_items_per_request=3) as client:
         chunked = client.score(PROMPT, RESPONSES, hidden, step=50, total_steps=100).rewards
@@ -143,14 +143,14 @@ BAD_PREFIX_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_PREFIX_REQUESTS))
-def test_bad_prefix_use_gets_a_422_naming_the_field(server: ServerProcess, case: str) -> None:
+def test_bad_prefix_use_gets_a_422_naming_the_field(server: Process, case: str) -> None:
     body, needle = BAD_PREFIX_REQUESTS[case]
     r = httpx.post(f"{server.url}/score", json=body, timeout=30)
     assert r.status_code == 422, r.text
     assert needle.lower() in json.dumps(r.json()["detail"]).lower(), r.text
 
 
-def test_bad_prefix_use_in_a_binary_body_gets_the_same_answer(server: ServerProcess) -> None:
+def test_bad_prefix_use_in_a_binary_body_gets_the_same_answer(server: Process) -> None:
     payload = {"prefixes": [WireTensor.from_array(NAN_PREFIX)], "items": [_item(WireTensor.from_array(_rows(2)), 0)]}
     r = httpx.post(
         f"{server.url}/score",
@@ -161,7 +161,7 @@ def test_bad_prefix_use_in_a_binary_body_gets_the_same_answer(server: ServerProc
     assert r.status_code == 422 and "prefixes[0]" in r.text and "row 2" in r.text, r.text
 
 
-def test_a_raw_request_with_zero_own_rows_after_a_prefix_is_scored(server: ServerProcess) -> None:
+def test_a_raw_request_with_zero_own_rows_after_a_prefix_is_scored(server: Process) -> None:
     rows = _rows(6)
     shared = {
         "prefixes": [_tensor(rows)],

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import httpx
 
-from .conftest import ServerProcess
+from .conftest import Process
 
 CHECKS = "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance"
 
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(server: ServerProcess, tmp_path: Path) -> None:
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(server: Process, tmp_path: Path) -> None:
     exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
     assert exe, "schemathesis is not installed: pip install -e '.[test]'"
     cmd = [

@@ -14,9 +14,9 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from r2m.client import AsyncR2MClient, InvalidRequest, R2MClient
-from r2m.client._wire import BINARY_CONTENT_TYPE, WireTensor, encode_binary, pack_request
+from r2m.client.wire import BINARY_CONTENT_TYPE, WireTensor, encode_binary, pack_request
 
-from .conftest import POLICY_DIM, ServerProcess
+from .conftest import POLICY_DIM, Process
 
 PROMPT = "How do I boil an egg?"
 RESPONSES = [
@@ -31,7 +31,7 @@ def _hidden(n: int, rows: int = 12, dtype: np.dtype = np.float32, seed: int = 0)
     return [rng.standard_normal((rows + i, POLICY_DIM)).astype(dtype) for i in range(n)]
 
 
-def test_rewards_with_and_without_hidden_states(server: ServerProcess) -> None:
+def test_rewards_with_and_without_hidden_states(server: Process) -> None:
     with R2MClient(server.url, max_retries=1) as client:
         plain = client.score(PROMPT, RESPONSES)
         assert plain.omega == 1.0 and plain.head_version == 0
@@ -48,7 +48,7 @@ def test_rewards_with_and_without_hidden_states(server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_json_and_binary_encodings_agree_for_every_dtype(server: ServerProcess, dtype: str) -> None:
+def test_json_and_binary_encodings_agree_for_every_dtype(server: Process, dtype: str) -> None:
     hidden = [torch.randn(10 + i, POLICY_DIM).to(getattr(torch, dtype)) for i in range(len(RESPONSES))]
     results = []
     for encoding in ("json", "binary"):
@@ -57,7 +57,7 @@ def test_json_and_binary_encodings_agree_for_every_dtype(server: ServerProcess, 
     assert results[0] == results[1]
 
 
-def test_raw_json_request_as_in_the_readme(server: ServerProcess) -> None:
+def test_raw_json_request_as_in_the_readme(server: Process) -> None:
     h = np.ones((4, POLICY_DIM), dtype=np.float32)
     body = {
         "items": [
@@ -145,7 +145,7 @@ BAD_JSON_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_JSON_REQUESTS))
-def test_bad_json_input_gets_a_clear_4xx(server: ServerProcess, case: str) -> None:
+def test_bad_json_input_gets_a_clear_4xx(server: Process, case: str) -> None:
     body, status, needle = BAD_JSON_REQUESTS[case]
     r = httpx.post(f"{server.url}/score", json=body, timeout=30)
     assert r.status_code == status, r.text
@@ -193,21 +193,21 @@ BAD_RAW_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_RAW_REQUESTS))
-def test_bad_raw_input_gets_a_clear_4xx(server: ServerProcess, case: str) -> None:
+def test_bad_raw_input_gets_a_clear_4xx(server: Process, case: str) -> None:
     body, ctype, status, needle = BAD_RAW_REQUESTS[case]
     r = httpx.post(f"{server.url}/score", content=body, headers={"content-type": ctype}, timeout=30)
     assert r.status_code == status, r.text
     assert needle.lower() in json.dumps(r.json()["detail"]).lower(), r.text
 
 
-def test_oversized_body_is_rejected_before_it_is_read(server: ServerProcess) -> None:
+def test_oversized_body_is_rejected_before_it_is_read(server: Process) -> None:
     big = np.zeros((400, POLICY_DIM), dtype=np.float32)  # 100 KiB per item as base64
     r = httpx.post(f"{server.url}/score", json={"items": [_item(_tensor(big))] * 50}, timeout=30)
     assert r.status_code == 413
     assert "R2M_MAX_REQUEST_BYTES" in r.json()["detail"]
 
 
-def test_oversized_chunked_body_without_length_is_rejected(server: ServerProcess) -> None:
+def test_oversized_chunked_body_without_length_is_rejected(server: Process) -> None:
     def chunks():
         for _ in range(80):
             yield b" " * 65536
@@ -216,7 +216,7 @@ def test_oversized_chunked_body_without_length_is_rejected(server: ServerProcess
     assert r.status_code == 413
 
 
-def test_client_rejects_mismatched_counts_before_sending(server: ServerProcess) -> None:
+def test_client_rejects_mismatched_counts_before_sending(server: Process) -> None:
     with R2MClient(server.url, max_retries=0) as client:
         with pytest.raises(InvalidRequest):
             client.score(["a", "b", "c"], ["x", "y"])
@@ -224,7 +224,7 @@ def test_client_rejects_mismatched_counts_before_sending(server: ServerProcess) 
             client.score(PROMPT, RESPONSES, _hidden(2))
 
 
-def test_server_stays_healthy_after_a_stream_of_bad_requests(server: ServerProcess) -> None:
+def test_server_stays_healthy_after_a_stream_of_bad_requests(server: Process) -> None:
     for body, _, _ in list(BAD_JSON_REQUESTS.values()) * 3:
         httpx.post(f"{server.url}/score", json=body, timeout=30)
     for body, ctype, _, _ in BAD_RAW_REQUESTS.values():
@@ -246,7 +246,7 @@ def _metric(text: str, name: str) -> dict[tuple, float]:
     return out
 
 
-def test_concurrent_requests_are_merged_into_batches(server: ServerProcess) -> None:
+def test_concurrent_requests_are_merged_into_batches(server: Process) -> None:
     before = httpx.get(f"{server.url}/metrics").text
     n = 48
 
@@ -274,7 +274,7 @@ def test_concurrent_requests_are_merged_into_batches(server: ServerProcess) -> N
     assert single == pytest.approx(rewards[0], abs=1e-5)
 
 
-def test_metrics_report_requests_tokens_and_load_time(server: ServerProcess) -> None:
+def test_metrics_report_requests_tokens_and_load_time(server: Process) -> None:
     text = httpx.get(f"{server.url}/metrics").text
     requests = _metric(text, "r2m_http_requests_total")
     assert any(dict(k).get("route") == "/score" and dict(k).get("status") == "200" for k in requests)
@@ -283,7 +283,7 @@ def test_metrics_report_requests_tokens_and_load_time(server: ServerProcess) -> 
     assert sum(_metric(text, "r2m_http_request_duration_seconds_count").values()) > 0
 
 
-def test_info_describes_the_model(server: ServerProcess) -> None:
+def test_info_describes_the_model(server: Process) -> None:
     with R2MClient(server.url, max_retries=0) as client:
         info = client.info()
     assert info["model"] == "default" and info["rm_dim"] == 384 and info["policy_dim"] == POLICY_DIM

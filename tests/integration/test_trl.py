@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from r2m.client import R2MClient
+from r2m.service.launch import Process, start_server
 from tests.conftest import CHAT_TEMPLATE, save_tiny_policy
-from tests.integration.conftest import ServerProcess, start_server, stop_server
 
 trl = pytest.importorskip("trl", reason="trl is not installed: pip install -e '.[test]'")
 datasets = pytest.importorskip("datasets")
@@ -45,10 +45,10 @@ SERVER_ENV = {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     s = start_server(tmp_path_factory.mktemp("trl"), SERVER_ENV)
     yield s
-    stop_server(s)
+    s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ class SpyClient(R2MClient):
         return result
 
 
-def test_grpo_trainer_scores_with_r2m_and_posts_preferences(server: ServerProcess, policy_dir: Path) -> None:
+def test_grpo_trainer_scores_with_r2m_and_posts_preferences(server: Process, policy_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
@@ -163,7 +163,7 @@ def test_grpo_trainer_scores_with_r2m_and_posts_preferences(server: ServerProces
     client.close()
 
 
-def test_item_the_service_rejects_gets_none(server: ServerProcess, policy_dir: Path, caplog) -> None:
+def test_item_the_service_rejects_gets_none(server: Process, policy_dir: Path, caplog) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()

@@ -12,7 +12,7 @@ import pytest
 
 from r2m.client import R2MClient
 
-from .conftest import ServerProcess
+from .conftest import Process
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ RESPONSES = [
 
 
 def test_module_level_compute_score_matches_score(
-    r2m_verl: ModuleType, server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+    r2m_verl: ModuleType, server: Process, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(r2m_verl, "_clients", {})
     monkeypatch.setenv("R2M_URL", server.url)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from r2m.service.cli import main
+from r2m.cli import main
 from r2m.service.config import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_serve_help_shows_every_setting_flag(capsys: pytest.CaptureFixture[str])
 
 def test_bad_setting_on_the_command_line_names_the_flag() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "r2m.service.cli", "serve", "--policy-dim", "zero"], capture_output=True, text=True
+        [sys.executable, "-m", "r2m.cli", "serve", "--policy-dim", "zero"], capture_output=True, text=True
     )
     assert result.returncode != 0
     assert "--policy-dim" in result.stderr and "integer" in result.stderr
@@ -60,7 +60,7 @@ def test_bad_setting_on_the_command_line_names_the_flag() -> None:
 def test_worker_without_redis_says_what_to_set() -> None:
     env = {k: v for k, v in __import__("os").environ.items() if k != "R2M_REDIS_URL"}
     result = subprocess.run(
-        [sys.executable, "-m", "r2m.service.cli", "worker"], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, "-m", "r2m.cli", "worker"], capture_output=True, text=True, env=env, timeout=60
     )
     assert result.returncode != 0
     assert "R2M_REDIS_URL" in result.stderr

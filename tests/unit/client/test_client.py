@@ -30,7 +30,7 @@ from r2m.client import (
     WireError,
     WireTensor,
 )
-from r2m.client._wire import decode_binary, tensor_from_json, unpack_request
+from r2m.client.wire import decode_binary, tensor_from_json, unpack_request
 
 
 class FakeService:
@@ -478,7 +478,7 @@ def test_the_client_imports_and_encodes_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np, r2m.client\n"
-        "from r2m.client._wire import decode_binary, encode_binary, pack_request, unpack_request\n"
+        "from r2m.client.wire import decode_binary, encode_binary, pack_request, unpack_request\n"
         "h = r2m.client.WireTensor.from_array(np.ones((2, 3), np.float16))\n"
         "req = unpack_request(*decode_binary(encode_binary(*pack_request({'h': h}))))\n"
         "assert req['h'] == h and sys.modules['torch'] is None\n"

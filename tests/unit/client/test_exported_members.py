@@ -40,7 +40,7 @@ def test_every_public_name_is_exported_and_exists():
 
 
 def test_the_wire_error_is_one_class_for_client_and_service():
-    from r2m.client import _exceptions, _wire
+    from r2m.client import _exceptions, wire
 
-    assert r2m.client.WireError is _wire.WireError is _exceptions.WireError
+    assert r2m.client.WireError is wire.WireError is _exceptions.WireError
     assert issubclass(r2m.client.WireError, (r2m.client.R2MError, ValueError))

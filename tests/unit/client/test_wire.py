@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from r2m.client import R2MError, WireError, WireTensor
-from r2m.client._wire import (
+from r2m.client.wire import (
     MAX_NDIM,
     decode_binary,
     encode_binary,

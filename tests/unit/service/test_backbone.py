@@ -134,7 +134,7 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags() -> None:
 
 def test_bf16_default_backbone_rewards_are_within_the_documented_tolerance() -> None:
     """README (R2M_DTYPE): bf16 vs float32 on the default RM, max |diff| < 0.15, mean < 0.03, correlation > 0.9999."""
-    from r2m.service.prefdata import generate_preferences
+    from r2m.data import generate_preferences
 
     pairs = generate_preferences(48, seed=4242)
     rewards = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r2m.client._wire import WireTensor
+from r2m.client.wire import WireTensor
 from r2m.service.config import ServiceSettings
 from r2m.service.errors import BadInput
 from r2m.service.validation import hidden_to_torch

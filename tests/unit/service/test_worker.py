@@ -10,7 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from r2m.client._wire import WireTensor, encode_binary, pack_request, tensor_to_json
+from r2m.client.wire import WireTensor, encode_binary, pack_request, tensor_to_json
 from r2m.service.app import build_model, create_app
 from r2m.service.config import ServiceSettings
 from r2m.service.engine import head_is_finite

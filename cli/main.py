@@ -14,46 +14,28 @@ import json
 import logging
 import os
 import sys
-import typing
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from . import __version__
-from .config import ServiceSettings
+from r2m.service import __version__
+from r2m.service.config import ServiceSettings
+
+from .flags import add_flags, config_flags, dest_values, flag_name, settings_flags
 
 __all__ = ["main"]
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per ServiceSettings field, so `--help` and the settings never drift apart."""
-    for name, field in ServiceSettings.model_fields.items():
-        env = f"R2M_{name.upper()}"
-        default = field.default
-        if name == "api_key":  # secrets come from the environment, never from argv (visible in `ps`)
-            continue
-        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
-        parser.add_argument(
-            _flag(name),
-            dest=name,
-            default=None,
-            choices=choices,
-            metavar=None if choices else name.upper(),
-            help=f"{field.description} [env {env}; default {default}]",
-        )
+def _add_service_flags(parser: argparse.ArgumentParser) -> None:
+    add_flags(parser, settings_flags(ServiceSettings, "R2M_"))
     parser.epilog = "Set R2M_API_KEY in the environment to require `Authorization: Bearer <key>`."
 
 
 def _settings_from(args: argparse.Namespace) -> ServiceSettings:
-    overrides = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
     try:
-        return ServiceSettings(**overrides)
+        return ServiceSettings(**dest_values(args, ServiceSettings.model_fields))
     except ValidationError as exc:
-        lines = [f"  {_flag(str(e['loc'][0])) if e['loc'] else ''}: {e['msg']}" for e in exc.errors()]
+        lines = [f"  {flag_name(str(e['loc'][0])) if e['loc'] else ''}: {e['msg']}" for e in exc.errors()]
         raise SystemExit("r2m: invalid settings:\n" + "\n".join(lines)) from None
 
 
@@ -68,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
     _passive_omp()
     import uvicorn
 
-    from .app import create_app
+    from r2m.service.app import create_app
 
     settings = _settings_from(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -83,10 +65,10 @@ def _worker(args: argparse.Namespace) -> int:
 
     from prometheus_client import start_http_server
 
-    from .app import build_model
-    from .heads import RedisHeadStore
-    from .prefqueue import RedisPreferenceQueue
-    from .worker import HeadTrainer, Worker, WorkerMetrics
+    from r2m.service.app import build_model
+    from r2m.service.heads import RedisHeadStore
+    from r2m.service.prefqueue import RedisPreferenceQueue
+    from r2m.service.worker import HeadTrainer, Worker, WorkerMetrics
 
     settings = _settings_from(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -113,7 +95,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _fit_rm(args: argparse.Namespace) -> int:
-    from .fit import fit_encoder_rm
+    from r2m.service.fit import fit_encoder_rm
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     report = fit_encoder_rm(
@@ -130,47 +112,13 @@ def _fit_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (with its help text), so `r2m train --help` and the config never drift."""
-    import dataclasses
-
-    from r2m.trainer import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if not f.init or f.name == "api_key":  # secrets come from the environment, never from argv
-            continue
-        kind = hints[f.name]
-        default = None if f.default is dataclasses.MISSING else f.default
-        help_text = f.metadata["help"] + ("" if default is None else f" [default: {default}]")
-        if kind is bool:
-            parser.add_argument(
-                _flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text
-            )
-            continue
-        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
-        base = next((t for t in (int, float, str) if kind is t or t in typing.get_args(kind)), str)
-        parser.add_argument(
-            _flag(f.name),
-            dest=f.name,
-            type=None if choices else base,
-            default=None,
-            choices=choices,
-            required=f.default is dataclasses.MISSING,
-            metavar=None if choices else f.name.upper(),
-            help=help_text,
-        )
-    parser.epilog = "Set R2M_API_KEY in the environment when the service requires a key."
-
-
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
     from r2m.trainer import TrainConfig, train
 
-    names = {f.name for f in dataclasses.fields(TrainConfig) if f.init}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    overrides = dest_values(args, (f.name for f in dataclasses.fields(TrainConfig) if f.init))
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = TrainConfig(**overrides, api_key=os.environ.get("R2M_API_KEY") or None)
@@ -195,12 +143,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overopt(args: argparse.Namespace) -> int:
-    from r2m.experiments.overopt.__main__ import main as overopt_main
-
-    return overopt_main(args.overopt_args)
-
-
 def _forward_overopt(argv: Sequence[str]) -> int:
     """`r2m overopt ...` hands every flag, --help included, to the benchmark's own parser."""
     from r2m.experiments.overopt.__main__ import main as overopt_main
@@ -218,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the reward server (embedded defaults: bundled model, CPU)",
         description="Run the reward server. Every flag falls back to its R2M_* environment variable.",
     )
-    _add_settings_flags(serve)
+    _add_service_flags(serve)
     serve.set_defaults(func=_serve)
 
     worker = sub.add_parser(
@@ -227,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Consume preference batches from Redis, run GREBT updates, publish head versions. Takes the "
         "same settings as `serve` (model, widths, seed must match the servers').",
     )
-    _add_settings_flags(worker)
+    _add_service_flags(worker)
     worker.set_defaults(func=_worker)
 
     fit = sub.add_parser(
@@ -250,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a policy with GRPO or RLOO against the r2m service at --server-url; writes "
         "OUT_DIR/metrics.jsonl and OUT_DIR/checkpoints/.",
     )
-    _add_train_flags(train_cmd)
-    train_cmd.set_defaults(func=_train)
+    from r2m.trainer.config import REWARD_MODES, TrainConfig  # stdlib and r2m.data only: cheap at parser build
 
-    from r2m.trainer.config import REWARD_MODES  # stdlib only: cheap at parser build
+    add_flags(train_cmd, config_flags(TrainConfig))
+    train_cmd.epilog = "Set R2M_API_KEY in the environment when the service requires a key."
+    train_cmd.set_defaults(func=_train)
 
     demo = sub.add_parser(
         "demo",
@@ -275,10 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the offline reward over-optimization benchmark (every reward mode, seeds, table and plots)",
         description="GRPO against a MiniLM proxy RM served by r2m, gold reward measured as RL goes on; "
         "`r2m overopt --help` lists its flags (experiments/overopt/README.md).",
-        add_help=False,  # its own parser answers --help
+        add_help=False,  # listed here for `r2m --help`; main() hands `r2m overopt ...` to the benchmark's parser
     )
     overopt.add_argument("overopt_args", nargs=argparse.REMAINDER, help="flags of the benchmark")
-    overopt.set_defaults(func=_overopt)
     return parser
 
 
@@ -292,7 +234,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

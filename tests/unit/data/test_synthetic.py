@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from r2m.service import prefdata
-from r2m.service.prefdata import KINDS, TOPICS, generate_preferences, read_jsonl, split_preferences, write_jsonl
+import r2m.data
+from r2m.data import KINDS, TOPICS, generate_preferences, read_jsonl, split_preferences, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +146,12 @@ def test_read_jsonl_names_the_bad_line(tmp_path: Path, bad_line: str, message: s
         read_jsonl(path)
 
 
-def test_generator_uses_only_the_standard_library() -> None:
-    tree = ast.parse(Path(prefdata.__file__).read_text(encoding="utf-8"))
+def test_the_data_package_uses_only_the_standard_library() -> None:
     modules = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            modules |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            modules.add(node.module.split(".")[0])
+    for source in Path(r2m.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
     assert modules <= set(sys.stdlib_module_names) | {"__future__"}, modules

@@ -1,0 +1,81 @@
+"""One flag per configuration field, from either kind of configuration r2m has: the service's pydantic settings
+(`ServiceSettings`, every field also an `R2M_*` variable) and the trainer's dataclass (`TrainConfig`). The field's
+own description is the flag's help, so `--help` and the configuration never drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Flag", "add_flags", "config_flags", "dest_values", "flag_name", "settings_flags"]
+
+SECRETS = frozenset({"api_key"})  # come from the environment, never from argv (visible in `ps`)
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # the field name; the flag is `--name-with-dashes`
+    annotation: Any
+    help: str
+    required: bool = False
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def settings_flags(settings_cls: Any, env_prefix: str) -> Iterator[Flag]:
+    """The fields of a pydantic-settings class; values stay strings (but for a Literal's choices) for pydantic to
+    parse and check, as it does the `R2M_*` variables."""
+    for name, field in settings_cls.model_fields.items():
+        if name not in SECRETS:
+            literal = typing.get_origin(field.annotation) is typing.Literal
+            env = f"{env_prefix}{name.upper()}"
+            yield Flag(
+                name, field.annotation if literal else str, f"{field.description} [env {env}; default {field.default}]"
+            )
+
+
+def config_flags(config_cls: Any) -> Iterator[Flag]:
+    """The init fields of a dataclass whose fields carry `metadata={"help": ...}`."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.init and f.name not in SECRETS:
+            missing = f.default is dataclasses.MISSING
+            text = f.metadata["help"] + ("" if missing or f.default is None else f" [default: {f.default}]")
+            yield Flag(f.name, hints[f.name], text, required=missing)
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: Iterator[Flag]) -> None:
+    """`--name` for each flag, default None (so an unset flag leaves the field's own default or variable alone)."""
+    for flag in flags:
+        kind = flag.annotation
+        if kind is bool:
+            parser.add_argument(
+                flag_name(flag.name), dest=flag.name, default=None, action=argparse.BooleanOptionalAction,
+                help=flag.help,
+            )  # fmt: skip
+            continue
+        args = typing.get_args(kind)
+        choices = args if typing.get_origin(kind) is typing.Literal else None
+        base = next((t for t in (int, float, str) if kind is t or t in args), str)
+        parser.add_argument(
+            flag_name(flag.name),
+            dest=flag.name,
+            type=None if choices else base,
+            default=None,
+            choices=choices,
+            required=flag.required,
+            metavar=None if choices else flag.name.upper(),
+            help=flag.help,
+        )
+
+
+def dest_values(args: argparse.Namespace, names: typing.Iterable[str]) -> dict[str, Any]:
+    """The flags among `names` that were given."""
+    wanted = set(names)
+    return {k: v for k, v in vars(args).items() if k in wanted and v is not None}
