@@ -14,14 +14,29 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps openrlhf==0.11.2 verl==0.9.1
 	touch $@
 
-.PHONY: install serve test lint
+# The top folders install as r2m.<part>; import-linter and mypy read packages from disk, so they get a tree of links.
+TREE := build/import-tree
+PARTS := client data service trainer experiments cli
+
+.PHONY: install serve test lint typecheck layers tree
 install: $(VENV)/.installed
+
+tree:
+	@mkdir -p $(TREE)/r2m
+	@for p in $(PARTS); do ln -sfn ../../../$$p $(TREE)/r2m/$$p; done
 
 serve: install  ## the reward server on embedded defaults (bundled model, CPU, http://127.0.0.1:8000)
 	$(VENV)/bin/r2m serve
 
-lint: install
+lint: install layers typecheck  ## ruff, the layering contracts and the type check
 	$(VENV)/bin/ruff check .
 
-test: lint  ## ruff, then the whole test suite (starts its own servers)
+layers: install tree  ## the top folders depend one way; the client and the data package stay light
+	PYTHONPATH=$(TREE) $(VENV)/bin/lint-imports --no-cache
+
+typecheck: install tree  ## mypy over the client and the service
+	cd $(TREE) && MYPYPATH=. $(abspath $(VENV))/bin/mypy --config-file $(abspath pyproject.toml) \
+		--python-executable $(abspath $(PY)) --cache-dir $(abspath build/mypy-cache) -p r2m.client -p r2m.service
+
+test: lint  ## ruff, layers, mypy, then the whole test suite (starts its own servers)
 	$(VENV)/bin/pytest -q

@@ -108,7 +108,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="default", help="reward model served by serve/overhead/grebt/swap: "
                         "`default` (bundled) or any HF sequence-classification RM id/path [default]")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors and models run [cpu]")
-    parser.add_argument("--out", default=str(HERE / "results.json"), help="results JSON [bench/results.json]")
+    parser.add_argument("--out", default=str(HERE / "results" / "results.json"),
+                        help="results JSON [bench/results/results.json]")
     parser.add_argument("--note", default="", help="a line about the run, kept in the JSON and the README")
     parser.add_argument("--merge", action="store_true", help="replace only the sections run in an existing --out "
                         "JSON, keeping the others (each section records the run it came from)")

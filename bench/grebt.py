@@ -16,17 +16,17 @@ from ._common import best_time, row, texts
 
 
 def run(opts) -> dict:  # noqa: ANN001
-    from r2m.service.app import build_model
     from r2m.service.config import ServiceSettings
+    from r2m.service.engine import build_engine
     from r2m.service.schemas import PreferencesRequest
-    from r2m.service.worker import HeadTrainer
+    from r2m.service.training import HeadTrainer
 
     n_groups, k, rows = (8, 2, 16) if opts.quick else (opts.grebt_groups, opts.grebt_k, opts.grebt_rows)
     # quick: a small head (D_policy = d = 64), so the run checks the path, fast; else d = 2048 as in the paper.
     dim = 64 if opts.quick else opts.policy_dim
     dims = {"policy_dim": 64, "attn_dim": 64} if opts.quick else {"policy_dim": dim}
     settings = ServiceSettings(model=opts.model, device=opts.device, train_steps=1, **dims)
-    trainer = HeadTrainer(build_model(settings), settings)
+    trainer = HeadTrainer(build_engine(settings), settings)
     torch.manual_seed(0)
     pool = texts(n_groups * k, seed=7)
 
@@ -39,9 +39,7 @@ def run(opts) -> dict:  # noqa: ANN001
                     "prompt": members[0][0],
                     # The synthetic set pairs responses per prompt; a group takes K of them under one prompt.
                     "responses": [r for _, r in members],
-                    "hidden": [
-                        WireTensor.from_array(torch.randn(rows, dim).to(torch.bfloat16)) for _ in members
-                    ],
+                    "hidden": [WireTensor.from_array(torch.randn(rows, dim).to(torch.bfloat16)) for _ in members],
                 }
             )
         return PreferencesRequest.model_validate({"groups": body, "step": 50, "total_steps": 100})

@@ -19,7 +19,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COLUMNS = ("section", "figure", "value", "baseline", "ratio", "target", "met?")
-PLOT = "throughput.png"
+PLOT = "results/throughput.png"  # beside the README it goes in
 
 
 def _num(x: Any, unit: str = "") -> str:
@@ -117,6 +117,7 @@ def plot(results: dict, path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return True
@@ -171,7 +172,7 @@ def update_readme(results: dict, readme: Path, results_name: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="?", default=str(HERE / "results.json"), help="a results JSON")
+    parser.add_argument("results", nargs="?", default=str(HERE / "results" / "results.json"), help="a results JSON")
     parser.add_argument("--readme", help="rewrite the generated block (table, plot) of this README")
     args = parser.parse_args(argv)
     path = Path(args.results)

@@ -27,10 +27,11 @@ POLL_S = 0.005
 
 
 def run(opts) -> dict:  # noqa: ANN001
-    from r2m.service.app import build_model
     from r2m.service.config import ServiceSettings
-    from r2m.service.heads import RedisHeadStore, head_to_bytes, serving_bytes
-    from r2m.service.worker import HeadTrainer
+    from r2m.service.engine import build_engine
+    from r2m.service.headcodec import head_to_bytes, serving_bytes
+    from r2m.service.headstore import RedisHeadStore
+    from r2m.service.training import HeadTrainer
 
     tmp = Path(opts.tmp)
     n = 4 if opts.quick else opts.swap_versions
@@ -46,7 +47,7 @@ def run(opts) -> dict:  # noqa: ANN001
         env.update({f"R2M_{k.upper()}": str(v) for k, v in dims.items()})
         server = start_r2m(tmp, env, "swap")
         settings = ServiceSettings(model=opts.model, device="cpu", **dims)
-        trainer = HeadTrainer(build_model(settings), settings)
+        trainer = HeadTrainer(build_engine(settings), settings)
         blobs = []
         for _ in range(2):
             with torch.no_grad():
@@ -54,7 +55,7 @@ def run(opts) -> dict:  # noqa: ANN001
             # What the worker publishes: the float32 master and the float16 serving copy the replicas fetch.
             blobs.append((head_to_bytes(trainer.head), serving_bytes(trainer.head)))
         store = RedisHeadStore(redis_proc.url)
-        meta = {"config": trainer.model.head_config.to_dict(), "model": opts.model}
+        meta = {"config": trainer.engine.head_config.to_dict(), "model": opts.model}
         state = {"parent": None, "i": 0}
 
         def publish() -> int:
@@ -117,8 +118,15 @@ def run(opts) -> dict:  # noqa: ANN001
             busy = drive_score(server.url, pairs, conc, duration, offset=k)
             stop.set()
             publisher.join()
-            per.append({"quiet": quiet["seq_per_s"], "swapping": busy["seq_per_s"], "swaps": swaps[0],
-                        "swapping_p99_ms": busy["p99_ms"], "quiet_p99_ms": quiet["p99_ms"]})
+            per.append(
+                {
+                    "quiet": quiet["seq_per_s"],
+                    "swapping": busy["seq_per_s"],
+                    "swaps": swaps[0],
+                    "swapping_p99_ms": busy["p99_ms"],
+                    "quiet_p99_ms": quiet["p99_ms"],
+                }
+            )
         out["throughput"] = {
             "concurrency": conc,
             "swap_interval_s": opts.swap_interval,
@@ -128,8 +136,11 @@ def run(opts) -> dict:  # noqa: ANN001
             "swapping_seq_per_s": statistics.median(p["swapping"] for p in per),
             "ratio": statistics.median(p["swapping"] / p["quiet"] for p in per),
         }
-        print(f"  swap: p50 {out['p50_ms']:.0f} ms, p99 {out['p99_ms']:.0f} ms; throughput during swaps "
-              f"{out['throughput']['ratio']:.3f} of without", flush=True)
+        print(
+            f"  swap: p50 {out['p50_ms']:.0f} ms, p99 {out['p99_ms']:.0f} ms; throughput during swaps "
+            f"{out['throughput']['ratio']:.3f} of without",
+            flush=True,
+        )
         th = out["throughput"]
         out["rows"] = [
             row("swap publish-to-served latency p50", out["p50_ms"], "ms"),

@@ -65,10 +65,12 @@ def _worker(args: argparse.Namespace) -> int:
 
     from prometheus_client import start_http_server
 
-    from r2m.service.app import build_model
-    from r2m.service.heads import RedisHeadStore
-    from r2m.service.prefqueue import RedisPreferenceQueue
-    from r2m.service.worker import HeadTrainer, Worker, WorkerMetrics
+    from r2m.service.engine import build_engine
+    from r2m.service.headstore import RedisHeadStore
+    from r2m.service.metrics import WorkerMetrics
+    from r2m.service.queue import RedisPreferenceQueue
+    from r2m.service.training import HeadTrainer
+    from r2m.service.worker import Worker
 
     settings = _settings_from(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -77,9 +79,9 @@ def _worker(args: argparse.Namespace) -> int:
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.host, registry=metrics.registry)
-    model = build_model(settings)
+    engine = build_engine(settings)
     worker = Worker(
-        HeadTrainer(model, settings),
+        HeadTrainer(engine, settings),
         RedisPreferenceQueue(settings.redis_url, settings.redis_prefix),
         RedisHeadStore(settings.redis_url, settings.redis_prefix, settings.head_keep),
         metrics,

@@ -179,7 +179,7 @@ class _BaseClient:
                 cost += int(item["policy_hidden"].nbytes * grow)
             prefix = item.get("_prefix")
             new_prefix = prefix is not None and id(prefix) not in chunk_prefixes
-            if new_prefix:
+            if prefix is not None and new_prefix:
                 cost += int(prefix.nbytes * grow)  # a chunk carries each prefix its items use, once
             if chunk and (len(chunk) >= self.max_items_per_request or chunk_cost + cost > self.max_bytes_per_request):
                 chunks.append(chunk)

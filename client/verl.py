@@ -1,34 +1,13 @@
 """verl adapter: the r2m service as verl's custom reward function (httpx + numpy only; no torch, no verl import).
 
-Point verl at this file (or at the installed module) and name the function:
-
-    # verl >= 0.9: reward.custom_reward_function.*; older releases: custom_reward_function.* (still accepted)
     reward.custom_reward_function.path=pkg://r2m.client.verl        # or /path/to/r2m/client/verl.py
     reward.custom_reward_function.name=compute_score                # one sample per call (the default manager)
     # verl's legacy BatchRewardManager (reward_model.reward_manager=batch): name=compute_score_batched
 
 The module-level functions read the service address from `R2M_URL` (default http://127.0.0.1:8000) and the key from
-`R2M_API_KEY`, and share one cached `R2MClient` (httpx's client is thread-safe: verl runs sync reward functions on
-its event loop's thread pool, so concurrent calls reach the server together and its batcher merges them).
-`make_compute_score(...)` / `make_compute_score_batched(...)` build functions with explicit settings.
-
-The contract matched is verl 0.9.1's: `verl/utils/reward_score/__init__.py` `default_compute_score(data_source,
-solution_str, ground_truth, extra_info=None, ...)`; `verl/trainer/ppo/reward.py` `get_custom_reward_fn` loads the
-function with `verl/utils/import_utils.py` `load_extern_object(path, name)` and merges `reward_kwargs` into every
-call; `verl/experimental/reward_loop/reward_manager/naive.py` calls it with keywords only (`data_source=`,
-`solution_str=` the decoded response without special tokens, `ground_truth=`, `extra_info=`, sometimes
-`reward_router_address=` ...); the legacy `verl/workers/reward_manager/batch.py` (still shipped in 0.9.1, but
-0.9.1's reward loop resolves managers from its own registry: naive, dapo, gdpo, limited, remote) calls
-`compute_score(data_sources=, solution_strs=, ground_truths=, extra_infos=, **reward_kwargs)` and expects one
-score per sample. Unknown keyword arguments are accepted and ignored.
-
-verl does not hand the prompt to a reward function: it comes from the sample's `extra_info`, under the first of
-`prompt_keys` present (default `"prompt"`, then `"question"`, which verl's GSM8K/MATH preprocessing scripts write).
-A plain string is used as it is; a chat (a list of `{"role", "content"}` messages, as in verl's `prompt` column) gives
-its last user message. Without one the prompt is empty. `ground_truth` is not used: the reward model judges the text.
-
-The reward is the service's plain reward model (no policy hidden states: omega = 1). Service errors raise the
-client's `R2MError`s after its retries; a silent 0 reward would train the policy on nothing.
+`R2M_API_KEY` and share one cached `R2MClient`; `make_compute_score(...)` / `make_compute_score_batched(...)` build
+functions with explicit settings. The prompt comes from the sample's `extra_info` (`prompt`, then `question`). The
+verl 0.9.1 contract matched: docs/integrations.md, "verl".
 """
 
 from __future__ import annotations

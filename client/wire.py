@@ -239,7 +239,7 @@ class WireTensor:
             raise WireError(f"{_where(path)}the tensor has {raw.ndim} dimensions; at most {MAX_NDIM} are allowed")
         if not raw.flags.c_contiguous:
             raw = raw.copy(order="C")
-        data = memoryview(raw.reshape(-1).view(np.uint8)).toreadonly()
+        data = raw.reshape(-1).view(np.uint8).data.toreadonly()
         return cls(name, tuple(int(d) for d in raw.shape), data)
 
 

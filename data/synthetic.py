@@ -1,47 +1,10 @@
 """A synthetic, templated preference set for fitting r2m's default encoder reward model offline.
 
-`generate_preferences(n, seed)` returns `n` records `{"prompt", "chosen", "rejected", "kind"}`: a chat-style
-user request, a good answer to it, and a worse answer whose single flaw is named by `kind` (one of `KINDS`):
-
-- `off_topic`: a fluent, polite, informative answer about another subject (sometimes one relevant sentence
-  first, then a drift);
-- `ignores_question`: an answer to a different question on the same subject (partly relevant, so subtler),
-  sometimes announcing the change of subject;
-- `rude`: insulting or condescending, with or without correct content;
-- `evasive`: hedges or defers without answering (short or long);
-- `needless_refusal`: refuses a harmless request, citing policy or safety;
-- `repetitive`: a sentence or phrase looped, or a good start that then repeats itself;
-- `too_short`: a one-word or truncated non-answer;
-- `wrong_fact`: the same shape as a good answer, with one statement replaced by a plausible false one (for
-  arithmetic, percentages and conversions: a wrong number);
-- `rambling`: long filler with no information, often parroting the question or flattering the user;
-- `gibberish`: word salad (scrambled or random words, keyboard mash);
-- `wrong_format`: ignores an explicit format request (one sentence, brief, bullets, numbered steps) or
-  answers in a garbled form (shouting, a raw JSON or HTML dump, an unpunctuated run-on).
-
-Prompts come from 54 topics (cooking, Python, git, travel, sleep, first aid, math, history, gardening,
-personal finance, writing, pets, emergencies, ...: 160 hand-written subjects plus generated arithmetic,
-percentage and unit conversion problems), phrased with a dozen templates per question type, optional
-greetings, thanks and format instructions: 2,000 records hold well over 1,500 distinct prompts. Chosen
-answers are assembled from 1 to 4 true sentences per subject with varied openings and closings. Length is
-deliberately NOT what separates chosen from rejected: many rejected answers are long (repetitive, rambling,
-off-topic, padded when a short answer was asked for) and many chosen ones are a single sentence; about half
-of the chosen answers are the longer of their pair.
-
-Honest limits. This is a templated, synthetic set written by hand for this repository, not human preference
-data. A linear head fitted on it learns generic helpfulness cues (relevance, politeness, informativeness, no
-refusal of harmless requests, no degenerate output) only as far as a frozen sentence encoder represents
-them; with all-MiniLM-L6-v2 (uncased, mean-pooled) it barely sees wrong facts, same-subject irrelevance,
-format requests or repetition, and the head can pick up proxies such as a preference for upbeat wording.
-The set knows only the facts of its subjects; it has no multi-turn conversations, code-heavy or long
-answers, other languages, subtle reasoning errors, or harmful requests. Because every prompt is benign, a
-refusal is always the worse answer here: a head fitted on this set must not be used to judge requests that
-should be refused. Held-out accuracy on it measures fit to these templates (held-out prompts share subjects
-with training prompts), not reward quality on real traffic. It is a reasonable offline default, not a
-substitute for a reward model trained on real preferences.
-
-The generator is deterministic (the same `n` and `seed` give identical records; `n` and `seed` both shape
-the sample) and uses only the standard library."""
+`generate_preferences(n, seed)` returns `n` records `{"prompt", "chosen", "rejected", "kind"}`: a chat-style user
+request, a good answer to it, and a worse answer whose single flaw is named by `kind` (one of `KINDS`). The subjects
+and their true and false statements are `subjects.txt` beside this file. Deterministic in `n` and `seed`, standard
+library only. What the set holds, and its honest limits: docs/data.md.
+"""
 
 from __future__ import annotations
 
@@ -417,7 +380,7 @@ def _calc_item(rng: random.Random, topic: str) -> _Item:
         if op == "add":
             a, b = rng.randint(12, 999), rng.randint(12, 999)
             c, sym, word = a + b, "+", "plus"
-            prompts = (
+            prompts: tuple[str, ...] = (
                 f"What is {a} + {b}?",
                 f"What's {a} plus {b}?",
                 f"Can you add {a} and {b} for me?",
@@ -425,7 +388,7 @@ def _calc_item(rng: random.Random, topic: str) -> _Item:
                 f"quick math: {a}+{b}?",
                 f"I need the sum of {a} and {b}.",
             )
-            explain = (
+            explain: tuple[str, ...] = (
                 "Line the numbers up by place value and add column by column, carrying when a column tops 9.",
                 f"You can double-check by subtracting {b} from the result to get back to {a}.",
             )

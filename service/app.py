@@ -20,38 +20,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .api import get_reward, heads, health, preferences, score
 from .api.deps import ServiceState
-from .backbone import load_backbone
 from .batcher import BadReward, Batcher, Overloaded
 from .config import ServiceSettings
-from .engine import R2MModel
+from .engine import ScoringEngine, build_engine
 from .errors import BadInput, PayloadTooLarge
-from .heads import MemoryHeadStore, RedisHeadStore
+from .headstore import MemoryHeadStore, RedisHeadStore
 from .headsync import HeadSync
-from .metrics import ServiceMetrics
-from .model import HeadConfig
-from .prefqueue import MemoryPreferenceQueue, RedisPreferenceQueue
+from .metrics import ServiceMetrics, WorkerMetrics
+from .queue import MemoryPreferenceQueue, RedisPreferenceQueue
 from .schemas import PreferencesRequest, ScoreRequest
-from .worker import HeadTrainer, Worker, WorkerMetrics, WorkerThread
+from .training import HeadTrainer
+from .worker import Worker, WorkerThread
 
-__all__ = ["build_model", "create_app"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("r2m.service")
 
 # Request bodies parsed by hand (two encodings) whose schemas the OpenAPI document must still show.
 _BODY_MODELS = (ScoreRequest, PreferencesRequest)
-
-
-def build_model(settings: ServiceSettings) -> R2MModel:
-    """Load the backbone named by the settings and put the initial head on it."""
-    backbone = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
-    config = HeadConfig(
-        rm_dim=backbone.rm_dim,
-        policy_dim=settings.policy_dim,
-        attn_dim=settings.attn_dim,
-        n_heads=settings.attn_heads,
-        score_bias=backbone.score_bias is not None,
-    )
-    return R2MModel(backbone, config, seed=settings.seed)
 
 
 class _BodyLimitAndMetrics:
@@ -107,14 +93,14 @@ async def _send_json(send: Callable[[Message], Any], code: int, detail: str) -> 
     await send({"type": "http.response.body", "body": response.body})
 
 
-def create_app(settings: ServiceSettings | None = None, model: R2MModel | None = None) -> FastAPI:
-    """The reward server. With `model` given it is ready at once; otherwise the model loads in the background
+def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | None = None) -> FastAPI:
+    """The reward server. With `engine` given it is ready at once; otherwise the model loads in the background
     after start-up, /healthz answers meanwhile and /readyz says 503 until it is loaded."""
     settings = settings or ServiceSettings()
     state = ServiceState(settings=settings, metrics=ServiceMetrics())
 
-    def install(m: R2MModel) -> None:
-        state.model = m
+    def install(m: ScoringEngine) -> None:
+        state.engine = m
         state.batcher = Batcher(
             m,
             state.metrics,
@@ -149,7 +135,7 @@ def create_app(settings: ServiceSettings | None = None, model: R2MModel | None =
     async def load() -> None:
         started = time.perf_counter()
         try:
-            m = await asyncio.to_thread(build_model, settings)
+            m = await asyncio.to_thread(build_engine, settings)
         except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
             log.exception("loading the model %r failed", settings.model)
             state.load_error = f"{type(exc).__name__}: {exc}"
@@ -161,8 +147,8 @@ def create_app(settings: ServiceSettings | None = None, model: R2MModel | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = None
-        if model is not None:
-            install(model)
+        if engine is not None:
+            install(engine)
         else:
             loader = asyncio.create_task(load())
         yield

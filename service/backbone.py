@@ -21,8 +21,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from safetensors import numpy as st_numpy
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -100,6 +103,25 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @staticmethod
+    def pack(items: Sequence[Encoded]) -> bytes:
+        """Many as one safetensors blob (int32 ids, lengths, int8 token types): the tokens /preferences computed,
+        queued beside the batch so that the worker never tokenizes the same text again."""
+        lengths = np.array([len(x) for x in items], dtype=np.int32)
+        tensors = {"lengths": lengths, "input_ids": np.array([i for x in items for i in x.input_ids], np.int32)}
+        if items and all(x.token_type_ids is not None for x in items):
+            tensors["token_type_ids"] = np.array([t for x in items for t in x.token_type_ids or ()], np.int8)
+        return st_numpy.save(tensors)
+
+    @staticmethod
+    def unpack(blob: bytes) -> list[Encoded]:
+        tensors = st_numpy.load(blob)
+        ends = np.cumsum(tensors["lengths"]).tolist()
+        starts = [0, *ends[:-1]]
+        ids = tensors["input_ids"].tolist()
+        types = tensors["token_type_ids"].tolist() if "token_type_ids" in tensors else None
+        return [Encoded(ids[a:b], types[a:b] if types is not None else None) for a, b in zip(starts, ends)]
+
 
 @dataclass
 class Backbone:
@@ -108,7 +130,7 @@ class Backbone:
     name: str
     kind: str  # "sequence-classification" | "encoder"
     model: torch.nn.Module  # maps (input_ids, attention_mask[, token_type_ids]) to last hidden states
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     score_weight: torch.Tensor  # (1, D_rm) float32
     score_bias: torch.Tensor | None  # (1,) float32
     max_tokens: int
@@ -198,11 +220,11 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool
 def load_backbone(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto") -> Backbone:
     """Load a reward model: `default`, an r2m encoder-RM folder, or a HF sequence-classification RM (path or id)."""
     dev = resolve_device(device)
-    if model == DEFAULT_MODEL:
-        return _load_encoder_rm(_ASSETS / "default_rm", dev, resolve_dtype(dtype, dev), name=DEFAULT_MODEL)
-    path = Path(model)
-    if (path / ENCODER_RM_CONFIG).is_file():
-        return _load_encoder_rm(path, dev, resolve_dtype(dtype, dev), name=model)
+    folder = _ASSETS / "default_rm" if model == DEFAULT_MODEL else Path(model)
+    if (folder / ENCODER_RM_CONFIG).is_file():
+        dt = resolve_dtype(dtype, dev)
+        assert dt is not None, "only a Hugging Face RM defers to its checkpoint's dtype"
+        return _load_encoder_rm(folder, dev, dt, name=model)
     return _load_sequence_classifier(model, dev, resolve_dtype(dtype, dev, "sequence-classification"))
 
 

@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .engine import NonFiniteReward, PreparedItem, R2MModel
+from .engine import NonFiniteReward, PreparedItem, ScoringEngine
 from .metrics import ServiceMetrics
 
 __all__ = ["Batcher", "BadReward", "BatchResult", "Overloaded"]
@@ -54,14 +54,14 @@ class _Pending:
 class Batcher:
     def __init__(
         self,
-        model: R2MModel,
+        engine: ScoringEngine,
         metrics: ServiceMetrics,
         *,
         max_batch_tokens: int,
         max_queue_items: int,
         batch_wait_ms: float,
     ) -> None:
-        self.model = model
+        self.engine = engine
         self.metrics = metrics
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_items = max_queue_items
@@ -129,13 +129,13 @@ class Batcher:
             if not batch:
                 continue
             items = [it for p in batch for it in p.items]
-            head = self.model.current
+            head = self.engine.current
             started = time.perf_counter()
             for p in batch:
                 self.metrics.queue_wait.observe(started - p.enqueued)
             try:
                 rewards = await loop.run_in_executor(
-                    self._executor, self.model.score, items, head, self.max_batch_tokens
+                    self._executor, self.engine.score, items, head, self.max_batch_tokens
                 )
             except NonFiniteReward as exc:
                 self._non_finite(batch, exc)
@@ -173,7 +173,7 @@ class Batcher:
             self._queue.extendleft(reversed(rest))
             self._queued_items += sum(len(p.items) for p in rest)
             return
-        now = self.model.revert(exc.version)
+        now = self.engine.revert(exc.version)
         self.metrics.head_reverts.inc()
         if now is None:
             detail = f"{exc}; there is no earlier head to go back to, so this replica cannot score it"

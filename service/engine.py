@@ -1,4 +1,4 @@
-"""The R2M reward model as served: the frozen backbone plus the current, swappable head version."""
+"""The scoring engine: the frozen reward-model backbone plus the current, swappable R2M head version."""
 
 from __future__ import annotations
 
@@ -9,11 +9,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backbone import Backbone, Encoded
-from .heads import SERVING_DTYPE
+from .backbone import Backbone, Encoded, load_backbone
+from .config import ServiceSettings
+from .headcodec import SERVING_DTYPE
 from .model import HeadConfig, R2MHead
 
-__all__ = ["HeadVersion", "NonFiniteReward", "PreparedItem", "R2MModel", "head_is_finite", "initial_head"]
+__all__ = [
+    "HeadVersion",
+    "NonFiniteReward",
+    "PreparedItem",
+    "ScoringEngine",
+    "build_engine",
+    "head_is_finite",
+    "initial_head",
+    "pad_hidden",
+    "score_rte",
+]
 
 
 @dataclass(frozen=True)
@@ -71,11 +82,14 @@ def initial_head(backbone: Backbone, config: HeadConfig, seed: int = 0) -> R2MHe
             p.copy_(p.to(SERVING_DTYPE))
         head.score.weight.copy_(backbone.score_weight)
         if head.score.bias is not None:
-            head.score.bias.copy_(backbone.score_bias if backbone.score_bias is not None else 0.0)
+            if backbone.score_bias is not None:
+                head.score.bias.copy_(backbone.score_bias)
+            else:
+                head.score.bias.zero_()
     return head
 
 
-class R2MModel:
+class ScoringEngine:
     def __init__(self, backbone: Backbone, head_config: HeadConfig, seed: int = 0) -> None:
         if head_config.rm_dim != backbone.rm_dim:
             raise ValueError(f"head rm_dim={head_config.rm_dim} but the backbone's width is {backbone.rm_dim}")
@@ -179,7 +193,7 @@ def score_rte(
     use = [h is not None and wi < 1.0 for h, wi in zip(hidden, weights)]
     if not any(use):
         return head(rte, w)
-    selected = [h for h, u in zip(hidden, use) if u]
+    selected = [h for h, u in zip(hidden, use) if u and h is not None]
     h_pad, mask = pad_hidden(selected, None, device)
     distinct: dict[int, int] = {}  # id(prefix tensor) -> its index in `shared`
     shared: list[torch.Tensor] = []
@@ -219,3 +233,16 @@ def pad_hidden(
         out[i, : h.shape[0]] = h
         mask[i, : h.shape[0]] = True
     return out, mask
+
+
+def build_engine(settings: ServiceSettings) -> ScoringEngine:
+    """Load the backbone named by the settings and put the initial head on it."""
+    backbone = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
+    config = HeadConfig(
+        rm_dim=backbone.rm_dim,
+        policy_dim=settings.policy_dim,
+        attn_dim=settings.attn_dim,
+        n_heads=settings.attn_heads,
+        score_bias=backbone.score_bias is not None,
+    )
+    return ScoringEngine(backbone, config, seed=settings.seed)

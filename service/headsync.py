@@ -8,10 +8,9 @@ import logging
 import threading
 import time
 
-from prometheus_client import Counter, Histogram
-
-from .engine import HeadVersion, R2MModel, head_is_finite
-from .heads import HeadStore, StoreUnavailable, head_from_bytes, sha256
+from .engine import HeadVersion, ScoringEngine, head_is_finite
+from .headcodec import head_from_bytes, sha256
+from .headstore import HeadStore, StoreUnavailable
 from .metrics import ServiceMetrics
 
 __all__ = ["HeadSync"]
@@ -20,31 +19,16 @@ log = logging.getLogger("r2m.headsync")
 
 
 class HeadSync:
-    def __init__(self, model: R2MModel, store: HeadStore, metrics: ServiceMetrics, model_name: str, poll_s: float):
-        self.model = model
+    def __init__(
+        self, engine: ScoringEngine, store: HeadStore, metrics: ServiceMetrics, model_name: str, poll_s: float
+    ):
+        self.engine = engine
         self.store = store
         self.metrics = metrics
         self.model_name = model_name
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        r = metrics.registry
-        self.swaps = Counter("r2m_head_swaps_total", "Head versions swapped in by this replica.", registry=r)
-        self.failures = Counter(
-            "r2m_head_load_failures_total", "Head versions that could not be loaded (hash, config).", registry=r
-        )
-        self.swap_seconds = Histogram(
-            "r2m_head_swap_duration_seconds",
-            "Time to fetch, check and install a head version.",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=r,
-        )
-        self.swap_latency = Histogram(
-            "r2m_head_swap_latency_seconds",
-            "From a version's publication to this replica serving it.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=r,
-        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="r2m-headsync", daemon=True)
@@ -63,23 +47,23 @@ class HeadSync:
                 latest = self.store.wait_for_change(seen, timeout=self.poll_s)
                 backoff = 0.5
             except StoreUnavailable as exc:
-                log.warning("%s; serving head %d meanwhile", exc, self.model.current.version)
+                log.warning("%s; serving head %d meanwhile", exc, self.engine.current.version)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
             if latest == seen:
                 continue  # the timer ran out with nothing new
             seen = latest
-            if latest is None or latest == self.model.current.version or latest in self.model.bad_versions:
+            if latest is None or latest == self.engine.current.version or latest in self.engine.bad_versions:
                 continue
             try:
                 if not self.load(latest):
                     seen = None  # look again: it may have been pruned for a newer one
             except StoreUnavailable as exc:
-                log.warning("%s; serving head %d meanwhile", exc, self.model.current.version)
+                log.warning("%s; serving head %d meanwhile", exc, self.engine.current.version)
                 seen = None
             except Exception:  # noqa: BLE001 - the replica keeps serving its current head
-                log.exception("loading head %s failed; serving head %d meanwhile", latest, self.model.current.version)
+                log.exception("loading head %s failed; serving head %d meanwhile", latest, self.engine.current.version)
                 seen = None
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -95,7 +79,7 @@ class HeadSync:
         weights = self.store.serving(version) if serving else self.store.weights(version)
         if weights is None:
             return False
-        expected = self.model.head_config.to_dict()
+        expected = self.engine.head_config.to_dict()
         problem = None
         if sha256(weights) != meta.get("serving_sha256" if serving else "sha256"):
             problem = "content hash mismatch"
@@ -105,7 +89,7 @@ class HeadSync:
             problem = f"trained for model {meta.get('model')!r}, this replica serves {self.model_name!r}"
         if problem is None:
             try:
-                head = head_from_bytes(weights, self.model.head_config)
+                head = head_from_bytes(weights, self.engine.head_config)
             except ValueError as exc:
                 problem = str(exc)
             else:
@@ -113,14 +97,14 @@ class HeadSync:
                     problem = "its weights hold NaN or Inf"
         if problem is not None:
             log.error("not swapping to head version %d: %s", version, problem)
-            self.failures.inc()
-            self.model.bad_versions.add(version)
+            self.metrics.head_load_failures.inc()
+            self.engine.bad_versions.add(version)
             return False
-        self.model.swap(HeadVersion(version=version, head=head, meta=meta))
+        self.engine.swap(HeadVersion(version=version, head=head, meta=meta))
         self.metrics.head_version.set(version)
-        self.swaps.inc()
-        self.swap_seconds.observe(time.perf_counter() - started)
+        self.metrics.head_swaps.inc()
+        self.metrics.head_swap_seconds.observe(time.perf_counter() - started)
         if meta.get("created"):
-            self.swap_latency.observe(max(0.0, time.time() - float(meta["created"])))
+            self.metrics.head_swap_latency.observe(max(0.0, time.time() - float(meta["created"])))
         log.info("serving head version %d (%.1f ms to load)", version, 1000 * (time.perf_counter() - started))
         return True

@@ -215,7 +215,7 @@ class RedisServer:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def client(self, **kwargs: object) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2, **kwargs)  # type: ignore[arg-type]
+        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2, **kwargs)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -1,11 +1,12 @@
-"""Prometheus metrics of one server process. Each app owns its registry, so several apps can live in one process
-(tests) without colliding; names are namespaced `r2m_*`."""
+"""Every Prometheus metric of r2m, declared here: a server replica's (`ServiceMetrics`, its head sync included) and
+the update worker's (`WorkerMetrics`). Each app owns its registry, so several apps can live in one process (tests)
+without colliding; names are namespaced `r2m_*`."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["ServiceMetrics"]
+__all__ = ["ServiceMetrics", "WorkerMetrics"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -58,6 +59,22 @@ class ServiceMetrics:
         self.model_load_seconds = Gauge("r2m_model_load_seconds", "Time taken to load the model.", registry=r)
         self.model_ready = Gauge("r2m_model_ready", "1 once the model is loaded and serving.", registry=r)
         self.head_version = Gauge("r2m_head_version", "Head version this replica serves.", registry=r)
+        self.head_swaps = Counter("r2m_head_swaps_total", "Head versions swapped in by this replica.", registry=r)
+        self.head_load_failures = Counter(
+            "r2m_head_load_failures_total", "Head versions that could not be loaded (hash, config).", registry=r
+        )
+        self.head_swap_seconds = Histogram(
+            "r2m_head_swap_duration_seconds",
+            "Time to fetch, check and install a head version.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.head_swap_latency = Histogram(
+            "r2m_head_swap_latency_seconds",
+            "From a version's publication to this replica serving it.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
         self.non_finite_rewards = Counter(
             "r2m_non_finite_rewards_total", "Rewards that came out NaN or Inf (answered 5xx, never 200).", registry=r
         )
@@ -69,3 +86,43 @@ class ServiceMetrics:
         )
         self.preference_groups = Counter("r2m_preference_groups_total", "Groups accepted and queued.", registry=r)
         self.preference_pairs = Counter("r2m_preference_pairs_total", "Labelled pairs accepted and queued.", registry=r)
+
+
+class WorkerMetrics:
+    """The update worker's metrics (`r2m worker` on its own port; in embedded mode, in the server's registry)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.batches = Counter("r2m_worker_batches_total", "Preference batches trained into a version.", registry=r)
+        self.skipped = Counter(
+            "r2m_worker_batches_skipped_total", "Batches skipped: already part of a published version.", registry=r
+        )
+        self.rejected = Counter(
+            "r2m_worker_batches_rejected_total", "Batches that could not be decoded (logged, dropped).", registry=r
+        )
+        self.updates = Counter("r2m_worker_updates_total", "Head versions published by this worker.", registry=r)
+        self.refused = Counter(
+            "r2m_worker_updates_refused_total",
+            "Updates whose candidate head was not published, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.conflicts = Counter(
+            "r2m_worker_publish_conflicts_total", "Updates retrained because another version came first.", registry=r
+        )
+        self.update_seconds = Histogram(
+            "r2m_worker_update_duration_seconds",
+            "Time of one update (RTEs + GREBT steps).",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.loss = Gauge("r2m_grebt_loss", "GREBT loss of the last update (before its step).", ["term"], registry=r)
+        self.group_std = Gauge(
+            "r2m_group_reward_std", "Mean reward std inside groups in the last update (degeneration).", registry=r
+        )
+        self.version = Gauge("r2m_worker_head_version", "Head version the worker trains from.", registry=r)
+        self.queue_length = Gauge("r2m_queue_length", "Batches in the preference stream.", registry=r)
+        self.queue_pending = Gauge("r2m_queue_pending", "Batches delivered to a worker, not acknowledged.", registry=r)
+        self.queue_lag = Gauge("r2m_queue_lag", "Batches not yet delivered to any worker.", registry=r)
+        self.cache_hits = Counter("r2m_rte_cache_hits_total", "RTE cache hits.", registry=r)
+        self.cache_misses = Counter("r2m_rte_cache_misses_total", "RTE cache misses.", registry=r)

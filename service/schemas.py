@@ -170,6 +170,12 @@ class PreferencesRequest(_Strict):
         description="Client-chosen id; a retried batch with the same id is trained once.",
     )
 
+    def texts(self) -> list[tuple[str, str]]:
+        """Every (prompt, response) of the batch in its one flat order: each group's responses, then each pair's
+        chosen and rejected. The tokens queued with a batch and the worker's flattening follow it."""
+        out = [(g.prompt, r) for g in self.groups for r in g.responses]
+        return out + [(p.prompt, r) for p in self.pairs for r in (p.chosen, p.rejected)]
+
     @model_validator(mode="after")
     def _not_empty(self) -> PreferencesRequest:
         if not self.groups and not self.pairs:

@@ -1,9 +1,12 @@
-"""Turning validated wire requests into model inputs, with the checks whose limits come from the settings."""
+"""Turning validated wire requests into model inputs, with every check whose limit comes from the settings: item
+counts, token counts, hidden-state shapes and values. Each check is written once; /score, /preferences and
+/get_reward call them."""
 
 from __future__ import annotations
 
 import math
 import uuid
+from dataclasses import dataclass
 
 import torch
 
@@ -11,25 +14,57 @@ from r2m.client.wire import WireTensor, encode_binary, pack_request
 
 from .backbone import Encoded
 from .config import ServiceSettings
-from .engine import PreparedItem, R2MModel
+from .engine import PreparedItem, ScoringEngine
 from .errors import BadInput
 from .model import omega
 from .schemas import PreferencesRequest, ScoreRequest, as_payload
 
 __all__ = [
+    "QueuedBatch",
+    "check_hidden",
     "check_hidden_values",
-    "encode_checked",
-    "hidden_to_torch",
+    "check_item_count",
+    "check_token_count",
     "max_tokens_of",
     "prepare_preferences",
+    "prepare_queries",
     "prepare_score_items",
 ]
 
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-def hidden_to_torch(
+
+# --- the checks --------------------------------------------------------------------------------------------------
+
+
+def check_item_count(n: int, path: str, noun: str, settings: ServiceSettings) -> None:
+    """413 when one request carries more than R2M_MAX_ITEMS_PER_REQUEST items."""
+    if n > settings.max_items_per_request:
+        raise BadInput(
+            f"{path}: {n} {noun} exceed R2M_MAX_ITEMS_PER_REQUEST={settings.max_items_per_request}", status_code=413
+        )
+
+
+def check_token_count(encoded: Encoded, path: str, limit: int, what: str = "prompt + response is ") -> Encoded:
+    """422 when a text is longer than the reward model reads (R2M_MAX_TOKENS, capped by its context)."""
+    if len(encoded) > limit:
+        raise BadInput(
+            f"{path}: {what}{len(encoded)} reward-model tokens, over the limit of {limit} "
+            "(R2M_MAX_TOKENS, capped by the model's context)"
+        )
+    return encoded
+
+
+def max_tokens_of(engine: ScoringEngine, settings: ServiceSettings) -> int:
+    cap = engine.backbone.max_tokens
+    return min(cap, settings.max_tokens) if settings.max_tokens else cap
+
+
+def check_hidden(
     t: WireTensor, path: str, settings: ServiceSettings, *, min_rows: int = 1, prefix_rows: int = 0
 ) -> torch.Tensor:
-    """A `(T, policy_dim)` tensor of the wire dtype (one copy), or BadInput naming `path` and the limit.
+    """Check a `(T, policy_dim)` wire tensor (shape, length, finite and bounded values) and return a zero-copy,
+    read-only view of it; BadInput naming `path` and the limit otherwise.
 
     `prefix_rows`: rows of a shared prefix in front of these (the length limit applies to the sum); `min_rows` is
     0 for the rows after a prefix.
@@ -47,10 +82,13 @@ def hidden_to_torch(
     if prefix_rows + rows > settings.max_hidden_tokens:
         what = f"{prefix_rows} prefix + {rows} own" if prefix_rows else str(rows)
         raise BadInput(f"{path}: {what} hidden-state rows exceed R2M_MAX_HIDDEN_TOKENS={settings.max_hidden_tokens}")
-    h = t.to_torch()
-    if rows:
-        check_hidden_values(h, path, settings.max_hidden_abs)
-    return h
+    dtype = _TORCH_DTYPES[t.dtype]
+    if not rows:
+        return torch.empty(t.shape, dtype=dtype)
+    # The request's own bytes, never written to (the wire module silences torch's warning about that).
+    view = torch.frombuffer(t.data, dtype=torch.uint8).view(dtype).view(t.shape)
+    check_hidden_values(view, path, settings.max_hidden_abs)
+    return view
 
 
 def check_hidden_values(h: torch.Tensor, path: str, bound: float) -> None:
@@ -75,39 +113,23 @@ def check_hidden_values(h: torch.Tensor, path: str, bound: float) -> None:
     )
 
 
-def encode_checked(model: R2MModel, prompt: str, response: str, path: str, max_tokens: int) -> Encoded:
-    encoded = model.backbone.encode(prompt, response)
-    if len(encoded) > max_tokens:
-        raise BadInput(
-            f"{path}: prompt + response is {len(encoded)} reward-model tokens, over the limit of {max_tokens} "
-            "(R2M_MAX_TOKENS, capped by the model's context)"
-        )
-    return encoded
+# --- per route ---------------------------------------------------------------------------------------------------
 
 
-def max_tokens_of(model: R2MModel, settings: ServiceSettings) -> int:
-    cap = model.backbone.max_tokens
-    return min(cap, settings.max_tokens) if settings.max_tokens else cap
-
-
-def prepare_score_items(req: ScoreRequest, model: R2MModel, settings: ServiceSettings) -> list[PreparedItem]:
+def prepare_score_items(req: ScoreRequest, engine: ScoringEngine, settings: ServiceSettings) -> list[PreparedItem]:
     """Tokenize and check every item of a /score request; raises BadInput on the first bad one."""
-    if len(req.items) > settings.max_items_per_request:
-        raise BadInput(
-            f"items: {len(req.items)} items exceed R2M_MAX_ITEMS_PER_REQUEST={settings.max_items_per_request}",
-            status_code=413,
-        )
+    check_item_count(len(req.items), "items", "items", settings)
     w = omega(req.step, req.total_steps, settings.omega_floor)
-    limit = max_tokens_of(model, settings)
+    limit = max_tokens_of(engine, settings)
     # Each shared prefix becomes one tensor, checked once; its items hold references to it, never copies.
-    prefixes = [hidden_to_torch(t, f"prefixes[{j}]", settings) for j, t in enumerate(req.prefixes)]
+    prefixes = [check_hidden(t, f"prefixes[{j}]", settings).clone() for j, t in enumerate(req.prefixes)]
     out = []
     for i, item in enumerate(req.items):
         hidden = prefix = None
         if item.policy_hidden is not None:
             path = f"items[{i}].policy_hidden"
             if item.prefix is None:
-                hidden = hidden_to_torch(item.policy_hidden, path, settings)
+                hidden = check_hidden(item.policy_hidden, path, settings).clone()
             else:
                 prefix = prefixes[item.prefix]  # the schema checked the index
                 if item.policy_hidden.dtype != req.prefixes[item.prefix].dtype:
@@ -115,37 +137,58 @@ def prepare_score_items(req: ScoreRequest, model: R2MModel, settings: ServiceSet
                         f"{path}: dtype {item.policy_hidden.dtype} differs from its prefix's, "
                         f"prefixes[{item.prefix}] ({req.prefixes[item.prefix].dtype}); send both in one dtype"
                     )
-                hidden = hidden_to_torch(
-                    item.policy_hidden, path, settings, min_rows=0, prefix_rows=int(prefix.shape[0])
-                )
-        encoded = encode_checked(model, item.prompt, item.response, f"items[{i}]", limit)
+                own = check_hidden(item.policy_hidden, path, settings, min_rows=0, prefix_rows=int(prefix.shape[0]))
+                hidden = own.clone()
+        encoded = check_token_count(engine.backbone.encode(item.prompt, item.response), f"items[{i}]", limit)
         out.append(PreparedItem(encoded=encoded, hidden=hidden, w=w if hidden is not None else 1.0, prefix=prefix))
     return out
 
 
-def prepare_preferences(req: PreferencesRequest, model: R2MModel, settings: ServiceSettings) -> tuple[str, bytes]:
-    """Check a /preferences batch like /score items and encode it for the queue: `(batch_id, body)`."""
-    responses = sum(len(g.responses) for g in req.groups) + 2 * len(req.pairs)
-    if responses > settings.max_items_per_request:
-        raise BadInput(
-            f"groups/pairs: {responses} responses exceed R2M_MAX_ITEMS_PER_REQUEST={settings.max_items_per_request}",
-            status_code=413,
-        )
-    limit = max_tokens_of(model, settings)
+def prepare_queries(queries: list[str], engine: ScoringEngine, settings: ServiceSettings) -> list[PreparedItem]:
+    """Tokenize and check every /get_reward query (a full templated text); raises BadInput naming the first bad one."""
+    check_item_count(len(queries), "query", "texts", settings)
+    limit = max_tokens_of(engine, settings)
+    out = []
+    for i, text in enumerate(queries):
+        encoded = engine.backbone.encode_text(text)
+        if len(encoded) == 0:
+            raise BadInput(f"query[{i}]: tokenizes to no tokens; send the templated prompt + response")
+        out.append(PreparedItem(encoded=check_token_count(encoded, f"query[{i}]", limit, what=""), hidden=None, w=1.0))
+    return out
+
+
+@dataclass(frozen=True)
+class QueuedBatch:
+    """A checked /preferences batch as it goes into the queue."""
+
+    batch_id: str
+    body: bytes  # the binary encoding: the request body as received when it came binary
+    tokens: bytes  # Encoded.pack of the tokens of `request.texts()`, so that the worker never tokenizes them again
+
+
+def prepare_preferences(
+    req: PreferencesRequest, engine: ScoringEngine, settings: ServiceSettings, binary_body: bytes | None = None
+) -> QueuedBatch:
+    """Check a /preferences batch like /score items (each text tokenized once, each tensor's values read once,
+    nothing converted) and make what the queue stores. `binary_body`: the request as received, when it came in
+    the binary encoding; it is queued as it is."""
+    texts = req.texts()
+    check_item_count(len(texts), "groups/pairs", "responses", settings)
+    paths = [f"groups[{i}].responses[{k}]" for i, g in enumerate(req.groups) for k in range(len(g.responses))]
+    paths += [f"pairs[{i}].{side}" for i in range(len(req.pairs)) for side in ("chosen", "rejected")]
+    limit = max_tokens_of(engine, settings)
+    encoded = [check_token_count(engine.backbone.encode(p, r), path, limit) for (p, r), path in zip(texts, paths)]
     for i, g in enumerate(req.groups):
-        for k, response in enumerate(g.responses):
-            encode_checked(model, g.prompt, response, f"groups[{i}].responses[{k}]", limit)
         for k, t in enumerate(g.hidden or []):
-            hidden_to_torch(t, f"groups[{i}].hidden[{k}]", settings)
-    for i, p in enumerate(req.pairs):
-        encode_checked(model, p.prompt, p.chosen, f"pairs[{i}].chosen", limit)
-        encode_checked(model, p.prompt, p.rejected, f"pairs[{i}].rejected", limit)
+            check_hidden(t, f"groups[{i}].hidden[{k}]", settings)
+    for i, pair in enumerate(req.pairs):
         for name in ("chosen_hidden", "rejected_hidden"):
-            t = getattr(p, name)
+            t = getattr(pair, name)
             if t is not None:
-                hidden_to_torch(t, f"pairs[{i}].{name}", settings)
+                check_hidden(t, f"pairs[{i}].{name}", settings)
     batch_id = req.batch_id or uuid.uuid4().hex
-    payload = as_payload(req)
-    payload["batch_id"] = batch_id
-    meta, tensors = pack_request(payload)
-    return batch_id, encode_binary(meta, tensors)
+    if binary_body is None:
+        payload = as_payload(req)
+        payload["batch_id"] = batch_id
+        binary_body = encode_binary(*pack_request(payload))
+    return QueuedBatch(batch_id, binary_body, Encoded.pack(encoded))

@@ -10,32 +10,9 @@
     trainer.train()
 
 Start the service with `R2M_POLICY_DIM` = the policy's hidden size. This module needs torch and transformers (it runs
-the policy) but never imports trl; `r2m.client` stays free of both.
-
-The contract matched is TRL 1.16.0's `trl/trainer/grpo_trainer.py`: `GRPOTrainer._calculate_rewards` calls every
-non-`nn.Module` reward function as `f(prompts=, completions=, completion_ids=, **reward_kwargs)`, where
-`reward_kwargs` holds the dataset's other columns (one entry per completion), `trainer_state` (the `TrainerState`),
-`log_extra` and `log_metric`; it replaces a `None` reward by NaN (the sample then counts for no reward function:
-`nansum` over functions) and raises if every function returned None for a sample. Sync functions run on the training
-thread (async ones on a daemon event loop; this one is sync because it runs the policy). `prompts` are the dataset's
-`prompt` column, repeated `num_generations` times in a row (`RepeatSampler`): plain strings, or conversations (lists
-of `{"role", "content"}`) that `_tokenize_prompts` renders with `apply_chat_template(add_generation_prompt=True)`;
-`completions` are strings or `[{"role": "assistant", "content": ...}]`; `completion_ids` are the generated token ids
-without padding (up to and including EOS).
-
-Hidden states: TRL hands a reward function no hidden states and no prompt ids, so `R2MRewardFunction` re-tokenizes
-each prompt as `_tokenize_prompts` does (the tokenizer's own chat template plus `GRPOConfig.chat_template_kwargs`;
-a `chat_template_path` or tools given to the trainer are not seen) and runs ONE extra no-grad forward of the policy
-over prompt + completion ids with `output_hidden_states=True`. It goes through the trainer's own (accelerate-wrapped)
-model, so it runs under the same mixed precision as TRL's forwards (GRPOConfig's default `bf16=True` autocasts, on
-CPU too). That forward is the price of TRL's architecture: r2m's own trainer (`r2m.trainer.grpo`) reuses the hidden
-states of the old-log-prob forward it already does. `R2MPreferenceCallback` does one more no-grad forward after each
-optimizer step, over the completions scored since its last post, to get the hidden states of the UPDATED policy that
-`/preferences` wants (R2M.md), and posts them grouped by prompt with the rewards they got.
-
-A sample the service cannot score gets `None`, never 0 (a 0 would be a real, wrong reward): a 4xx for a request is
-retried item by item so that only the offending items get None; a service unreachable after the client's retries, or
-a 5xx, gives None for the whole call. Each case is logged. A rejected API key (401/403) raises: it is a set-up error.
+the policy) but never imports trl. The reward function runs one extra no-grad policy forward per scored batch for the
+hidden states, the callback one per optimizer step for the refreshed ones; a sample the service cannot score gets
+`None`, never 0. The TRL 1.16.0 contract matched, and what each case costs: docs/integrations.md, "TRL".
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ import torch
 
 from r2m.client import R2MClient
 from r2m.data import read_jsonl
-from r2m.service.app import build_model, create_app
+from r2m.service.app import create_app
 from r2m.service.config import ServiceSettings
+from r2m.service.engine import build_engine
 from r2m.service.launch import free_port
 from r2m.trainer import GRPOTrainer, TrainConfig, sequence_forward
 from r2m.trainer.grpo import _noise_like
@@ -73,7 +74,7 @@ class ArmSpec:
 
 @contextmanager
 def serve_proxy(proxy_dir: str, policy_dim: int, s: RunSettings) -> Iterator[tuple[str, Any]]:
-    """r2m's app (embedded mode) serving the proxy RM on a free loopback port; yields (url, the R2MModel)."""
+    """r2m's app (embedded mode) serving the proxy RM on a free loopback port; yields (url, the ScoringEngine)."""
     import uvicorn
 
     settings = ServiceSettings(
@@ -93,7 +94,7 @@ def serve_proxy(proxy_dir: str, policy_dim: int, s: RunSettings) -> Iterator[tup
         batch_wait_ms=0.0,
         log_level="warning",
     )
-    model = build_model(settings)
+    model = build_engine(settings)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings, model), host="127.0.0.1", port=port, log_level="warning")

@@ -11,21 +11,21 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..batcher import Batcher
 from ..config import ServiceSettings
-from ..engine import R2MModel
-from ..heads import HeadStore
+from ..engine import ScoringEngine
+from ..headstore import HeadStore
 from ..metrics import ServiceMetrics
-from ..prefqueue import PreferenceQueue
+from ..queue import PreferenceQueue
 
-__all__ = ["AuthDep", "BatcherDep", "ModelDep", "ServiceState", "SettingsDep", "StateDep", "require_api_key"]
+__all__ = ["AuthDep", "BatcherDep", "EngineDep", "ServiceState", "SettingsDep", "StateDep", "require_api_key"]
 
 
 @dataclass
 class ServiceState:
-    """What one server process holds; `model` and `batcher` are None until the model has loaded."""
+    """What one server process holds; `engine` and `batcher` are None until the model has loaded."""
 
     settings: ServiceSettings
     metrics: ServiceMetrics
-    model: R2MModel | None = None
+    engine: ScoringEngine | None = None
     batcher: Batcher | None = None
     load_error: str | None = None
     store: HeadStore | None = None
@@ -53,13 +53,13 @@ def _not_ready(state: ServiceState) -> HTTPException:
     return HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": "1"})
 
 
-def get_model(state: StateDep) -> R2MModel:
-    if state.model is None:
+def get_engine(state: StateDep) -> ScoringEngine:
+    if state.engine is None:
         raise _not_ready(state)
-    return state.model
+    return state.engine
 
 
-ModelDep = Annotated[R2MModel, Depends(get_model)]
+EngineDep = Annotated[ScoringEngine, Depends(get_engine)]
 
 
 def get_batcher(state: StateDep) -> Batcher:

@@ -6,13 +6,16 @@ from fastapi import APIRouter, HTTPException, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import HeadVersion
-from ..heads import StoreUnavailable, head_to_bytes, sha256
-from ..schemas import ErrorResponse, HeadInfo, RollbackRequest
-from .deps import AuthDep, ModelDep, StateDep
+from ..headcodec import head_to_bytes, sha256
+from ..headstore import StoreUnavailable
+from ..headstore import rollback as rollback_to
+from ..schemas import HeadInfo, RollbackRequest
+from .deps import AuthDep, EngineDep, StateDep
+from .payload import error_responses
 
 router = APIRouter(prefix="/heads", tags=["heads"], dependencies=[AuthDep])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 503)}
+_ERRORS = error_responses(400, 401, 404, 413, 422, 503)
 
 
 def _info(meta: dict, served: HeadVersion, kept: list[int]) -> HeadInfo:
@@ -25,9 +28,9 @@ def _unavailable(exc: StoreUnavailable) -> HTTPException:
 
 
 @router.get("/current", response_model=HeadInfo, responses=_ERRORS)
-async def current(state: StateDep, model: ModelDep) -> HeadInfo:
+async def current(state: StateDep, engine: EngineDep) -> HeadInfo:
     """The latest published head version (and the one this replica serves)."""
-    served = model.current
+    served = engine.current
     store = state.store
     try:
         latest = await run_in_threadpool(store.latest) if store else None
@@ -43,9 +46,9 @@ async def current(state: StateDep, model: ModelDep) -> HeadInfo:
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
 )
-async def download(version: int, state: StateDep, model: ModelDep) -> Response:
+async def download(version: int, state: StateDep, engine: EngineDep) -> Response:
     """A kept head version's weights as safetensors."""
-    served = model.current
+    served = engine.current
     blob = None
     if state.store is not None:
         try:
@@ -66,15 +69,15 @@ async def download(version: int, state: StateDep, model: ModelDep) -> Response:
 
 
 @router.post("/rollback", response_model=HeadInfo, responses=_ERRORS)
-async def rollback(body: RollbackRequest, state: StateDep, model: ModelDep) -> HeadInfo:
+async def rollback(body: RollbackRequest, state: StateDep, engine: EngineDep) -> HeadInfo:
     """Republish a kept version as the newest one; every replica swaps to it."""
     if state.store is None:
         raise HTTPException(503, "no head store is configured on this replica")
     try:
-        meta = await run_in_threadpool(state.store.rollback, body.version)
+        meta = await run_in_threadpool(rollback_to, state.store, body.version)
         kept = await run_in_threadpool(state.store.versions)
     except KeyError:
         raise HTTPException(404, f"head version {body.version} is not kept; cannot roll back to it") from None
     except StoreUnavailable as exc:
         raise _unavailable(exc) from exc
-    return _info(meta, model.current, kept)
+    return _info(meta, engine.current, kept)

@@ -7,9 +7,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
-from ..schemas import ErrorResponse, HealthResponse, InfoResponse, ReadyResponse
+from ..schemas import HealthResponse, InfoResponse, ReadyResponse
 from ..validation import max_tokens_of
-from .deps import AuthDep, ModelDep, StateDep
+from .deps import AuthDep, EngineDep, StateDep
+from .payload import error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -23,10 +24,10 @@ def healthz() -> HealthResponse:
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
 def readyz(state: StateDep) -> Response:
     """Ready: the model is loaded and a head version is known (503 before)."""
-    if state.model is None:
+    if state.engine is None:
         status = "failed" if state.load_error else "loading"
         return JSONResponse(ReadyResponse(status=status).model_dump(), status_code=503)
-    return JSONResponse(ReadyResponse(status="ready", head_version=state.model.current.version).model_dump())
+    return JSONResponse(ReadyResponse(status="ready", head_version=state.engine.current.version).model_dump())
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
@@ -39,11 +40,11 @@ def metrics(state: StateDep) -> Response:
     "/info",
     response_model=InfoResponse,
     dependencies=[AuthDep],
-    responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses=error_responses(401, 503),
 )
-def info(state: StateDep, model: ModelDep) -> InfoResponse:
+def info(state: StateDep, engine: EngineDep) -> InfoResponse:
     """The served model, its widths and the settings that shape requests."""
-    s, b, cfg = state.settings, model.backbone, model.head_config
+    s, b, cfg = state.settings, engine.backbone, engine.head_config
     return InfoResponse(
         version=__version__,
         model=s.model,
@@ -55,12 +56,12 @@ def info(state: StateDep, model: ModelDep) -> InfoResponse:
         omega_floor=s.omega_floor,
         device=str(b.device),
         dtype=str(b.dtype).removeprefix("torch."),
-        max_tokens=max_tokens_of(model, s),
+        max_tokens=max_tokens_of(engine, s),
         max_hidden_tokens=s.max_hidden_tokens,
         max_items_per_request=s.max_items_per_request,
         max_batch_tokens=s.max_batch_tokens,
         max_request_bytes=s.max_request_bytes,
-        head_version=model.current.version,
+        head_version=engine.current.version,
         auth=s.api_key is not None,
         model_info=b.info,
     )

@@ -14,21 +14,28 @@ from r2m.client.wire import BINARY_CONTENT_TYPE, WireError, decode_binary, unpac
 from ..errors import BadInput
 from ..schemas import ErrorResponse
 
-__all__ = ["ERROR_RESPONSES", "read_model", "request_body_openapi"]
+__all__ = ["ERROR_RESPONSES", "error_responses", "read_model", "read_model_and_body", "request_body_openapi"]
 
 M = TypeVar("M", bound=BaseModel)
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "Malformed body (not JSON, or not a valid binary frame).",
-        401: "Missing or invalid API key.",
-        413: "Body or item count over the configured limits.",
-        415: "Unsupported Content-Type.",
-        422: "The request parsed but a field is invalid; `detail` names it.",
-        503: "Model loading or server overloaded; retry after `Retry-After` seconds.",
-    }.items()
+_ERRORS = {
+    400: "Malformed body (not JSON, or not a valid binary frame).",
+    401: "Missing or invalid API key.",
+    404: "No such head version (see /heads/current for the kept ones).",
+    413: "Body or item count over the configured limits.",
+    415: "Unsupported Content-Type.",
+    422: "The request parsed but a field is invalid; `detail` names it.",
+    503: "Model loading, server overloaded or store unreachable; retry after `Retry-After` seconds.",
 }
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` entries of these error statuses, from the one table above."""
+    return {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in codes}
+
+
+# What a route that reads a request body can answer besides 200.
+ERROR_RESPONSES = error_responses(400, 401, 413, 415, 422, 503)
 
 
 def request_body_openapi(model: type[BaseModel]) -> dict[str, Any]:
@@ -46,6 +53,11 @@ def request_body_openapi(model: type[BaseModel]) -> dict[str, Any]:
 
 async def read_model(request: Request, model: type[M]) -> M:
     """Parse and validate the body as `model`, from JSON or from the binary (safetensors) encoding."""
+    return (await read_model_and_body(request, model))[0]
+
+
+async def read_model_and_body(request: Request, model: type[M]) -> tuple[M, bytes | None]:
+    """`read_model`, and the body itself when it came in the binary encoding (None for JSON)."""
     body = await request.body()
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     payload: Any
@@ -66,7 +78,7 @@ async def read_model(request: Request, model: type[M]) -> M:
             status_code=415,
         )
     try:
-        return model.model_validate(payload)
+        return model.model_validate(payload), body if ctype == BINARY_CONTENT_TYPE else None
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from ..model import omega
 from ..schemas import ScoreRequest, ScoreResponse
 from ..validation import prepare_score_items
-from .deps import AuthDep, BatcherDep, ModelDep, SettingsDep
+from .deps import AuthDep, BatcherDep, EngineDep, SettingsDep
 from .payload import ERROR_RESPONSES, read_model, request_body_openapi
 
 router = APIRouter(tags=["scoring"], dependencies=[AuthDep])
@@ -20,11 +20,11 @@ router = APIRouter(tags=["scoring"], dependencies=[AuthDep])
     responses=ERROR_RESPONSES,
     openapi_extra=request_body_openapi(ScoreRequest),
 )
-async def score(request: Request, model: ModelDep, batcher: BatcherDep, settings: SettingsDep) -> ScoreResponse:
+async def score(request: Request, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep) -> ScoreResponse:
     """Score a batch of items; JSON or binary (application/vnd.r2m+safetensors) body."""
     req = await read_model(request, ScoreRequest)
     # Tokenizing and the finiteness scan of the hidden states are CPU work: keep them off the event loop.
-    items = await run_in_threadpool(prepare_score_items, req, model, settings)
+    items = await run_in_threadpool(prepare_score_items, req, engine, settings)
     result = await batcher.submit(items)
     with_feedback = any(it.policy_hidden is not None for it in req.items)
     w = omega(req.step, req.total_steps, settings.omega_floor) if with_feedback else 1.0

@@ -102,4 +102,4 @@ def test_report_writes_the_readme_block_and_plot_from_the_json(
     block = text.split(START, 1)[1].split(END, 1)[0]
     assert results["date"] in block and results["command"] in block
     assert "| codec | binary decode bfloat16, vs memcpy |" in block
-    assert (tmp_path / "throughput.png").stat().st_size > 1000
+    assert (tmp_path / "results" / "throughput.png").stat().st_size > 1000

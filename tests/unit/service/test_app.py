@@ -14,13 +14,13 @@ from r2m.service.config import ServiceSettings
 
 def test_readyz_is_503_until_the_model_has_loaded(tiny_neox_rm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
-    real_build = app_module.build_model
+    real_build = app_module.build_engine
 
     def slow_build(settings: ServiceSettings):
         release.wait(30)
         return real_build(settings)
 
-    monkeypatch.setattr(app_module, "build_model", slow_build)
+    monkeypatch.setattr(app_module, "build_engine", slow_build)
     settings = ServiceSettings(model=str(tiny_neox_rm), policy_dim=8, attn_dim=8, device="cpu")
     with TestClient(app_module.create_app(settings)) as client:
         assert client.get("/healthz").status_code == 200

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from r2m.service import backbone as backbone_module
 from r2m.service.backbone import cpu_has_native_bf16, load_backbone, pool, resolve_dtype
-from r2m.service.engine import PreparedItem, R2MModel
+from r2m.service.engine import PreparedItem, ScoringEngine
 from r2m.service.model import HeadConfig
 
 PAIRS = [
@@ -41,7 +41,7 @@ def test_reward_at_t0_equals_plain_transformers(fixture: str, chat: bool, reques
     path = request.getfixturevalue(fixture)
     backbone = load_backbone(str(path), device="cpu", dtype="float32")
     assert backbone.kind == "sequence-classification" and backbone.rm_dim == 32
-    model = R2MModel(backbone, HeadConfig(rm_dim=32, policy_dim=16, attn_dim=8))
+    model = ScoringEngine(backbone, HeadConfig(rm_dim=32, policy_dim=16, attn_dim=8))
     hidden = torch.randn(5, 16)
     # Batched (padded) scoring, with hidden states at w = 1 and without: both are the plain RM's reward.
     items = [PreparedItem(backbone.encode(p, r), hidden if i % 2 else None, 1.0) for i, (p, r) in enumerate(PAIRS)]
@@ -74,7 +74,7 @@ def test_reward_token_is_the_last_real_token_for_left_and_right_padding() -> Non
 def test_default_model_is_the_minilm_rm_and_ranks_a_helpful_answer_first() -> None:
     backbone = load_backbone("default", device="cpu", dtype="float32")
     assert backbone.kind == "encoder" and backbone.rm_dim == 384
-    model = R2MModel(backbone, HeadConfig(rm_dim=384, policy_dim=8, attn_dim=8, score_bias=True))
+    model = ScoringEngine(backbone, HeadConfig(rm_dim=384, policy_dim=8, attn_dim=8, score_bias=True))
     prompt = "How do I boil an egg?"
     good = (
         "Place the egg in a pot of cold water, bring it to a boil, then simmer for 9 minutes and cool it in "

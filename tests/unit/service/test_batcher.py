@@ -8,17 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from r2m.service.app import build_model
 from r2m.service.batcher import BadReward, Batcher
 from r2m.service.config import ServiceSettings
-from r2m.service.engine import PreparedItem
+from r2m.service.engine import PreparedItem, build_engine
 from r2m.service.metrics import ServiceMetrics
 
 
 def test_a_non_finite_embedding_fails_its_own_request_and_no_other(
     tiny_neox_rm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = build_model(ServiceSettings(model=str(tiny_neox_rm), policy_dim=8, attn_dim=8, device="cpu"))
+    model = build_engine(ServiceSettings(model=str(tiny_neox_rm), policy_dim=8, attn_dim=8, device="cpu"))
     poison = model.backbone.encode("hello", "poison")
     real_embed = model.backbone.embed
 

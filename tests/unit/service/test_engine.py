@@ -180,7 +180,7 @@ def test_backbone_chunks_bound_padding_and_return_rewards_in_input_order() -> No
     from types import SimpleNamespace
 
     from r2m.service.backbone import Encoded
-    from r2m.service.engine import R2MModel
+    from r2m.service.engine import ScoringEngine
 
     chunks: list[list[int]] = []
 
@@ -190,13 +190,13 @@ def test_backbone_chunks_bound_padding_and_return_rewards_in_input_order() -> No
 
     fake = SimpleNamespace(device=torch.device("cpu"), rm_dim=1, embed=embed)
     lengths = [100, 5, 6, 5, 101, 7, 5, 6]
-    out = R2MModel.embed(SimpleNamespace(backbone=fake), [Encoded(list(range(n))) for n in lengths], 16384)
+    out = ScoringEngine.embed(SimpleNamespace(backbone=fake), [Encoded(list(range(n))) for n in lengths], 16384)
     assert out[:, 0].tolist() == [float(n) for n in lengths], "every RTE lands at its item's index"
     assert chunks == [[5, 5, 5, 6, 6, 7], [100, 101]], "short texts are not padded to the long ones' length"
     for chunk in chunks:
         assert sum(chunk) >= 0.8 * len(chunk) * max(chunk)
     chunks.clear()
-    R2MModel.embed(SimpleNamespace(backbone=fake), [Encoded(list(range(10))) for _ in range(10)], 30)
+    ScoringEngine.embed(SimpleNamespace(backbone=fake), [Encoded(list(range(10))) for _ in range(10)], 30)
     assert chunks == [[10, 10, 10]] * 3 + [[10]], "the token budget still caps a chunk"
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from r2m.service.engine import HeadVersion, R2MModel
-from r2m.service.heads import MemoryHeadStore, head_from_bytes, head_to_bytes, serving_bytes
+from r2m.service.engine import HeadVersion, ScoringEngine
+from r2m.service.headcodec import head_from_bytes, head_to_bytes, serving_bytes
+from r2m.service.headstore import MemoryHeadStore
 from r2m.service.headsync import HeadSync
 from r2m.service.metrics import ServiceMetrics
 from r2m.service.model import HeadConfig, R2MHead
@@ -40,10 +41,12 @@ def test_serving_copy_is_half_the_bytes_and_scores_like_the_master() -> None:
 
 
 def test_replica_loads_the_serving_copy_when_published_and_the_master_otherwise(tiny_llama_rm) -> None:
-    from r2m.service.app import build_model
     from r2m.service.config import ServiceSettings
+    from r2m.service.engine import build_engine
 
-    model: R2MModel = build_model(ServiceSettings(model=str(tiny_llama_rm), policy_dim=P, attn_dim=64, device="cpu"))
+    model: ScoringEngine = build_engine(
+        ServiceSettings(model=str(tiny_llama_rm), policy_dim=P, attn_dim=64, device="cpu")
+    )
     store = MemoryHeadStore()
     config = model.head_config.to_dict()
     head = R2MHead(model.head_config)

@@ -10,23 +10,25 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from r2m.client.wire import WireTensor, encode_binary, pack_request, tensor_to_json
-from r2m.service.app import build_model, create_app
-from r2m.service.config import ServiceSettings
-from r2m.service.engine import head_is_finite
-from r2m.service.heads import (
-    Conflict,
-    MemoryHeadStore,
-    head_from_bytes,
-    head_to_bytes,
-    optimizer_from_bytes,
-    optimizer_to_bytes,
-    sha256,
+from r2m.client.wire import (
+    BINARY_CONTENT_TYPE,
+    WireTensor,
+    encode_binary,
+    jsonify_request,
+    pack_request,
+    tensor_to_json,
 )
+from r2m.service.app import create_app
+from r2m.service.backbone import Encoded
+from r2m.service.config import ServiceSettings
+from r2m.service.engine import build_engine, head_is_finite
+from r2m.service.headcodec import head_from_bytes, head_to_bytes, optimizer_from_bytes, optimizer_to_bytes, sha256
+from r2m.service.headstore import Conflict, MemoryHeadStore, rollback
 from r2m.service.model import HeadConfig, R2MHead
-from r2m.service.prefqueue import MemoryPreferenceQueue
+from r2m.service.queue import MemoryPreferenceQueue
 from r2m.service.schemas import PreferencesRequest, as_payload
-from r2m.service.worker import HeadTrainer, RTECache, UpdateRefused, Worker, decode_batch
+from r2m.service.training import HeadTrainer, RTECache, UpdateRefused
+from r2m.service.worker import Worker, decode_batch
 
 P = 8  # policy width of these tests
 
@@ -70,10 +72,10 @@ def test_memory_store_versions_conflicts_pruning_and_rollback() -> None:
         store.publish(parent=i - 1, weights=f"w{i}".encode(), optim=b"o", meta={}, batch_ids=[f"b{i}"])
     assert store.latest() == 4 and store.versions() == [2, 3, 4]
     assert store.applied(["b1", "b4", "zz"]) == {"b1", "b4"}, "the ledger outlives pruned versions"
-    back = store.rollback(2)
+    back = rollback(store, 2)
     assert back["version"] == 5 and back["rollback_of"] == 2 and store.weights(5) == b"w2"
     with pytest.raises(KeyError):
-        store.rollback(0)  # pruned
+        rollback(store, 0)  # pruned
     assert store.wait_for_change(4, timeout=0.01) == 5
 
 
@@ -114,7 +116,7 @@ def test_rte_cache_evicts_least_recently_used() -> None:
 
 def test_update_widens_the_labelled_margin_and_uses_the_cache(tiny_neox_rm: Path) -> None:
     settings = _settings(tiny_neox_rm)
-    trainer = HeadTrainer(build_model(settings), settings)
+    trainer = HeadTrainer(build_engine(settings), settings)
     req = _request()
     pair = req.pairs[0]
 
@@ -140,7 +142,7 @@ def test_update_widens_the_labelled_margin_and_uses_the_cache(tiny_neox_rm: Path
 
 def test_feedback_free_update_trains_only_the_score_layer(tiny_neox_rm: Path) -> None:
     settings = _settings(tiny_neox_rm)
-    trainer = HeadTrainer(build_model(settings), settings)
+    trainer = HeadTrainer(build_engine(settings), settings)
     attn = {k: v.clone() for k, v in trainer.head.attention.state_dict().items()}
     score = trainer.head.score.weight.detach().clone()
     trainer.update([_request(hidden=False)])
@@ -150,13 +152,13 @@ def test_feedback_free_update_trains_only_the_score_layer(tiny_neox_rm: Path) ->
 
 def test_ranking_by_given_rewards_changes_the_pair(tiny_neox_rm: Path) -> None:
     settings = _settings(tiny_neox_rm, rank_by="given", train_steps=1)
-    a = HeadTrainer(build_model(settings), settings)
+    a = HeadTrainer(build_engine(settings), settings)
     req = _request()
     req.groups[0].rewards = [0.0, 5.0, 1.0, 2.0]
     req.pairs.clear()
     stats_given = a.update([req])
     settings_r = _settings(tiny_neox_rm, train_steps=1)
-    b = HeadTrainer(build_model(settings_r), settings_r)
+    b = HeadTrainer(build_engine(settings_r), settings_r)
     stats_recomputed = b.update([req])
     assert stats_given.gre == pytest.approx(stats_recomputed.gre)
     assert stats_given.bt != pytest.approx(stats_recomputed.bt)
@@ -168,7 +170,7 @@ def test_ranking_by_given_rewards_changes_the_pair(tiny_neox_rm: Path) -> None:
 def test_worker_publishes_once_per_batch_and_skips_replays(tiny_neox_rm: Path) -> None:
     settings = _settings(tiny_neox_rm, train_steps=2)
     queue, store = MemoryPreferenceQueue(), MemoryHeadStore(keep=10)
-    worker = Worker(HeadTrainer(build_model(settings), settings), queue, store, block_ms=10)
+    worker = Worker(HeadTrainer(build_engine(settings), settings), queue, store, block_ms=10)
     queue.add("b1", _body(_request(batch_id="b1")))
     queue.add("b1", _body(_request(batch_id="b1")))  # a client retry of the same batch
     assert worker.run_once() == 1
@@ -181,7 +183,7 @@ def test_worker_publishes_once_per_batch_and_skips_replays(tiny_neox_rm: Path) -
 
 def test_worker_retrains_on_top_of_a_version_published_by_another_worker(tiny_neox_rm: Path) -> None:
     settings = _settings(tiny_neox_rm, train_steps=1)
-    model = build_model(settings)
+    model = build_engine(settings)
     queue, store = MemoryPreferenceQueue(), MemoryHeadStore(keep=10)
     w1 = Worker(HeadTrainer(model, settings), queue, store, block_ms=10)
     w2 = Worker(HeadTrainer(model, settings), queue, store, block_ms=10)
@@ -202,7 +204,7 @@ def test_a_batch_left_pending_by_a_dead_worker_is_taken_over(tiny_neox_rm: Path)
     queue, store = MemoryPreferenceQueue(), MemoryHeadStore(keep=10)
     queue.add("orphan", _body(_request(batch_id="orphan")))
     assert [m.batch_id for m in queue.read("dead-worker", 10, 10)] == ["orphan"]  # then the worker dies
-    worker = Worker(HeadTrainer(build_model(settings), settings), queue, store, claim_idle_ms=50, block_ms=10)
+    worker = Worker(HeadTrainer(build_engine(settings), settings), queue, store, claim_idle_ms=50, block_ms=10)
     time.sleep(0.06)
     assert worker.run_once() == 1
     assert store.meta(store.latest())["batch_ids"] == ["orphan"] and queue.stats()["pending"] == 0
@@ -213,7 +215,7 @@ def test_an_update_that_goes_non_finite_is_never_published(tiny_neox_rm: Path) -
     # overflows. Validated input, and still a head that must never reach a replica.
     settings = _settings(tiny_neox_rm, train_lr=1e30, train_steps=2)
     queue, store = MemoryPreferenceQueue(), MemoryHeadStore(keep=10)
-    worker = Worker(HeadTrainer(build_model(settings), settings), queue, store, block_ms=10)
+    worker = Worker(HeadTrainer(build_engine(settings), settings), queue, store, block_ms=10)
     worker.sync()
     v0 = store.weights(0)
     queue.add("runaway", _body(_request(batch_id="runaway")))
@@ -229,7 +231,12 @@ def test_an_update_that_goes_non_finite_is_never_published(tiny_neox_rm: Path) -
 
 def test_decode_batch_round_trips_the_queued_body() -> None:
     req = _request(batch_id="x1")
-    assert decode_batch(_body(req)) == req
+    assert decode_batch(_body(req)).request == req
+    tokens = [Encoded([2, 5, i]) for i in range(len(req.texts()))]
+    batch = decode_batch(_body(req), Encoded.pack(tokens))
+    assert batch.request == req and batch.encoded == tokens
+    with pytest.raises(ValueError, match="token lists for 6 texts"):
+        decode_batch(_body(req), Encoded.pack(tokens[:2]))
 
 
 # --- embedded mode: the same logic inside `r2m serve` ----------------------------------------------------------
@@ -292,7 +299,7 @@ def test_a_head_that_scores_non_finite_is_reverted_and_never_answered(tiny_neox_
     with TestClient(create_app(settings)) as client:
         _wait(lambda: client.get("/readyz").status_code == 200)
         state = client.app.state.r2m
-        model, store = state.model, state.store
+        model, store = state.engine, state.store
         meta = {"config": model.head_config.to_dict(), "model": settings.model}
         body = {"items": [{"prompt": "help me cook", "response": "no"}]}  # the plain-RM path: phi alone
         plain = client.post("/score", json=body).json()["rewards"]
@@ -316,14 +323,49 @@ def test_a_head_that_scores_non_finite_is_reverted_and_never_answered(tiny_neox_
         again = client.post("/score", json=body).json()
         assert again == {"rewards": plain, "head_version": 0, "omega": 1.0}
         nan = publish(lambda h: h.attention.w_q.weight.fill_(float("nan")))  # refused at load
+        _wait(lambda: nan in model.bad_versions)
+        assert model.current.version == 0
         good = publish(lambda h: h.score.weight.mul_(2.0))
         _wait(lambda: model.current.version == good)
-        assert overflow in model.bad_versions and nan in model.bad_versions
+        assert overflow in model.bad_versions
         doubled = client.post("/score", json=body).json()
         assert doubled["head_version"] == good and doubled["rewards"][0] == pytest.approx(2 * plain[0], rel=1e-5)
         metrics = client.get("/metrics").text
         assert "r2m_head_reverts_total 1.0" in metrics and "r2m_non_finite_rewards_total 1.0" in metrics
         assert "r2m_head_load_failures_total 1.0" in metrics
+
+
+@pytest.mark.parametrize("encoding", ["binary", "json"])
+def test_a_posted_batch_is_tokenized_and_converted_once_end_to_end(
+    tiny_neox_rm: Path, monkeypatch: pytest.MonkeyPatch, encoding: str
+) -> None:
+    """Server and worker together: each text goes through the tokenizer once (the API's tokens are queued with the
+    batch), each hidden-state tensor is converted to torch once (the API checks a view of the request's bytes)."""
+    from r2m.service.backbone import Backbone
+
+    calls = {"encode": 0, "to_torch": 0}
+
+    def counting(name, real):  # noqa: ANN001, ANN202
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(Backbone, "encode", counting("encode", Backbone.encode))
+    monkeypatch.setattr(WireTensor, "to_torch", counting("to_torch", WireTensor.to_torch))
+    req = _request(batch_id=f"once-{encoding}")  # one group of 4 responses and one pair, all with hidden states
+    texts, tensors = len(req.texts()), 4 + 2
+    with TestClient(create_app(_settings(tiny_neox_rm, head_poll_s=0.2))) as client:
+        _wait(lambda: client.get("/readyz").status_code == 200)
+        assert calls == {"encode": 0, "to_torch": 0}
+        if encoding == "binary":
+            r = client.post("/preferences", content=_body(req), headers={"content-type": BINARY_CONTENT_TYPE})
+        else:
+            r = client.post("/preferences", json=jsonify_request(as_payload(req)))
+        assert r.status_code == 202, r.text
+        _wait(lambda: client.get("/heads/current").json()["version"] == 1)
+        assert calls == {"encode": texts, "to_torch": tensors}, calls
 
 
 BAD_PREFERENCES = {
@@ -392,7 +434,7 @@ def test_head_sync_waits_instead_of_spinning_on_an_empty_store(tiny_neox_rm: Pat
 
     store.wait_for_change = counting_wait  # type: ignore[method-assign]
     settings = _settings(tiny_neox_rm)
-    model = build_model(settings)
+    model = build_engine(settings)
     sync = HeadSync(model, store, ServiceMetrics(), settings.model, poll_s=0.1)
     sync.start()
     time.sleep(0.5)

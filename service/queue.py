@@ -12,7 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 
@@ -27,12 +27,13 @@ class QueueUnavailable(Exception):
 class Message:
     entry_id: str
     batch_id: str
-    body: bytes
+    body: bytes  # the batch in the binary encoding (docs/api.md)
     enqueued: float  # unix time the batch was accepted
+    tokens: bytes | None = None  # the reward model's tokens of its texts, as the API computed them (Encoded.pack)
 
 
 class PreferenceQueue(Protocol):
-    def add(self, batch_id: str, body: bytes) -> str: ...
+    def add(self, batch_id: str, body: bytes, tokens: bytes | None = None) -> str: ...
     def read(self, consumer: str, count: int, block_ms: int) -> list[Message]: ...
     def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[Message]: ...
     def ack(self, entry_ids: list[str]) -> None: ...
@@ -62,10 +63,13 @@ class RedisPreferenceQueue:
                 raise
         self._group_ready = True
 
-    def add(self, batch_id: str, body: bytes) -> str:
+    def add(self, batch_id: str, body: bytes, tokens: bytes | None = None) -> str:
+        fields: dict[str, str | bytes] = {"batch_id": batch_id, "body": body, "enqueued": repr(time.time())}
+        if tokens is not None:
+            fields["tokens"] = tokens
         try:
             self._ensure_group()
-            entry = self.r.xadd(self.stream, {"batch_id": batch_id, "body": body, "enqueued": repr(time.time())})
+            entry = self.r.xadd(self.stream, fields)  # type: ignore[arg-type]
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc) from exc
         return entry.decode() if isinstance(entry, bytes) else str(entry)
@@ -82,6 +86,7 @@ class RedisPreferenceQueue:
                     batch_id=fields[b"batch_id"].decode(),
                     body=fields[b"body"],
                     enqueued=float(fields.get(b"enqueued", b"0")),
+                    tokens=fields.get(b"tokens"),
                 )
             )
         return out
@@ -89,7 +94,7 @@ class RedisPreferenceQueue:
     def read(self, consumer: str, count: int, block_ms: int) -> list[Message]:
         try:
             self._ensure_group()
-            reply = self.r.xreadgroup(self.group, consumer, {self.stream: ">"}, count=count, block=block_ms)
+            reply: Any = self.r.xreadgroup(self.group, consumer, {self.stream: ">"}, count=count, block=block_ms)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc) from exc
         return self._messages(reply[0][1]) if reply else []
@@ -137,11 +142,11 @@ class MemoryPreferenceQueue:
         self._new: OrderedDict[str, Message] = OrderedDict()
         self._pending: dict[str, tuple[Message, str, float]] = {}  # entry -> (message, consumer, delivered at)
 
-    def add(self, batch_id: str, body: bytes) -> str:
+    def add(self, batch_id: str, body: bytes, tokens: bytes | None = None) -> str:
         with self._cond:
             self._seq += 1
             entry = f"{int(time.time() * 1000)}-{self._seq}"
-            self._new[entry] = Message(entry, batch_id, body, time.time())
+            self._new[entry] = Message(entry, batch_id, body, time.time(), tokens)
             self._cond.notify_all()
             return entry
 
@@ -149,7 +154,7 @@ class MemoryPreferenceQueue:
         with self._cond:
             if not self._new:
                 self._cond.wait_for(lambda: bool(self._new), timeout=block_ms / 1000)
-            out = []
+            out: list[Message] = []
             while self._new and len(out) < count:
                 entry, msg = self._new.popitem(last=False)
                 self._pending[entry] = (msg, consumer, time.monotonic())

@@ -19,33 +19,17 @@ Redis layout (prefix `r2m` by default):
 
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 import redis
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from .model import HeadConfig, R2MHead
+from .headcodec import sha256
 
-__all__ = [
-    "Conflict",
-    "HeadStore",
-    "MemoryHeadStore",
-    "RedisHeadStore",
-    "StoreUnavailable",
-    "head_from_bytes",
-    "head_to_bytes",
-    "serving_bytes",
-    "optimizer_from_bytes",
-    "optimizer_to_bytes",
-]
+__all__ = ["Conflict", "HeadStore", "MemoryHeadStore", "RedisHeadStore", "StoreUnavailable", "rollback"]
 
 
 class Conflict(Exception):
@@ -54,75 +38,6 @@ class Conflict(Exception):
 
 class StoreUnavailable(Exception):
     """The store (Redis) cannot be reached."""
-
-
-# The attention matrices replicas serve travel in float16: half of the swap's fetch, hash and load time (a 40 MB
-# head at d = 2048 becomes 20 MB), at a relative rounding error of ~5e-4 in weights of magnitude ~1/sqrt(d). The score
-# layer phi stays float32, so a row without feedback (w = 1) still gets the plain RM's reward bit for bit.
-SERVING_DTYPE = torch.float16
-
-
-def head_to_bytes(head: R2MHead, attention_dtype: torch.dtype = torch.float32) -> bytes:
-    """The head's state dict as safetensors; the attention matrices in `attention_dtype`, phi always float32."""
-    state = {
-        k: v.detach().to(attention_dtype if k.startswith("attention.") else torch.float32).cpu().contiguous()
-        for k, v in head.state_dict().items()
-    }
-    return st_save(state, metadata={"config": json.dumps(head.config.to_dict())})
-
-
-def serving_bytes(head: R2MHead) -> bytes:
-    """The copy replicas fetch on a swap (`SERVING_DTYPE` attention): see `head_to_bytes`."""
-    return head_to_bytes(head, SERVING_DTYPE)
-
-
-def head_from_bytes(blob: bytes, config: HeadConfig) -> R2MHead:
-    """Rebuild a float32 head from a master or serving blob; raises ValueError when the blob does not fit `config`
-    (another model or width)."""
-    state = {k: v if v.dtype == torch.float32 else v.float() for k, v in st_load(blob).items()}
-    with torch.device("meta"):  # no random init of weights that are overwritten at once (~100 ms at d = 2048)
-        head = R2MHead(config)
-    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != got:
-        raise ValueError(f"head weights do not fit this server's head config {config}: {got} vs {expected}")
-    head.load_state_dict(state, assign=True)
-    return head
-
-
-def optimizer_to_bytes(opt: torch.optim.Optimizer) -> bytes:
-    """The optimizer state as safetensors (tensors) + JSON metadata (scalars and param groups); no pickle."""
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, pstate in sd["state"].items():
-        for name, value in pstate.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[name] = value
-    meta = {"param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars)}
-    return st_save(tensors, metadata=meta)
-
-
-def _safetensors_metadata(blob: bytes) -> dict[str, str]:
-    (n,) = struct.unpack("<Q", blob[:8])
-    return json.loads(blob[8 : 8 + n]).get("__metadata__") or {}
-
-
-def optimizer_from_bytes(opt: torch.optim.Optimizer, blob: bytes) -> None:
-    meta = _safetensors_metadata(blob)
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in st_load(blob).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    for pid, values in json.loads(meta.get("scalars", "{}")).items():
-        state.setdefault(int(pid), {}).update(values)
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-
-
-def sha256(blob: bytes) -> str:
-    return hashlib.sha256(blob).hexdigest()
 
 
 class HeadStore(Protocol):
@@ -143,9 +58,30 @@ class HeadStore(Protocol):
         batch_ids: list[str],
         serving: bytes | None = None,
     ) -> dict[str, Any]: ...
-    def rollback(self, to: int) -> dict[str, Any]: ...
     def wait_for_change(self, seen: int | None, timeout: float) -> int | None: ...
     def close(self) -> None: ...
+
+
+def rollback(store: HeadStore, to: int) -> dict[str, Any]:
+    """Republish kept version `to` as the newest version (its weights, optimizer state and serving copy), so that
+    replicas move forward to it; KeyError when `to` is not kept."""
+    for _ in range(10):
+        meta, weights = store.meta(to), store.weights(to)
+        if meta is None or weights is None:
+            raise KeyError(to)
+        base = {k: v for k, v in meta.items() if k in ("config", "model")}
+        try:
+            return store.publish(
+                parent=store.latest(),
+                weights=weights,
+                optim=store.optim(to),
+                meta={**base, "rollback_of": to},
+                batch_ids=[],
+                serving=store.serving(to),
+            )
+        except Conflict:
+            continue  # a worker published meanwhile: roll back on top of that one
+    raise Conflict("could not roll back: versions kept being published")
 
 
 def _new_meta(
@@ -235,22 +171,6 @@ class MemoryHeadStore:
             self._cond.notify_all()
             return full
 
-    def rollback(self, to: int) -> dict[str, Any]:
-        with self._cond:
-            entry = self._versions.get(to)
-            if entry is None:
-                raise KeyError(to)
-            weights, optim, meta, serving = entry
-            base = {k: v for k, v in meta.items() if k in ("config", "model")}
-            return self.publish(
-                parent=self._latest,
-                weights=weights,
-                optim=optim,
-                meta={**base, "rollback_of": to},
-                batch_ids=[],
-                serving=serving,
-            )
-
     def wait_for_change(self, seen: int | None, timeout: float) -> int | None:
         with self._cond:
             self._cond.wait_for(lambda: self._latest != seen, timeout=timeout)
@@ -321,8 +241,8 @@ class RedisHeadStore:
         try:
             with self.r.pipeline() as pipe:
                 pipe.watch(latest_key)
-                current = pipe.get(latest_key)
-                current = int(current) if current is not None else None
+                raw = pipe.get(latest_key)
+                current = int(raw) if raw is not None else None
                 if current != parent:
                     raise Conflict(f"latest is {current}, update was trained from {parent}")
                 version = 0 if parent is None else parent + 1
@@ -355,25 +275,6 @@ class RedisHeadStore:
             self._call(self.r.zrem, self._k("heads", "versions"), str(v))
             keys = [self._k("head", v, name) for name in ("weights", "serving", "optim", "meta")]
             self._call(self.r.delete, *keys)
-
-    def rollback(self, to: int) -> dict[str, Any]:
-        for _ in range(10):
-            meta, weights = self.meta(to), self.weights(to)
-            if meta is None or weights is None:
-                raise KeyError(to)
-            base = {k: v for k, v in meta.items() if k in ("config", "model")}
-            try:
-                return self.publish(
-                    parent=self.latest(),
-                    weights=weights,
-                    optim=self.optim(to),
-                    meta={**base, "rollback_of": to},
-                    batch_ids=[],
-                    serving=self.serving(to),
-                )
-            except Conflict:
-                continue
-        raise Conflict("could not roll back: versions kept being published")
 
     def wait_for_change(self, seen: int | None, timeout: float) -> int | None:
         """Block until an announcement or `timeout`; return the latest version either way (timer catch-up)."""

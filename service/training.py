@@ -1,0 +1,257 @@
+"""One R2M optimisation phase (R2M.md, "Updating"): preference batches in, GREBT steps on the feedback attention
+and the score head, a candidate head out. The worker loop (`r2m.service.worker`) decides what to do with it.
+
+The backbone is frozen, so a text's reward-token embedding never changes: `RTECache` keeps them by text hash, and
+on a miss the tokens the API already computed (queued beside the batch) go straight to the backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbone import Encoded
+from .config import ServiceSettings
+from .engine import ScoringEngine, head_is_finite, initial_head, pad_hidden
+from .headcodec import head_from_bytes, head_to_bytes, optimizer_from_bytes, optimizer_to_bytes, serving_bytes
+from .model import bt_loss, grebt_loss, omega
+from .schemas import PreferencesRequest
+
+__all__ = ["HeadTrainer", "RTECache", "UpdateRefused", "UpdateStats"]
+
+
+class RTECache:
+    """Reward-token embeddings by text hash: the backbone is frozen, so a text's RTE never changes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(prompt: str, response: str) -> bytes:
+        return hashlib.sha256(f"{len(prompt)}:{prompt}{response}".encode()).digest()
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: bytes, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes or key in self._data:
+            return
+        self._data[key] = value
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, old = self._data.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class UpdateRefused(Exception):
+    """The update's candidate head must not be published; `reason` is a short label for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class UpdateStats:
+    loss: float
+    bt: float
+    gre: float
+    pair_bt: float
+    group_reward_std: float
+    groups: int
+    pairs: int
+    seconds: float
+    rte_hits: int = 0
+    rte_misses: int = 0
+
+    def loss_dict(self) -> dict[str, float]:
+        return {"grebt": self.loss, "bt": self.bt, "gre": self.gre, "pair_bt": self.pair_bt}
+
+
+@dataclass
+class _Flat:
+    """Every response of a batch in one list, with the index ranges that make up its groups and pairs."""
+
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    encoded: list[Encoded | None] = field(default_factory=list)  # the API's tokens; None: tokenize here
+    hidden: list[torch.Tensor | None] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    groups: list[range] = field(default_factory=list)
+    given: list[list[float] | None] = field(default_factory=list)
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _flatten(
+    requests: Sequence[PreferencesRequest], omega_floor: float, encoded: Sequence[list[Encoded] | None]
+) -> _Flat:
+    """The batches in `PreferencesRequest.texts()` order; each hidden-state tensor is converted here, once."""
+    flat = _Flat()
+    for req, tokens in zip(requests, encoded):
+        w = omega(req.step, req.total_steps, omega_floor)
+        texts = req.texts()
+        assert tokens is None or len(tokens) == len(texts), (len(tokens), len(texts))
+        base = len(flat.prompts)
+        hidden: list[torch.Tensor | None] = []
+        for g in req.groups:
+            start = base + len(hidden)
+            hidden += [t.to_torch() for t in g.hidden] if g.hidden is not None else [None] * len(g.responses)
+            flat.groups.append(range(start, base + len(hidden)))
+            flat.given.append(list(g.rewards) if g.rewards is not None else None)
+        for p in req.pairs:
+            n = base + len(hidden)
+            hidden += [t.to_torch() if t is not None else None for t in (p.chosen_hidden, p.rejected_hidden)]
+            flat.pairs.append((n, n + 1))
+        flat.prompts += [p for p, _ in texts]
+        flat.responses += [r for _, r in texts]
+        flat.encoded += tokens if tokens is not None else [None] * len(texts)
+        flat.hidden += hidden
+        flat.weights += [w] * len(texts)
+    return flat
+
+
+class HeadTrainer:
+    """The trainable head and its optimizer, on top of the frozen backbone of `engine`."""
+
+    def __init__(self, engine: ScoringEngine, settings: ServiceSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        device = engine.backbone.device
+        self.head = initial_head(engine.backbone, engine.head_config, settings.seed).to(device).train()
+        self.opt = self._optimizer()
+        self.version: int | None = None  # the store version the local head equals; None: the unpublished initial
+        self.cache = RTECache(settings.rte_cache_mb * 2**20)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        s = self.settings
+        return torch.optim.AdamW(self.head.parameters(), lr=s.train_lr, weight_decay=s.train_weight_decay)
+
+    def load(self, version: int, weights: bytes, optim: bytes | None) -> None:
+        self.head = head_from_bytes(weights, self.engine.head_config).to(self.engine.backbone.device).train()
+        self.opt = self._optimizer()
+        if optim is not None:
+            optimizer_from_bytes(self.opt, optim)
+            for group in self.opt.param_groups:  # settings win over the saved hyper-parameters
+                group["lr"] = self.settings.train_lr
+                group["weight_decay"] = self.settings.train_weight_decay
+        self.version = version
+
+    def state_bytes(self) -> tuple[bytes, bytes, bytes]:
+        """(float32 weights, optimizer state, the float16 serving copy replicas fetch)."""
+        return head_to_bytes(self.head), optimizer_to_bytes(self.opt), serving_bytes(self.head)
+
+    def rtes(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        use_cache: bool = True,
+        encoded: Sequence[Encoded | None] | None = None,
+    ) -> torch.Tensor:
+        """RTEs `(N, D_rm)`, from the cache where possible; misses go through the backbone in token-budget chunks,
+        with their tokens from `encoded` where given (tokenized here otherwise)."""
+        keys = [RTECache.key(p, r) for p, r in zip(prompts, responses)]
+        out: list[torch.Tensor | None] = [self.cache.get(k) if use_cache else None for k in keys]
+        missing = [i for i, v in enumerate(out) if v is None]
+        self.cache.hits += len(keys) - len(missing)
+        self.cache.misses += len(missing)
+        if missing:
+            tokens = [
+                (encoded[i] if encoded is not None else None) or self.engine.backbone.encode(prompts[i], responses[i])
+                for i in missing
+            ]
+            fresh = self.engine.embed(tokens, self.settings.max_batch_tokens)
+            for j, i in enumerate(missing):
+                out[i] = fresh[j]
+                if use_cache:
+                    self.cache.put(keys[i], fresh[j].detach().clone())
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def update(
+        self,
+        requests: Sequence[PreferencesRequest],
+        use_cache: bool = True,
+        encoded: Sequence[list[Encoded] | None] | None = None,
+    ) -> UpdateStats:
+        """One R2M optimisation phase on the batches' groups (GREBT) and labelled pairs (BT).
+
+        `encoded[i]`: the tokens of `requests[i].texts()` as the API computed them (None: tokenize here).
+
+        Raises UpdateRefused when a loss or the updated weights are non-finite; the head is then left in an unknown
+        state, and the caller reloads it from the store before training again.
+        """
+        started = time.perf_counter()
+        hits, misses = self.cache.hits, self.cache.misses
+        s = self.settings
+        flat = _flatten(requests, s.omega_floor, encoded or [None] * len(requests))
+        device = self.engine.backbone.device
+        rte = self.rtes(flat.prompts, flat.responses, use_cache, flat.encoded).to(device)  # (N, D_rm)
+        w = torch.tensor(flat.weights, dtype=torch.float32, device=device)
+        use = [h is not None and wi < 1.0 for h, wi in zip(flat.hidden, flat.weights)]
+        h_pad = mask = sel = None
+        if any(use):
+            # dtype None: bf16/fp16 hidden states stay as they came; the attention reads them without a float32 copy.
+            h_pad, mask = pad_hidden([h for h, u in zip(flat.hidden, use) if u and h is not None], None, device)
+            sel = torch.tensor(use, device=device)
+        rank_given = s.rank_by == "given" and all(g is not None for g in flat.given)
+        first: dict[str, float] = {}
+        for step in range(s.train_steps):
+            rewards = self.head(rte, w, h_pad, mask, with_feedback=sel)  # (N,)
+            terms: list[torch.Tensor] = []
+            weights: list[int] = []
+            grebt = None
+            if flat.groups:
+                groups = [rewards[r.start : r.stop] for r in flat.groups]
+                rank_by = [torch.tensor(g, device=device) for g in flat.given] if rank_given else None
+                grebt = grebt_loss(groups, alpha=s.grebt_alpha, rank_by=rank_by)
+                terms.append(grebt.total)
+                weights.append(len(flat.groups))
+            pair = None
+            if flat.pairs:
+                idx = torch.tensor(flat.pairs, device=device)
+                pair = bt_loss(rewards[idx[:, 0]], rewards[idx[:, 1]])
+                terms.append(pair)
+                weights.append(len(flat.pairs))
+            loss = torch.stack([t * n for t, n in zip(terms, weights)]).sum() / sum(weights)
+            if not math.isfinite(loss.item()):
+                raise UpdateRefused("non_finite_loss", f"GREBT loss {loss.item()} at optimizer step {step}")
+            if step == 0:
+                with torch.no_grad():
+                    stds = [rewards[r.start : r.stop].std(correction=0).item() for r in flat.groups]
+                first = {
+                    "loss": loss.item(),
+                    "bt": grebt.bt.item() if grebt is not None else 0.0,
+                    "gre": grebt.gre.item() if grebt is not None else 0.0,
+                    "pair_bt": pair.item() if pair is not None else 0.0,
+                    "group_reward_std": sum(stds) / len(stds) if stds else 0.0,
+                }
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), s.train_max_grad_norm)
+            self.opt.step()
+        if not head_is_finite(self.head):
+            raise UpdateRefused("non_finite_weights", "the updated head's weights hold NaN or Inf")
+        return UpdateStats(
+            **first,
+            groups=len(flat.groups),
+            pairs=len(flat.pairs),
+            seconds=time.perf_counter() - started,
+            rte_hits=self.cache.hits - hits,
+            rte_misses=self.cache.misses - misses,
+        )
