@@ -34,10 +34,9 @@ def settings_flags(settings_cls: Any, env_prefix: str) -> Iterator[Flag]:
     for name, field in settings_cls.model_fields.items():
         if name not in SECRETS:
             literal = typing.get_origin(field.annotation) is typing.Literal
-            env = f"{env_prefix}{name.upper()}"
-            yield Flag(
-                name, field.annotation if literal else str, f"{field.description} [env {env}; default {field.default}]"
-            )
+            default = "computed, see above" if field.default_factory is not None else field.default
+            text = f"{field.description} [env {env_prefix}{name.upper()}; default {default}]"
+            yield Flag(name, field.annotation if literal else str, text)
 
 
 def config_flags(config_cls: Any) -> Iterator[Flag]:

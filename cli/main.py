@@ -55,7 +55,27 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+    )
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: /readyz says 503 "draining" at once; uvicorn stops accepting, lets the requests it
+        accepted finish (at most R2M_DRAIN_TIMEOUT_S), then the app shuts down."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if not app.state.r2m.draining:
+                logging.getLogger("r2m.service").info(
+                    "signal %d: draining (at most %.0f s)", sig, settings.drain_timeout_s
+                )
+            app.state.r2m.draining = True
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    DrainingServer(config).run()
     return 0
 
 
@@ -76,23 +96,47 @@ def _worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:
         raise SystemExit("r2m worker: set R2M_REDIS_URL (or --redis-url); `r2m serve` without Redis has its own worker")
+    queue = RedisPreferenceQueue(settings.redis_url, settings.redis_prefix)
+    if args.dead_letters or args.replay:
+        return _dead_letters(queue, args.replay)
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.host, registry=metrics.registry)
     engine = build_engine(settings)
     worker = Worker(
         HeadTrainer(engine, settings),
-        RedisPreferenceQueue(settings.redis_url, settings.redis_prefix),
+        queue,
         RedisHeadStore(settings.redis_url, settings.redis_prefix, settings.head_keep),
         metrics,
         max_batches=settings.worker_max_batches,
         claim_idle_ms=settings.worker_claim_idle_ms,
+        max_attempts=settings.worker_max_attempts,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     logging.getLogger("r2m.worker").info("worker %s consuming %s", worker.consumer, settings.redis_url)
     worker.run(stop)
+    return 0
+
+
+def _dead_letters(queue, replay: list[str] | None) -> int:  # noqa: ANN001 - a PreferenceQueue
+    """List the dead letters (JSON lines), or put some (or `all`) back on the stream."""
+    from r2m.service.queue import QueueUnavailable, dead_letters_json
+
+    try:
+        if not replay:
+            print(dead_letters_json(queue, count=1000) or "no dead letters")
+            return 0
+        known = {d.entry_id for d in queue.dead_letters(count=100_000)}
+        ids = None if replay == ["all"] else replay
+        unknown = sorted(set(ids or ()) - known)
+        if unknown:
+            raise SystemExit(f"r2m worker --replay: no dead letter with id {', '.join(unknown)} (see --dead-letters)")
+        batches = queue.replay(ids)
+    except QueueUnavailable as exc:
+        raise SystemExit(f"r2m worker: {exc}") from None
+    print(f"replayed {len(batches)} batch(es): {', '.join(batches) or '-'}; a running worker trains each once")
     return 0
 
 
@@ -172,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
         "same settings as `serve` (model, widths, seed must match the servers').",
     )
     _add_service_flags(worker)
+    dead = worker.add_mutually_exclusive_group()
+    dead.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help="list the dead-letter stream (JSON lines: id, batch, reason) and exit",
+    )
+    dead.add_argument(
+        "--replay",
+        nargs="+",
+        metavar="ID",
+        help="put dead letters (their ids from --dead-letters, or `all`) back on the stream and exit; after a "
+        "settings fix, the worker trains each once",
+    )
     worker.set_defaults(func=_worker)
 
     fit = sub.add_parser(

@@ -1,11 +1,12 @@
-"""Assembles the FastAPI app: routers, error handlers, the request-size and metrics middleware, model loading."""
+"""Assembles the FastAPI app: routers, error handlers, the middleware (size limit, memory budget, metrics) and the
+model loading."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,7 +16,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .api import get_reward, heads, health, preferences, score
@@ -23,10 +23,11 @@ from .api.deps import ServiceState
 from .batcher import BadReward, Batcher, Overloaded
 from .config import ServiceSettings
 from .engine import ScoringEngine, build_engine
-from .errors import BadInput, PayloadTooLarge
+from .errors import BadInput
 from .headstore import MemoryHeadStore, RedisHeadStore
 from .headsync import HeadSync
 from .metrics import ServiceMetrics, WorkerMetrics
+from .middleware import RequestGate
 from .queue import MemoryPreferenceQueue, RedisPreferenceQueue
 from .schemas import PreferencesRequest, ScoreRequest
 from .training import HeadTrainer
@@ -38,59 +39,6 @@ log = logging.getLogger("r2m.service")
 
 # Request bodies parsed by hand (two encodings) whose schemas the OpenAPI document must still show.
 _BODY_MODELS = (ScoreRequest, PreferencesRequest)
-
-
-class _BodyLimitAndMetrics:
-    """Pure ASGI middleware: rejects bodies over the limit (413) while they stream, and times every request."""
-
-    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.state.settings.max_request_bytes
-        started = time.perf_counter()
-        status = {"code": 500}
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        try:
-            declared = int(length) if length is not None else None
-        except ValueError:
-            declared = None
-        if declared is not None and declared > limit:
-            await _send_json(send_wrapper, 413, PayloadTooLarge(limit).detail)
-        else:
-            received = 0
-
-            async def receive_limited() -> Message:
-                nonlocal received
-                message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > limit:
-                        raise PayloadTooLarge(limit)
-                return message
-
-            await self.app(scope, receive_limited, send_wrapper)
-        route = scope.get("route")
-        path = getattr(route, "path", "other")
-        m = self.state.metrics
-        m.http_requests.labels(path, scope["method"], str(status["code"])).inc()
-        m.http_latency.labels(path, scope["method"]).observe(time.perf_counter() - started)
-
-
-async def _send_json(send: Callable[[Message], Any], code: int, detail: str) -> None:
-    response = JSONResponse({"detail": detail}, status_code=code)
-    await send({"type": "http.response.start", "status": code, "headers": response.raw_headers})
-    await send({"type": "http.response.body", "body": response.body})
 
 
 def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | None = None) -> FastAPI:
@@ -124,6 +72,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
                     max_batches=settings.worker_max_batches,
                     claim_idle_ms=settings.worker_claim_idle_ms,
                     block_ms=500,
+                    max_attempts=settings.worker_max_attempts,
                 )
                 state.background.append(WorkerThread(worker).start())
         sync = HeadSync(m, state.store, state.metrics, settings.model, settings.head_poll_s)
@@ -171,7 +120,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     app.include_router(preferences.router)
     app.include_router(heads.router)
     app.include_router(get_reward.router)
-    app.add_middleware(_BodyLimitAndMetrics, state=state)
+    app.add_middleware(RequestGate, state=state)
     _install_error_handlers(app)
     _install_openapi(app)
     return app

@@ -140,6 +140,7 @@ class Backbone:
     normalize: bool = False
     pad_id: int = 0
     info: dict = field(default_factory=dict)
+    _rte_norm: float | None = field(default=None, repr=False)
 
     @property
     def rm_dim(self) -> int:
@@ -191,6 +192,17 @@ class Backbone:
             kwargs["token_type_ids"] = types.to(self.device)
         hidden = self.model(**kwargs).last_hidden_state  # (B, T, D_rm)
         return pool(hidden, kwargs["attention_mask"], self.pooling, self.normalize).float()
+
+    def reference_rte_norm(self) -> float:
+        """The RTE's typical L2 norm on this backbone: the mean over 16 of the bundled prompts with a short answer
+        (1 for an L2-normalised encoder, often hundreds for a decoder RM's last-token state). Measured once."""
+        if self._rte_norm is None:
+            from r2m.data import load_prompts
+
+            encoded = [self.encode(p, "Here is a short, helpful answer.") for p in load_prompts("default")[:16]]
+            encoded = [x if len(x) <= self.max_tokens else Encoded(x.input_ids[-self.max_tokens :]) for x in encoded]
+            self._rte_norm = float(self.embed(encoded).norm(dim=1).mean())
+        return self._rte_norm
 
     def plain_reward(self, rte: torch.Tensor) -> torch.Tensor:
         """The pretrained RM's own reward for RTEs `(B, D_rm)`: its score layer, nothing else."""

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ServiceSettings"]
+__all__ = ["ServiceSettings", "default_inflight_bytes"]
+
+
+def default_inflight_bytes() -> int:
+    """A quarter of the memory this process may use (the machine's, or its container's cgroup limit when lower),
+    between 256 MiB and 8 GiB (1 GiB where neither can be read)."""
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
+            sizes.append(int(text))
+    if not sizes:
+        return 2**30
+    return int(min(max(min(sizes) // 4, 256 * 2**20), 8 * 2**30))
 
 
 class ServiceSettings(BaseSettings):
@@ -25,6 +47,15 @@ class ServiceSettings(BaseSettings):
     attn_heads: int = Field(1, ge=1, description="Heads of the feedback cross-attention (paper: 1).")
     omega_floor: float = Field(0.6, ge=0.0, le=1.0, description="Floor Omega of the w(t) schedule (paper: 0.6-0.7).")
     seed: int = Field(0, description="Seed of the initial feedback attention; equal on every replica.")
+    attn_init: Literal["scaled", "plain", "zero"] = Field(
+        "scaled",
+        description="How the feedback read-out starts: `scaled` (its norm R2M_ATTN_INIT_SCALE times the RTE's, for "
+        "hidden states of unit RMS, on any backbone), `plain` (PyTorch's default init: on the bundled encoder the "
+        "untrained read-out outweighs the RTE), `zero` (W_o = 0: the untrained reward is w times the plain RM's).",
+    )
+    attn_init_scale: float = Field(
+        0.1, gt=0, description="With R2M_ATTN_INIT=scaled: the initial read-out's norm over the RTE's typical norm."
+    )
     device: str = Field("auto", description="`auto` (cuda when available), `cpu`, `cuda`, `cuda:N`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -59,6 +90,22 @@ class ServiceSettings(BaseSettings):
         8192, ge=1, description="Items waiting for the backbone beyond which /score answers 503."
     )
     max_request_bytes: int = Field(512 * 2**20, ge=1024, description="Largest request body in bytes (413 beyond).")
+    max_inflight_bytes: int = Field(
+        default_factory=lambda: default_inflight_bytes(),
+        ge=2**20,
+        description="Memory the requests in flight may hold on a replica, 3 bytes per body byte (the body, its "
+        "decoded tensors, their padded batch); a request that does not fit waits R2M_INFLIGHT_WAIT_S, then gets "
+        "503 with Retry-After. Default: a quarter of this machine's memory, at most 8 GiB.",
+    )
+    inflight_wait_s: float = Field(
+        2.0, ge=0, description="How long a request waits for room in R2M_MAX_INFLIGHT_BYTES before its 503."
+    )
+    drain_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM `r2m serve` stops accepting, answers what it accepted, and exits within this many "
+        "seconds (Kubernetes: keep terminationGracePeriodSeconds above it).",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="When set, every route but /healthz, /readyz and /metrics needs `Authorization: Bearer`.",
@@ -89,6 +136,36 @@ class ServiceSettings(BaseSettings):
         30000, ge=1, description="A batch pending this long with a dead worker is taken over (XAUTOCLAIM)."
     )
     rte_cache_mb: int = Field(512, ge=0, description="Memory for the worker's reward-token-embedding cache.")
+    worker_max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Failed or refused updates of a batch before it goes to the dead-letter stream (with its reason).",
+    )
+    guard: bool = Field(
+        True,
+        description="Check each candidate head on a canary of recently trained items before publishing it (the "
+        "R2M_GUARD_* bounds); off: only the finiteness checks.",
+    )
+    guard_max_mean_shift: float = Field(
+        3.0,
+        gt=0,
+        description="Largest |mean reward shift| of a candidate head from the plain RM on the canary, in plain-RM "
+        "reward stds.",
+    )
+    guard_max_spread_ratio: float = Field(
+        4.0,
+        ge=1,
+        description="Largest ratio (either way) of a candidate head's reward std to the plain RM's on the canary.",
+    )
+    guard_min_rank_agreement: float = Field(
+        0.3,
+        ge=-1,
+        le=1,
+        description="Lowest Spearman correlation of a candidate head's rewards with the plain RM's on the canary.",
+    )
+    guard_min_items: int = Field(16, ge=2, description="Canary items below which the guard only records its figures.")
+    guard_canary_size: int = Field(256, ge=2, description="Recently trained items the guard keeps (a reservoir).")
+    guard_canary_mb: int = Field(256, ge=1, description="Memory for the guard's canary items (their hidden states).")
     worker_metrics_port: int = Field(9101, ge=0, le=65535, description="Port of `r2m worker`'s /metrics.")
     embedded_worker: bool = Field(
         True, description="Without R2M_REDIS_URL, run the update worker inside `r2m serve` (embedded mode)."

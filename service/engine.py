@@ -22,6 +22,7 @@ __all__ = [
     "build_engine",
     "head_is_finite",
     "initial_head",
+    "readout_gain",
     "pad_hidden",
     "score_rte",
 ]
@@ -70,12 +71,42 @@ def head_is_finite(head: R2MHead) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in head.parameters())
 
 
-def initial_head(backbone: Backbone, config: HeadConfig, seed: int = 0) -> R2MHead:
-    """Version 0: seeded random feedback attention (same on every replica) and the RM's own score layer."""
+# How the read-out starts (R2M_ATTN_INIT). The paper gives no initialisation and its untrained module behaves like
+# noise ("w/o Train" scores below vanilla RL); what matters is the read-out's size against the RTE's, which differs by
+# two orders of magnitude between an L2-normalised encoder (norm 1) and a decoder RM's last-token state (hundreds).
+ATTN_INITS = ("scaled", "plain", "zero")
+
+
+def readout_gain(head: R2MHead, n: int = 64, seed: int = 0) -> float:
+    """Mean norm of the read-out `W_o W_v x` for pooled hidden states x of unit RMS per dimension (what a policy's
+    final RMSNorm/LayerNorm emits with a gain near 1): the read-out's size per unit of hidden-state RMS."""
+    attn = head.attention
+    x = torch.randn(n, attn.policy_dim, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return float(attn.w_o(attn.w_v(x)).norm(dim=1).mean())
+
+
+def initial_head(
+    backbone: Backbone, config: HeadConfig, seed: int = 0, init: str = "scaled", init_scale: float = 0.1
+) -> R2MHead:
+    """Version 0: seeded random feedback attention (same on every replica) and the RM's own score layer.
+
+    `init`: "scaled" (W_o scaled so that for unit-RMS hidden states the read-out's norm is `init_scale` times the
+    RTE's typical norm, measured on the backbone), "plain" (PyTorch's default init, as the paper presumably used),
+    "zero" (W_o = 0: the untrained reward is w * phi(e), the plain RM's order and GRPO advantages exactly).
+    """
+    if init not in ATTN_INITS:
+        raise ValueError(f"unknown attention init {init!r}; choose one of {', '.join(ATTN_INITS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = R2MHead(config)
     with torch.no_grad():
+        if init == "zero":
+            head.attention.w_o.weight.zero_()
+        elif init == "scaled":
+            # Two significant digits: replicas on other devices or dtypes measure the same factor.
+            factor = float(f"{init_scale * backbone.reference_rte_norm() / readout_gain(head):.2g}")
+            head.attention.w_o.weight.mul_(factor)
         # Start from weights the float16 serving copy holds exactly, so version 0 scores the same on a replica
         # that built it and on one that loaded it from the store (service/heads.py, SERVING_DTYPE).
         for p in head.attention.parameters():
@@ -90,18 +121,26 @@ def initial_head(backbone: Backbone, config: HeadConfig, seed: int = 0) -> R2MHe
 
 
 class ScoringEngine:
-    def __init__(self, backbone: Backbone, head_config: HeadConfig, seed: int = 0) -> None:
+    def __init__(
+        self, backbone: Backbone, head_config: HeadConfig, seed: int = 0, init: str = "scaled", init_scale: float = 0.1
+    ) -> None:
         if head_config.rm_dim != backbone.rm_dim:
             raise ValueError(f"head rm_dim={head_config.rm_dim} but the backbone's width is {backbone.rm_dim}")
         self.backbone = backbone
         self.head_config = head_config
-        head = initial_head(backbone, head_config, seed).to(backbone.device).eval().requires_grad_(False)
+        self._init = (seed, init, init_scale)
+        head = self.initial_head().to(backbone.device).eval().requires_grad_(False)
         with torch.no_grad():
             head.attention._fused()
         self._current = HeadVersion(version=0, head=head, meta={"created": time.time()})
         self._previous: HeadVersion | None = None  # what served before the last swap: the revert target
         self.bad_versions: set[int] = set()  # versions this replica refuses to serve (never swapped in again)
         self._swap_lock = threading.Lock()
+
+    def initial_head(self) -> R2MHead:
+        """A fresh copy of version 0 (the worker trains from it when the store is empty)."""
+        seed, init, scale = self._init
+        return initial_head(self.backbone, self.head_config, seed, init, scale)
 
     @property
     def current(self) -> HeadVersion:
@@ -245,4 +284,4 @@ def build_engine(settings: ServiceSettings) -> ScoringEngine:
         n_heads=settings.attn_heads,
         score_bias=backbone.score_bias is not None,
     )
-    return ScoringEngine(backbone, config, seed=settings.seed)
+    return ScoringEngine(backbone, config, settings.seed, settings.attn_init, settings.attn_init_scale)

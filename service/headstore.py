@@ -14,6 +14,7 @@ Redis layout (prefix `r2m` by default):
     {p}:head:{v}:optim        safetensors of the optimizer state (for workers)
     {p}:head:{v}:meta         JSON metadata (version, parent, batch_ids, loss, created, sha256, config, model)
     {p}:heads:applied         set of batch ids already part of a published version
+    {p}:heads:last_refusal    JSON of the last candidate a worker refused (reason, figures, batch ids, time)
     {p}:heads:announce        pub/sub channel, one JSON message per new version
 """
 
@@ -59,6 +60,8 @@ class HeadStore(Protocol):
         serving: bytes | None = None,
     ) -> dict[str, Any]: ...
     def wait_for_change(self, seen: int | None, timeout: float) -> int | None: ...
+    def record_refusal(self, refusal: dict[str, Any]) -> None: ...
+    def last_refusal(self) -> dict[str, Any] | None: ...
     def close(self) -> None: ...
 
 
@@ -121,6 +124,7 @@ class MemoryHeadStore:
         self._versions: dict[int, tuple[bytes, bytes | None, dict[str, Any], bytes | None]] = {}
         self._latest: int | None = None
         self._applied: set[str] = set()
+        self._refusal: dict[str, Any] | None = None
 
     def latest(self) -> int | None:
         return self._latest
@@ -175,6 +179,12 @@ class MemoryHeadStore:
         with self._cond:
             self._cond.wait_for(lambda: self._latest != seen, timeout=timeout)
             return self._latest
+
+    def record_refusal(self, refusal: dict[str, Any]) -> None:
+        self._refusal = dict(refusal)
+
+    def last_refusal(self) -> dict[str, Any] | None:
+        return self._refusal
 
     def close(self) -> None:
         pass
@@ -293,6 +303,14 @@ class RedisHeadStore:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             self._drop_pubsub()
             raise StoreUnavailable(f"redis at {self.url} is unreachable: {exc}") from exc
+
+    def record_refusal(self, refusal: dict[str, Any]) -> None:
+        """The last candidate a worker refused to publish (shown by /heads/current)."""
+        self._call(self.r.set, self._k("heads", "last_refusal"), json.dumps(refusal))
+
+    def last_refusal(self) -> dict[str, Any] | None:
+        raw = self._call(self.r.get, self._k("heads", "last_refusal"))
+        return json.loads(raw) if raw is not None else None
 
     def _drop_pubsub(self) -> None:
         if self._pubsub is not None:

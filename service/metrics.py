@@ -6,7 +6,20 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["ServiceMetrics", "WorkerMetrics"]
+__all__ = ["FAILURE_REASONS", "ServiceMetrics", "WorkerMetrics"]
+
+# Why an update was refused or a batch given up on: the label values of the refusal and dead-letter counters, all
+# exported from the start (at 0) so that dashboards and alerts see them before the first failure.
+FAILURE_REASONS = (
+    "non_finite_loss",
+    "non_finite_weights",
+    "non_finite_reward",
+    "guard_scale",
+    "guard_spread",
+    "guard_rank",
+    "update_error",
+    "undecodable",
+)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -75,6 +88,12 @@ class ServiceMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.inflight_bytes = Gauge(
+            "r2m_inflight_bytes", "Request bytes held against R2M_MAX_INFLIGHT_BYTES (3 per body byte).", registry=r
+        )
+        self.inflight_rejections = Counter(
+            "r2m_inflight_rejections_total", "Requests answered 503 because the in-flight budget was full.", registry=r
+        )
         self.non_finite_rewards = Counter(
             "r2m_non_finite_rewards_total", "Rewards that came out NaN or Inf (answered 5xx, never 200).", registry=r
         )
@@ -97,9 +116,25 @@ class WorkerMetrics:
         self.skipped = Counter(
             "r2m_worker_batches_skipped_total", "Batches skipped: already part of a published version.", registry=r
         )
-        self.rejected = Counter(
-            "r2m_worker_batches_rejected_total", "Batches that could not be decoded (logged, dropped).", registry=r
+        self.dead_letters = Counter(
+            "r2m_dead_letters_total",
+            "Batches moved to the dead-letter stream, by reason (undecodable, update_error, non_finite_*, guard_*).",
+            ["reason"],
+            registry=r,
         )
+        self.dead_letter_queue = Gauge("r2m_queue_dead_letters", "Batches in the dead-letter stream.", registry=r)
+        self.guard_mean_shift = Gauge(
+            "r2m_guard_mean_shift",
+            "Published head vs the plain RM on the canary: mean shift in plain stds.",
+            registry=r,
+        )
+        self.guard_spread_ratio = Gauge(
+            "r2m_guard_spread_ratio", "Published head vs the plain RM on the canary: reward std ratio.", registry=r
+        )
+        self.guard_rank_agreement = Gauge(
+            "r2m_guard_rank_agreement", "Published head vs the plain RM on the canary: Spearman rank.", registry=r
+        )
+        self.guard_canary_items = Gauge("r2m_guard_canary_items", "Canary items of the last guard check.", registry=r)
         self.updates = Counter("r2m_worker_updates_total", "Head versions published by this worker.", registry=r)
         self.refused = Counter(
             "r2m_worker_updates_refused_total",
@@ -126,3 +161,6 @@ class WorkerMetrics:
         self.queue_lag = Gauge("r2m_queue_lag", "Batches not yet delivered to any worker.", registry=r)
         self.cache_hits = Counter("r2m_rte_cache_hits_total", "RTE cache hits.", registry=r)
         self.cache_misses = Counter("r2m_rte_cache_misses_total", "RTE cache misses.", registry=r)
+        for reason in FAILURE_REASONS:
+            self.refused.labels(reason)
+            self.dead_letters.labels(reason)

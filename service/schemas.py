@@ -18,6 +18,10 @@ __all__ = [
     "PreferencesAccepted",
     "PreferencesRequest",
     "RollbackRequest",
+    "DeadLetterInfo",
+    "DeadLetters",
+    "ReplayRequest",
+    "ReplayResult",
     "HealthResponse",
     "InfoResponse",
     "ReadyResponse",
@@ -199,8 +203,37 @@ class HeadInfo(BaseModel):
     sha256: str | None = None
     loss: dict[str, float] | None = None
     rollback_of: int | None = None
+    guard: dict[str, float] | None = Field(
+        None, description="The head guard's figures for this version on its canary (docs/api.md, 'The head guard')."
+    )
     served_version: int = Field(description="The version this replica serves right now.")
+    served_sha256: str | None = Field(None, description="Hash of the copy this replica serves (None: version 0).")
     kept_versions: list[int] = Field(default_factory=list)
+    last_refusal: dict[str, Any] | None = Field(
+        None, description="The last candidate head a worker refused to publish: reason, figures, batch ids, time."
+    )
+
+
+class DeadLetterInfo(BaseModel):
+    id: str = Field(description="Its id in the dead-letter stream (what a replay names).")
+    batch_id: str
+    reason: str = Field(description="Why the worker gave up: undecodable, update_error, non_finite_*, guard_*.")
+    detail: str
+    attempts: int
+    failed: float = Field(description="Unix time the worker gave up.")
+    enqueued: float = Field(description="Unix time /preferences accepted the batch.")
+
+
+class DeadLetters(BaseModel):
+    dead_letters: list[DeadLetterInfo]
+
+
+class ReplayRequest(_Strict):
+    ids: list[str] | None = Field(None, description="Dead-letter ids to replay; omit (or null) for all of them.")
+
+
+class ReplayResult(BaseModel):
+    batch_ids: list[str] = Field(description="The batches put back on the preference stream.")
 
 
 class RollbackRequest(_Strict):

@@ -18,7 +18,8 @@ import torch
 
 from .backbone import Encoded
 from .config import ServiceSettings
-from .engine import ScoringEngine, head_is_finite, initial_head, pad_hidden
+from .engine import ScoringEngine, head_is_finite, pad_hidden, score_rte
+from .guard import CanaryItem, CanarySet, GuardReport, guard_report
 from .headcodec import head_from_bytes, head_to_bytes, optimizer_from_bytes, optimizer_to_bytes, serving_bytes
 from .model import bt_loss, grebt_loss, omega
 from .schemas import PreferencesRequest
@@ -61,11 +62,14 @@ class RTECache:
 
 
 class UpdateRefused(Exception):
-    """The update's candidate head must not be published; `reason` is a short label for metrics."""
+    """The update's candidate head must not be published; `reason` is a short label for metrics, `report` the
+    guard's figures when the guard refused it."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, report: GuardReport | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.detail = detail
+        self.report = report
 
 
 @dataclass
@@ -80,6 +84,7 @@ class UpdateStats:
     seconds: float
     rte_hits: int = 0
     rte_misses: int = 0
+    guard: GuardReport | None = None
 
     def loss_dict(self) -> dict[str, float]:
         return {"grebt": self.loss, "bt": self.bt, "gre": self.gre, "pair_bt": self.pair_bt}
@@ -134,10 +139,12 @@ class HeadTrainer:
         self.engine = engine
         self.settings = settings
         device = engine.backbone.device
-        self.head = initial_head(engine.backbone, engine.head_config, settings.seed).to(device).train()
+        self.head = engine.initial_head().to(device).train()
         self.opt = self._optimizer()
         self.version: int | None = None  # the store version the local head equals; None: the unpublished initial
         self.cache = RTECache(settings.rte_cache_mb * 2**20)
+        self.canary = CanarySet(settings.guard_canary_size, settings.guard_canary_mb * 2**20, seed=settings.seed)
+        self._trained: list[CanaryItem] = []  # the last update's items, for the canary once it is published
 
     def _optimizer(self) -> torch.optim.Optimizer:
         s = self.settings
@@ -156,6 +163,20 @@ class HeadTrainer:
     def state_bytes(self) -> tuple[bytes, bytes, bytes]:
         """(float32 weights, optimizer state, the float16 serving copy replicas fetch)."""
         return head_to_bytes(self.head), optimizer_to_bytes(self.opt), serving_bytes(self.head)
+
+    def commit(self) -> None:
+        """The last update was published: its items join the guard's canary."""
+        self.canary.offer(self._trained)
+        self._trained = []
+
+    @torch.no_grad()
+    def _rewards(self, items: Sequence[CanaryItem]) -> torch.Tensor:
+        """The current head's rewards `(N,)` for canary items, on the CPU."""
+        if not items:
+            return torch.empty(0)
+        device = self.engine.backbone.device
+        rte = torch.stack([it.rte for it in items]).to(device)
+        return score_rte(self.head, rte, [it.hidden for it in items], [it.w for it in items]).float().cpu()
 
     def rtes(
         self,
@@ -193,8 +214,9 @@ class HeadTrainer:
 
         `encoded[i]`: the tokens of `requests[i].texts()` as the API computed them (None: tokenize here).
 
-        Raises UpdateRefused when a loss or the updated weights are non-finite; the head is then left in an unknown
-        state, and the caller reloads it from the store before training again.
+        Raises UpdateRefused when a loss or the updated weights are non-finite, or the guard refuses the candidate
+        (R2M_GUARD_*); the head is then left in an unknown state, and the caller reloads it from the store before
+        training again. After a publish, `commit()` adds the batch's items to the guard's canary.
         """
         started = time.perf_counter()
         hits, misses = self.cache.hits, self.cache.misses
@@ -210,6 +232,11 @@ class HeadTrainer:
             h_pad, mask = pad_hidden([h for h, u in zip(flat.hidden, use) if u and h is not None], None, device)
             sel = torch.tensor(use, device=device)
         rank_given = s.rank_by == "given" and all(g is not None for g in flat.given)
+        self._trained = [
+            CanaryItem(rte[i].detach().cpu(), h, wi) for i, (h, wi) in enumerate(zip(flat.hidden, flat.weights))
+        ]
+        check = self.canary.items + self._trained if s.guard else []
+        served = self._rewards(check)  # the head before this update: the one replicas serve
         first: dict[str, float] = {}
         for step in range(s.train_steps):
             rewards = self.head(rte, w, h_pad, mask, with_feedback=sel)  # (N,)
@@ -247,8 +274,15 @@ class HeadTrainer:
             self.opt.step()
         if not head_is_finite(self.head):
             raise UpdateRefused("non_finite_weights", "the updated head's weights hold NaN or Inf")
+        report = None
+        if check:
+            plain = self.engine.backbone.plain_reward(torch.stack([it.rte for it in check]).to(device)).cpu()
+            report = guard_report(self._rewards(check), served, plain, s)
+            if report.problem is not None:
+                raise UpdateRefused(report.problem, report.detail, report)
         return UpdateStats(
             **first,
+            guard=report,
             groups=len(flat.groups),
             pairs=len(flat.pairs),
             seconds=time.perf_counter() - started,

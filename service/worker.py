@@ -49,6 +49,13 @@ def decode_batch(body: bytes, tokens: bytes | None = None) -> Batch:
     return Batch(request, encoded)
 
 
+class _UpdateFailed(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
 class Worker:
     """Reads preference batches, trains, publishes, acknowledges. Safe to run several against one Redis."""
 
@@ -63,6 +70,7 @@ class Worker:
         max_batches: int = 16,
         claim_idle_ms: int = 30000,
         block_ms: int = 1000,
+        max_attempts: int = 3,
     ) -> None:
         self.trainer = trainer
         self.queue = queue
@@ -72,6 +80,7 @@ class Worker:
         self.max_batches = max_batches
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
+        self.max_attempts = max_attempts
         self._last_claim = 0.0
         self.last_stats: UpdateStats | None = None
 
@@ -106,6 +115,8 @@ class Worker:
                 "update_seconds": stats.seconds,
                 "worker": self.consumer,
             }
+            if stats.guard is not None:
+                meta["guard"] = stats.guard.figures()
         return meta
 
     def _next_messages(self) -> list[Message]:
@@ -119,39 +130,69 @@ class Worker:
         return self.queue.read(self.consumer, self.max_batches, self.block_ms)
 
     def run_once(self) -> int:
-        """Handle what is queued (waiting up to block_ms); returns the number of batches trained."""
+        """Handle what is queued (waiting up to block_ms); returns the number of batches trained.
+
+        The batches read together are trained as one update. If that update fails or is refused, each batch is
+        trained alone, so that one poison batch holds no other back; a batch that still fails stays pending for
+        another attempt and, after `max_attempts`, goes to the dead-letter stream with its reason."""
         messages = self._next_messages()
         self._observe_queue()
         if not messages:
             return 0
-        requests: dict[str, Batch] = {}
-        entries = [m.entry_id for m in messages]
+        entries: dict[str, list[Message]] = {}  # batch id -> its entries (a client's retried post: twice)
         for m in messages:
-            if m.batch_id in requests:
-                continue  # the same batch posted twice (a client retry): train it once
+            entries.setdefault(m.batch_id, []).append(m)
+        batches: dict[str, Batch] = {}
+        for batch_id, ms in entries.items():
             try:
-                requests[m.batch_id] = decode_batch(m.body, m.tokens)
-            except Exception:  # noqa: BLE001 - validated at the API; a bad one must not block the queue
-                log.exception("batch %s could not be decoded; dropping it", m.batch_id)
-                self.metrics.rejected.inc()
+                batches[batch_id] = decode_batch(ms[0].body, ms[0].tokens)
+            except Exception as exc:  # noqa: BLE001 - checked at the API; retrying cannot make it decode
+                self._give_up(ms, "undecodable", f"{type(exc).__name__}: {exc}", attempts=1)
+        if not batches:
+            return 0
+        try:
+            return self._train_and_publish(batches, entries)
+        except _UpdateFailed as failed:
+            if len(batches) == 1:
+                self._failed(next(iter(entries[b] for b in batches)), failed)
+                return 0
+            log.warning("the update of %d batches failed (%s); training them one at a time", len(batches), failed)
+        trained = 0
+        for batch_id, batch in batches.items():
+            try:
+                trained += self._train_and_publish({batch_id: batch}, entries)
+            except _UpdateFailed as failed:
+                self._failed(entries[batch_id], failed)
+        return trained
+
+    def _train_and_publish(self, batches: dict[str, Batch], entries: dict[str, list[Message]]) -> int:
+        """One update on `batches` from the latest version, published, then acknowledged; _UpdateFailed when the
+        update raises or is refused (the local head is then reloaded before the next one)."""
+        ids = lambda bids: [m.entry_id for b in bids for m in entries[b]]  # noqa: E731
         for _ in range(10):
             self.sync()
-            done = self.store.applied(requests)
+            done = self.store.applied(batches)
             if done:
                 self.metrics.skipped.inc(len(done))
-                for b in done:
-                    requests.pop(b)
-            if not requests:
-                self.queue.ack(entries)
+                self.queue.ack(ids(done))
+                batches = {b: v for b, v in batches.items() if b not in done}
+            if not batches:
                 return 0
             try:
-                batches = list(requests.values())
-                stats = self.trainer.update([b.request for b in batches], encoded=[b.encoded for b in batches])
+                todo = list(batches.values())
+                stats = self.trainer.update([b.request for b in todo], encoded=[b.encoded for b in todo])
+            except (QueueUnavailable, StoreUnavailable):
+                raise
             except UpdateRefused as exc:
                 self.trainer.version = None  # the local head is spoilt: reload the served one before the next update
                 self.metrics.refused.labels(exc.reason).inc()
-                log.error("not publishing the update of batches %s: %s", sorted(requests), exc)
-                raise
+                log.error("not publishing the update of batches %s: %s", sorted(batches), exc)
+                self._record_refusal(exc, list(batches))
+                raise _UpdateFailed(exc.reason, exc.detail) from exc
+            except Exception as exc:  # noqa: BLE001 - a batch that breaks training must not block the queue
+                self.trainer.version = None
+                log.exception("the update of batches %s failed", sorted(batches))
+                raise _UpdateFailed("update_error", f"{type(exc).__name__}: {exc}") from exc
             weights, optim, serving = self.trainer.state_bytes()
             try:
                 meta = self.store.publish(
@@ -159,7 +200,7 @@ class Worker:
                     weights=weights,
                     optim=optim,
                     meta=self._meta(stats),
-                    batch_ids=list(requests),
+                    batch_ids=list(batches),
                     serving=serving,
                 )
             except Conflict:
@@ -167,21 +208,64 @@ class Worker:
                 self.trainer.version = None  # force a reload of the version that won
                 continue
             self.trainer.version = meta["version"]
-            self.queue.ack(entries)
-            self._observe_update(stats, len(requests), meta["version"])
+            self.trainer.commit()
+            self.queue.ack(ids(batches))
+            self._observe_update(stats, len(batches), meta["version"])
+            g = stats.guard
             log.info(
-                "version %d: %d batches, %d groups, %d pairs, loss %.4f (bt %.4f, gre %.4f), %.2f s",
+                "version %d: %d batches, %d groups, %d pairs, loss %.4f (bt %.4f, gre %.4f), %.2f s%s",
                 meta["version"],
-                len(requests),
+                len(batches),
                 stats.groups,
                 stats.pairs,
                 stats.loss,
                 stats.bt,
                 stats.gre,
                 stats.seconds,
+                f"; guard: shift {g.mean_shift:+.2f}, spread {g.spread_ratio:.2f}, rank {g.rank_agreement:.2f} "
+                f"on {g.items} items"
+                if g is not None
+                else "",
             )
-            return len(requests)
+            return len(batches)
         raise Conflict("gave up after 10 publish conflicts in a row")
+
+    def _failed(self, messages: list[Message], failed: _UpdateFailed) -> None:
+        """Count a failed attempt of one batch; after `max_attempts`, a dead letter. Until then it stays pending,
+        and the claim loop hands it out again after `claim_idle_ms`."""
+        attempts = max(self.queue.record_failure(m.entry_id) for m in messages)
+        if attempts >= self.max_attempts:
+            self._give_up(messages, failed.reason, failed.detail, attempts)
+        else:
+            log.warning(
+                "batch %s: attempt %d of %d failed (%s); it stays pending and is tried again",
+                messages[0].batch_id,
+                attempts,
+                self.max_attempts,
+                failed.reason,
+            )
+
+    def _give_up(self, messages: list[Message], reason: str, detail: str, attempts: int) -> None:
+        self.queue.dead_letter(messages, reason, detail, attempts)
+        self.metrics.dead_letters.labels(reason).inc()
+        log.error(
+            "batch %s is a dead letter after %d attempt(s): %s: %s (list and replay them with `r2m worker "
+            "--dead-letters` / `--replay`, or GET /preferences/dead-letters)",
+            messages[0].batch_id,
+            attempts,
+            reason,
+            detail,
+        )
+
+    def _record_refusal(self, exc: UpdateRefused, batch_ids: list[str]) -> None:
+        refusal = {"reason": exc.reason, "detail": exc.detail, "batch_ids": batch_ids, "time": time.time()}
+        refusal |= {"parent": self.trainer.version, "worker": self.consumer}
+        if exc.report is not None:
+            refusal["guard"] = exc.report.figures()
+        try:
+            self.store.record_refusal(refusal)
+        except StoreUnavailable:
+            log.warning("could not record the refusal in the store")
 
     def _observe_update(self, stats: UpdateStats, batches: int, version: int) -> None:
         m = self.metrics
@@ -195,6 +279,11 @@ class Worker:
         m.version.set(version)
         m.cache_hits.inc(stats.rte_hits)
         m.cache_misses.inc(stats.rte_misses)
+        if stats.guard is not None:
+            m.guard_mean_shift.set(stats.guard.mean_shift)
+            m.guard_spread_ratio.set(stats.guard.spread_ratio)
+            m.guard_rank_agreement.set(stats.guard.rank_agreement)
+            m.guard_canary_items.set(stats.guard.items)
 
     def _observe_queue(self) -> None:
         try:
@@ -204,6 +293,7 @@ class Worker:
         self.metrics.queue_length.set(stats["length"])
         self.metrics.queue_pending.set(stats["pending"])
         self.metrics.queue_lag.set(stats["lag"])
+        self.metrics.dead_letter_queue.set(self.queue.dead_count())
 
     def run(self, stop: threading.Event) -> None:
         """Loop until `stop` is set; a Redis outage is waited out, with the batches left safely pending."""
@@ -216,8 +306,8 @@ class Worker:
                 log.warning("%s; retrying in %.1f s", exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
-            except Exception:  # noqa: BLE001 - keep the worker alive; the batch stays pending for a retry
-                log.exception("update failed; the batches stay pending and will be retried")
+            except Exception:  # noqa: BLE001 - keep the worker alive; the batches stay pending for a retry
+                log.exception("handling a read of the queue failed; its batches stay pending and will be retried")
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
 

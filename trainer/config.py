@@ -118,6 +118,14 @@ class TrainConfig:
         default=0.3, metadata={"help": "With rollout='vllm': share of the GPU vLLM may take (weights + KV cache)."}
     )
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+    log_plain_rewards: bool = field(
+        default=False,
+        metadata={
+            "help": "Also score each step's samples with the plain RM (no hidden states: w = 1) and log "
+            "rewards/plain_mean and the served head's guard figures: whether a rise is the policy getting better or "
+            "the head inflating (one more /score and one /heads/current per step)."
+        },
+    )
 
     # derived in __post_init__
     batch_size: int = field(init=False, metadata={"help": "Sequences per step: prompts_per_step * group_size."})

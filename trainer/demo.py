@@ -152,7 +152,11 @@ def plot_metrics(metrics: list[dict[str, Any]], path: str | Path, title: str = "
 
     steps = [m["step"] + 1 for m in metrics]
     fig, (ax_r, ax_s, ax_h) = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
-    ax_r.plot(steps, [m["rewards/mean"] for m in metrics], marker=".", color="tab:blue")
+    ax_r.plot(steps, [m["rewards/mean"] for m in metrics], marker=".", color="tab:blue", label="optimised (R2M head)")
+    if all("rewards/plain_mean" in m for m in metrics):
+        plain = [m["rewards/plain_mean"] for m in metrics]
+        ax_r.plot(steps, plain, marker=".", color="tab:red", label="plain RM, same samples (w = 1)")
+        ax_r.legend(loc="best", fontsize=8)
     ax_r.set(title="reward (batch mean)", xlabel="RL step", ylabel="reward")
     ax_s.plot(steps, [m["rewards/group_std_mean"] for m in metrics], marker=".", color="tab:orange")
     ax_s.set(title="reward spread inside groups (mean std)", xlabel="RL step", ylabel="std")
@@ -170,6 +174,15 @@ def plot_metrics(metrics: list[dict[str, Any]], path: str | Path, title: str = "
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _guard_text(m: dict[str, Any]) -> str:
+    if "guard/mean_shift" not in m:
+        return "guard: no figures yet"
+    return (
+        f"guard: shift {m['guard/mean_shift']:+.2f} plain stds, spread x{m['guard/spread_ratio']:.2f}, "
+        f"rank {m['guard/rank_agreement']:.2f} vs plain RM"
+    )
 
 
 def _time_split(metrics: list[dict[str, Any]]) -> dict[str, float]:
@@ -214,6 +227,7 @@ def run_demo(config: DemoConfig | None = None, log: TextIO = sys.stdout) -> dict
             out_dir=str(out),
             device="cpu",
             progress=False,
+            log_plain_rewards=True,  # a rise of the optimised reward alone may be the head inflating
         )
         say(
             f"[3/4] GRPO, reward mode {c.reward_mode}: {c.steps} steps x {c.prompts_per_step} prompts x "
@@ -235,9 +249,12 @@ def run_demo(config: DemoConfig | None = None, log: TextIO = sys.stdout) -> dict
                     f"in-group std {m['rewards/group_std_mean']:.3f}  head v{m['head_version']}  "
                     f"omega {m['omega']:.2f}  kl {m['kl']:.4f}  {step_s:.1f} s"
                 )
+                say(f"      plain RM {m['rewards/plain_mean']:+.3f}  {_guard_text(m)}")
                 if t == 0 or t + 1 == c.steps:
                     assert trainer.batch is not None
                     say(f"      sample: {trainer.batch.group_prompts[0]!r} -> {trainer.batch.responses[0]!r}")
+            head = trainer.client.current_head()
+            dead = len(trainer.client.request("GET", "/preferences/dead-letters").json()["dead_letters"])
         finally:
             trainer.close()
 
@@ -247,8 +264,14 @@ def run_demo(config: DemoConfig | None = None, log: TextIO = sys.stdout) -> dict
     step_s = sum(split.values()) or 1.0
     first, last = metrics[0], metrics[-1]
     say(
-        f"  reward {first['rewards/mean']:+.3f} -> {last['rewards/mean']:+.3f}, "
+        f"  reward {first['rewards/mean']:+.3f} -> {last['rewards/mean']:+.3f} (optimised), "
+        f"plain RM on the same samples {first['rewards/plain_mean']:+.3f} -> {last['rewards/plain_mean']:+.3f}, "
         f"head v{first['head_version']} -> v{last['head_version']}, omega {first['omega']:.2f} -> {last['omega']:.2f}"
+    )
+    refusal = head.get("last_refusal")
+    say(
+        f"  head {_guard_text(last)}; {dead} batch(es) given up on"
+        + (f"; last refusal: {refusal['reason']}" if refusal else "; no update refused")
     )
     say(
         "  time per step (mean): "

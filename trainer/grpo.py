@@ -290,6 +290,12 @@ class GRPOTrainer:
                 score_hidden = _noise_like(hidden, noise_gen)
             result = self.client.score(batch.prompts, batch.responses, hidden=score_hidden, step=t, total_steps=c.steps)
             rewards = torch.tensor(result.rewards, dtype=torch.float32)  # (B,)
+        watch: dict[str, Any] = {}  # not timed: a diagnostic, not part of the RL step
+        if c.log_plain_rewards:  # the same samples by the plain RM, and the served head's guard figures
+            plain = self.client.score(batch.prompts, batch.responses)
+            watch["rewards/plain_mean"] = sum(plain.rewards) / len(plain.rewards)
+            guard = self.client.current_head().get("guard") or {}
+            watch |= {f"guard/{k}": guard[k] for k in ("mean_shift", "spread_ratio", "rank_agreement") if k in guard}
 
         # ------------------------------------------------------------------------------------------ advantage --
         adv = group_advantages(rewards, c.group_size, c.advantage).to(self.device)  # (B,)
@@ -379,6 +385,7 @@ class GRPOTrainer:
             "omega": result.omega,
             "r2m/groups_posted": posted,
             "r2m/pairs_posted": pairs_posted,
+            **watch,
             **timer.seconds,
         }
 

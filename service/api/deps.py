@@ -31,6 +31,7 @@ class ServiceState:
     store: HeadStore | None = None
     queue: PreferenceQueue | None = None
     background: list = field(default_factory=list)  # things with .stop(), stopped at shutdown
+    draining: bool = False  # SIGTERM came: finishing what was accepted, then exiting
 
 
 def get_state(request: Request) -> ServiceState:

@@ -18,9 +18,12 @@ router = APIRouter(prefix="/heads", tags=["heads"], dependencies=[AuthDep])
 _ERRORS = error_responses(400, 401, 404, 413, 422, 503)
 
 
-def _info(meta: dict, served: HeadVersion, kept: list[int]) -> HeadInfo:
+def _info(meta: dict, served: HeadVersion, kept: list[int], refusal: dict | None = None) -> HeadInfo:
     fields = {k: meta.get(k) for k in HeadInfo.model_fields if k in meta}
-    return HeadInfo(**fields, served_version=served.version, kept_versions=kept)
+    served_sha = served.meta.get("serving_sha256", served.meta.get("sha256"))
+    return HeadInfo(
+        **fields, served_version=served.version, served_sha256=served_sha, kept_versions=kept, last_refusal=refusal
+    )
 
 
 def _unavailable(exc: StoreUnavailable) -> HTTPException:
@@ -36,9 +39,10 @@ async def current(state: StateDep, engine: EngineDep) -> HeadInfo:
         latest = await run_in_threadpool(store.latest) if store else None
         meta = await run_in_threadpool(store.meta, latest) if store and latest is not None else None
         kept = await run_in_threadpool(store.versions) if store else []
+        refusal = await run_in_threadpool(store.last_refusal) if store else None
     except StoreUnavailable:
-        latest, meta, kept = None, None, []
-    return _info(meta or {**served.meta, "version": served.version}, served, kept)
+        latest, meta, kept, refusal = None, None, [], None
+    return _info(meta or {**served.meta, "version": served.version}, served, kept, refusal)
 
 
 @router.get(

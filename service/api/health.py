@@ -24,8 +24,8 @@ def healthz() -> HealthResponse:
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
 def readyz(state: StateDep) -> Response:
     """Ready: the model is loaded and a head version is known (503 before)."""
-    if state.engine is None:
-        status = "failed" if state.load_error else "loading"
+    if state.engine is None or state.draining:
+        status = "draining" if state.draining else "failed" if state.load_error else "loading"
         return JSONResponse(ReadyResponse(status=status).model_dump(), status_code=503)
     return JSONResponse(ReadyResponse(status="ready", head_version=state.engine.current.version).model_dump())
 

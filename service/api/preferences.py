@@ -1,18 +1,35 @@
 """POST /preferences: a step's groups (and/or labelled pairs) with the current policy's hidden states, queued for
-the worker's R2M update."""
+the worker's R2M update; the dead letters (batches the worker gave up on), listed and replayed."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..queue import QueueUnavailable
-from ..schemas import PreferencesAccepted, PreferencesRequest
+from ..queue import PreferenceQueue, QueueUnavailable
+from ..schemas import (
+    DeadLetterInfo,
+    DeadLetters,
+    PreferencesAccepted,
+    PreferencesRequest,
+    ReplayRequest,
+    ReplayResult,
+)
 from ..validation import prepare_preferences
 from .deps import AuthDep, EngineDep, SettingsDep, StateDep
-from .payload import ERROR_RESPONSES, read_model_and_body, request_body_openapi
+from .payload import ERROR_RESPONSES, error_responses, read_model_and_body, request_body_openapi
 
 router = APIRouter(tags=["updates"], dependencies=[AuthDep])
+
+
+def _queue(state: StateDep) -> PreferenceQueue:
+    if state.queue is None:
+        raise HTTPException(503, "no preference queue is configured on this replica", headers={"Retry-After": "5"})
+    return state.queue
+
+
+def _unavailable(exc: QueueUnavailable, then: str = "retry") -> HTTPException:
+    return HTTPException(503, f"preference queue unavailable: {exc}; {then}", headers={"Retry-After": "1"})
 
 
 @router.post(
@@ -26,17 +43,42 @@ async def preferences(
     request: Request, state: StateDep, engine: EngineDep, settings: SettingsDep
 ) -> PreferencesAccepted:
     """Queue a preference batch; 202 once it is durably queued, 503 (retry) when the queue is unreachable."""
+    queue = _queue(state)
     req, binary = await read_model_and_body(request, PreferencesRequest)
     batch = await run_in_threadpool(prepare_preferences, req, engine, settings, binary)
-    if state.queue is None:
-        raise HTTPException(503, "no preference queue is configured on this replica", headers={"Retry-After": "5"})
     try:
-        await run_in_threadpool(state.queue.add, batch.batch_id, batch.body, batch.tokens)
+        await run_in_threadpool(queue.add, batch.batch_id, batch.body, batch.tokens)
     except QueueUnavailable as exc:
-        raise HTTPException(
-            503, f"preference queue unavailable: {exc}; nothing was queued, retry", headers={"Retry-After": "1"}
-        ) from exc
+        raise _unavailable(exc, "nothing was queued, retry") from exc
     state.metrics.preference_batches.inc()
     state.metrics.preference_groups.inc(len(req.groups))
     state.metrics.preference_pairs.inc(len(req.pairs))
     return PreferencesAccepted(batch_id=batch.batch_id, groups=len(req.groups), pairs=len(req.pairs))
+
+
+@router.get("/preferences/dead-letters", response_model=DeadLetters, responses=error_responses(401, 503))
+async def dead_letters(state: StateDep, limit: int = 100) -> DeadLetters:
+    """The batches the worker gave up on, oldest first, with the reason (at most `limit`)."""
+    try:
+        letters = await run_in_threadpool(_queue(state).dead_letters, max(1, min(limit, 10_000)))
+    except QueueUnavailable as exc:
+        raise _unavailable(exc) from exc
+    return DeadLetters(dead_letters=[DeadLetterInfo(**d.summary()) for d in letters])
+
+
+@router.post(
+    "/preferences/dead-letters/replay", response_model=ReplayResult, responses=error_responses(401, 404, 422, 503)
+)
+async def replay(body: ReplayRequest, state: StateDep) -> ReplayResult:
+    """Put dead letters (by id, or all) back on the preference stream (after a settings fix); each trains once."""
+    queue = _queue(state)
+    try:
+        if body.ids is not None:
+            known = {d.entry_id for d in await run_in_threadpool(queue.dead_letters, 100_000)}
+            unknown = sorted(set(body.ids) - known)
+            if unknown:
+                raise HTTPException(404, f"no dead letter with id {', '.join(unknown)} (GET /preferences/dead-letters)")
+        batch_ids = await run_in_threadpool(queue.replay, body.ids)
+    except QueueUnavailable as exc:
+        raise _unavailable(exc) from exc
+    return ReplayResult(batch_ids=batch_ids)

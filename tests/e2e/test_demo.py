@@ -37,3 +37,10 @@ def test_demo_trains_advances_the_head_and_writes_a_plot(tmp_path: Path):
     assert versions[-1] > versions[0]
     assert "time per step" in done.stdout and "R2M post" in done.stdout
     assert (out / "policy" / "config.json").is_file()
+    # Beside the optimised reward: the plain RM's reward of the same samples (w = 1) and the guard's figures.
+    assert all("rewards/plain_mean" in m for m in metrics)
+    plain = [float(x) for x in re.findall(r"^\s+plain RM ([+-][\d.]+)", done.stdout, flags=re.M)]
+    assert plain == [round(m["rewards/plain_mean"], 3) for m in metrics]
+    assert re.search(r"plain RM on the same samples [+-][\d.]+ -> [+-][\d.]+", done.stdout), done.stdout
+    assert "head guard: shift" in done.stdout and "given up on" in done.stdout
+    assert any("guard/rank_agreement" in m for m in metrics)

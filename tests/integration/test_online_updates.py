@@ -48,6 +48,9 @@ COMMON_ENV = {
     "R2M_BATCH_WAIT_MS": "2",
     # Four torch processes share this machine's cores; one intra-op thread each keeps them from oversubscribing it.
     "OMP_NUM_THREADS": "1",
+    # These tests drive the trained margins up by 5 to 25 on purpose (FAST_WORKER_ENV), far past the head guard's
+    # bounds; the guard has its own tests (test_safety.py, test_soak.py).
+    "R2M_GUARD": "false",
 }
 FAST_WORKER_ENV = {"R2M_TRAIN_LR": "1e-3", "R2M_TRAIN_STEPS": "20"}
 

@@ -225,3 +225,37 @@ def test_serving_uses_fused_weights_that_equal_the_four_matrices(n_heads: int) -
 def test_fused_weights_are_skipped_where_they_would_be_larger() -> None:
     attn = FeedbackAttention(rm_dim=64, policy_dim=64, attn_dim=16).eval()  # 64*64 > 16*(64+64)
     assert attn._fused() is None
+
+
+# --- the read-out's scale at initialisation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["default", "tiny_llama_rm"])
+def test_the_scaled_init_reads_out_a_tenth_of_the_rte_on_any_backbone(fixture: str, request: pytest.FixtureRequest):
+    from r2m.service.config import ServiceSettings
+    from r2m.service.engine import build_engine, readout_gain
+
+    model = fixture if fixture == "default" else str(request.getfixturevalue(fixture))
+    engine = build_engine(ServiceSettings(_env_file=None, model=model, policy_dim=256, attn_dim=64, device="cpu"))
+    rte_norm = engine.backbone.reference_rte_norm()
+    assert rte_norm == pytest.approx(1.0, rel=1e-4) if fixture == "default" else rte_norm > 1.5
+    # For unit-RMS hidden states the read-out's norm is 0.1 of the RTE's (two significant digits, fp16 weights).
+    assert readout_gain(engine.current.head) == pytest.approx(0.1 * rte_norm, rel=0.08)
+    plain = build_engine(ServiceSettings(_env_file=None, model=model, policy_dim=256, attn_dim=64, device="cpu",
+                                         attn_init="plain"))  # fmt: skip
+    assert readout_gain(plain.current.head) > 3 * readout_gain(engine.current.head)
+
+
+def test_the_zero_init_scores_w_times_the_plain_reward(tiny_llama_rm) -> None:  # noqa: ANN001
+    from r2m.service.config import ServiceSettings
+    from r2m.service.engine import PreparedItem, build_engine
+
+    engine = build_engine(
+        ServiceSettings(_env_file=None, model=str(tiny_llama_rm), policy_dim=16, attn_dim=8, device="cpu",
+                        attn_init="zero")
+    )  # fmt: skip
+    enc = engine.backbone.encode("hello what is the answer", "the answer is good")
+    plain = engine.score([PreparedItem(enc, None, 1.0)]).item()
+    fed = engine.score([PreparedItem(enc, torch.randn(7, 16), 0.6)]).item()
+    bias = float(engine.current.head.score.bias) if engine.current.head.score.bias is not None else 0.0
+    assert fed == pytest.approx(0.6 * (plain - bias) + bias, rel=1e-5, abs=1e-6)

@@ -98,6 +98,11 @@ def test_a_rollback_to_version_zero_scores_like_the_initial_head() -> None:
         score_weight = torch.randn(1, 32)
         score_bias = None
 
-    head = initial_head(_Backbone(), HeadConfig(rm_dim=32, policy_dim=P, attn_dim=64), seed=3)  # type: ignore[arg-type]
-    loaded = head_from_bytes(serving_bytes(head), head.config)
-    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+        def reference_rte_norm(self) -> float:
+            return 137.0  # a decoder RM's scale: the scaled read-out's weights too sit on the float16 grid
+
+    for init in ("scaled", "plain", "zero"):
+        config = HeadConfig(rm_dim=32, policy_dim=P, attn_dim=64)
+        head = initial_head(_Backbone(), config, seed=3, init=init)  # type: ignore[arg-type]
+        loaded = head_from_bytes(serving_bytes(head), head.config)
+        assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))

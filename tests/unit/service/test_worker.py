@@ -27,7 +27,7 @@ from r2m.service.headstore import Conflict, MemoryHeadStore, rollback
 from r2m.service.model import HeadConfig, R2MHead
 from r2m.service.queue import MemoryPreferenceQueue
 from r2m.service.schemas import PreferencesRequest, as_payload
-from r2m.service.training import HeadTrainer, RTECache, UpdateRefused
+from r2m.service.training import HeadTrainer, RTECache
 from r2m.service.worker import Worker, decode_batch
 
 P = 8  # policy width of these tests
@@ -210,23 +210,93 @@ def test_a_batch_left_pending_by_a_dead_worker_is_taken_over(tiny_neox_rm: Path)
     assert store.meta(store.latest())["batch_ids"] == ["orphan"] and queue.stats()["pending"] == 0
 
 
-def test_an_update_that_goes_non_finite_is_never_published(tiny_neox_rm: Path) -> None:
+def test_an_update_that_goes_non_finite_is_never_published_and_ends_a_dead_letter(tiny_neox_rm: Path) -> None:
     # A runaway learning rate: the first step puts the weights near the float32 limit, the second step's forward
     # overflows. Validated input, and still a head that must never reach a replica.
     settings = _settings(tiny_neox_rm, train_lr=1e30, train_steps=2)
     queue, store = MemoryPreferenceQueue(), MemoryHeadStore(keep=10)
-    worker = Worker(HeadTrainer(build_engine(settings), settings), queue, store, block_ms=10)
+    worker = Worker(HeadTrainer(build_engine(settings), settings), queue, store, block_ms=10, claim_idle_ms=1,
+                    max_attempts=2)  # fmt: skip
     worker.sync()
     v0 = store.weights(0)
     queue.add("runaway", _body(_request(batch_id="runaway")))
-    with pytest.raises(UpdateRefused, match="non_finite"):
-        worker.run_once()
+    assert worker.run_once() == 0  # attempt 1: refused, the batch stays pending
     assert store.latest() == 0 and store.weights(0) == v0, "nothing was published"
     assert store.applied(["runaway"]) == set()
-    assert worker.metrics.registry.get_sample_value("r2m_worker_updates_refused_total", {"reason": "non_finite_loss"})
+    assert queue.stats()["pending"] == 1 and queue.dead_count() == 0
     assert worker.trainer.version is None, "the spoilt local head must be reloaded before the next update"
+    assert store.last_refusal()["reason"] == "non_finite_loss"
+    time.sleep(0.01)
+    assert worker.run_once() == 0  # attempt 2 (claimed back): the last one
+    assert store.latest() == 0 and queue.stats() == {"length": 0, "pending": 0, "lag": 0}
+    [dead] = queue.dead_letters()
+    assert (dead.batch_id, dead.reason, dead.attempts) == ("runaway", "non_finite_loss", 2)
+    metric = worker.metrics.registry.get_sample_value
+    assert metric("r2m_worker_updates_refused_total", {"reason": "non_finite_loss"}) == 2
+    assert metric("r2m_dead_letters_total", {"reason": "non_finite_loss"}) == 1
     worker.sync()
     assert head_is_finite(worker.trainer.head) and worker.trainer.version == 0
+    # After the settings are fixed, a replay trains the batch once.
+    fixed = _settings(tiny_neox_rm, train_steps=2)
+    good = Worker(HeadTrainer(build_engine(fixed), fixed), queue, store, block_ms=10)
+    assert queue.replay() == ["runaway"] and queue.dead_count() == 0
+    assert good.run_once() == 1
+    assert store.latest() == 1 and store.meta(1)["batch_ids"] == ["runaway"]
+    assert queue.replay() == [] and good.run_once() == 0 and store.latest() == 1
+
+
+def test_a_poison_batch_holds_back_no_other_batch(tiny_neox_rm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(tiny_neox_rm, train_steps=1)
+    queue, store = MemoryPreferenceQueue(), MemoryHeadStore(keep=10)
+    trainer = HeadTrainer(build_engine(settings), settings)
+    real_update = trainer.update
+
+    def update(requests, **kwargs):  # noqa: ANN001, ANN003, ANN202 - a batch that breaks training
+        if any(r.batch_id == "poison" for r in requests):
+            raise RuntimeError("boom")
+        return real_update(requests, **kwargs)
+
+    monkeypatch.setattr(trainer, "update", update)
+    worker = Worker(trainer, queue, store, block_ms=10, max_attempts=1)
+    queue.add("poison", _body(_request(batch_id="poison")))
+    queue.add("good", _body(_request(batch_id="good")))
+    assert worker.run_once() == 1  # the two together fail; alone, the good one trains and the poison one is given up
+    assert store.meta(store.latest())["batch_ids"] == ["good"]
+    [dead] = queue.dead_letters()
+    assert (dead.batch_id, dead.reason) == ("poison", "update_error") and "RuntimeError: boom" in dead.detail
+    assert queue.stats() == {"length": 0, "pending": 0, "lag": 0}
+
+
+def test_an_undecodable_batch_is_a_dead_letter_at_once(tiny_neox_rm: Path) -> None:
+    settings = _settings(tiny_neox_rm, train_steps=1)
+    queue, store = MemoryPreferenceQueue(), MemoryHeadStore(keep=10)
+    worker = Worker(HeadTrainer(build_engine(settings), settings), queue, store, block_ms=10)
+    queue.add("garbage", b"not a safetensors frame")
+    assert worker.run_once() == 0
+    [dead] = queue.dead_letters()
+    assert (dead.reason, dead.attempts) == ("undecodable", 1) and queue.stats()["length"] == 0
+
+
+def test_the_guard_refuses_a_drifting_head_and_records_the_figures_of_published_ones(tiny_neox_rm: Path) -> None:
+    queue, store = MemoryPreferenceQueue(), MemoryHeadStore(keep=10)
+    sane = _settings(tiny_neox_rm, train_lr=1e-3, train_steps=1, guard_min_items=4)
+    worker = Worker(HeadTrainer(build_engine(sane), sane), queue, store, block_ms=10, max_attempts=1)
+    queue.add("a", _body(_request(batch_id="a")))
+    assert worker.run_once() == 1
+    guard = store.meta(1)["guard"]
+    assert guard["items"] == 6 and abs(guard["mean_shift"]) < sane.guard_max_mean_shift, guard
+    assert set(guard) >= {"spread_ratio", "rank_agreement", "served_mean_shift", "served_rank_agreement"}
+    assert worker.metrics.registry.get_sample_value("r2m_guard_canary_items") == 6
+    # A runaway learning rate: finite weights, rewards far from the plain RM's scale.
+    runaway = _settings(tiny_neox_rm, train_lr=1.0, train_steps=20, guard_min_items=4)
+    worker = Worker(HeadTrainer(build_engine(runaway), runaway), queue, store, block_ms=10, max_attempts=1)
+    queue.add("b", _body(_request(batch_id="b")))
+    assert worker.run_once() == 0
+    assert store.latest() == 1, "the drifting candidate was not published"
+    [dead] = queue.dead_letters()
+    assert dead.reason.startswith("guard_") and "R2M_GUARD_" in dead.detail, dead
+    refusal = store.last_refusal()
+    assert refusal["reason"] == dead.reason and refusal["batch_ids"] == ["b"] and refusal["guard"]["items"] >= 6
 
 
 def test_decode_batch_round_trips_the_queued_body() -> None:
@@ -358,7 +428,7 @@ def test_a_posted_batch_is_tokenized_and_converted_once_end_to_end(
     texts, tensors = len(req.texts()), 4 + 2
     with TestClient(create_app(_settings(tiny_neox_rm, head_poll_s=0.2))) as client:
         _wait(lambda: client.get("/readyz").status_code == 200)
-        assert calls == {"encode": 0, "to_torch": 0}
+        calls.update(encode=0, to_torch=0)  # start-up measured the RTE's scale on a few bundled prompts
         if encoding == "binary":
             r = client.post("/preferences", content=_body(req), headers={"content-type": BINARY_CONTENT_TYPE})
         else:
