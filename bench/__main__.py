@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer")
+SECTIONS = ("codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer", "ensemble")
 
 
 def _run_prefix(opts: argparse.Namespace) -> dict:

@@ -54,7 +54,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        raise SystemExit(f"r2m serve: {exc}") from None
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -85,7 +88,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     from prometheus_client import start_http_server
 
-    from r2m.service.engine import build_engine
+    from r2m.service.engine import build_engine, check_ensemble
     from r2m.service.headstore import RedisHeadStore
     from r2m.service.metrics import WorkerMetrics
     from r2m.service.queue import RedisPreferenceQueue
@@ -99,6 +102,10 @@ def _worker(args: argparse.Namespace) -> int:
     queue = RedisPreferenceQueue(settings.redis_url, settings.redis_prefix)
     if args.dead_letters or args.replay:
         return _dead_letters(queue, args.replay)
+    try:
+        check_ensemble(settings)
+    except ValueError as exc:
+        raise SystemExit(f"r2m worker: {exc}") from None
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.host, registry=metrics.registry)
@@ -141,9 +148,27 @@ def _dead_letters(queue, replay: list[str] | None) -> int:  # noqa: ANN001 - a P
 
 
 def _fit_rm(args: argparse.Namespace) -> int:
-    from r2m.service.fit import fit_encoder_rm
+    from r2m.service.fit import fit_encoder_rm, fit_rm_members
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.ensemble < 1:
+        raise SystemExit("r2m fit-rm: --ensemble must be >= 1")
+    if args.backbone:
+        if not args.data or args.ensemble < 2:
+            raise SystemExit("r2m fit-rm --backbone: give --data pairs.jsonl and --ensemble N (N >= 2)")
+        try:
+            report = fit_rm_members(
+                args.out, backbone=args.backbone, data=args.data, ensemble=args.ensemble, seed=args.seed,
+                device=args.device,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise SystemExit(f"r2m fit-rm: {exc}") from None
+        print(json.dumps(report, indent=2))
+        print(
+            f"wrote {args.out}; serve it with: R2M_MODEL={args.backbone} R2M_ENSEMBLE={args.ensemble} "
+            f"R2M_ENSEMBLE_MEMBERS={args.out} r2m serve"
+        )
+        return 0
     report = fit_encoder_rm(
         args.out,
         encoder=args.encoder,
@@ -152,6 +177,7 @@ def _fit_rm(args: argparse.Namespace) -> int:
         seed=args.seed,
         l2=args.l2,
         device=args.device,
+        ensemble=args.ensemble,
     )
     print(json.dumps(report, indent=2))
     print(f"wrote {args.out}; serve it with: r2m serve --model {args.out}")
@@ -243,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0, help="seed of the synthetic set and the split")
     fit.add_argument("--l2", type=float, default=1e-5, help="L2 penalty on the head weight")
     fit.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    fit.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        help="also fit N ensemble members on bootstrap resamples (r2m_members.safetensors; serve with "
+        "R2M_ENSEMBLE=N) [default: 1, no ensemble]",
+    )
+    fit.add_argument(
+        "--backbone",
+        default=None,
+        help="a Hugging Face reward model (path or id) to fit ensemble members for, on its frozen reward-token "
+        "embeddings of --data (member 0 is its own score layer); writes OUT/r2m_members.safetensors",
+    )
     fit.set_defaults(func=_fit_rm)
 
     train_cmd = sub.add_parser(

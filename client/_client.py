@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import httpx
 import numpy as np
@@ -45,6 +45,14 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _FINAL_HTTPX_ERRORS = (httpx.UnsupportedProtocol, httpx.DecodingError, httpx.TooManyRedirects)
 
 
+class _ScorePart(NamedTuple):
+    rewards: list[float]
+    head_version: int
+    omega: float
+    uncertainty: list[float] | None
+    members: list[list[float]] | None
+
+
 @dataclass(frozen=True)
 class ScoreResult:
     """The answer to `score()`, merged over the requests a large call was split into.
@@ -54,12 +62,17 @@ class ScoreResult:
         head_version: the newest head version that scored any of the items.
         head_versions: the head version that scored each item (chunks may straddle a hot swap).
         omega: `w(t)` for the call's step (items without hidden states were scored with `w = 1`).
+        uncertainty: with an ensemble on the service (R2M_ENSEMBLE > 1), each reward's uncertainty (the members'
+            std); None otherwise.
+        members: with an ensemble and `return_members=True`, each response's members' rewards; None otherwise.
     """
 
     rewards: list[float]
     head_version: int
     head_versions: list[int]
     omega: float
+    uncertainty: list[float] | None = None
+    members: list[list[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -193,7 +206,9 @@ class _BaseClient:
         chunks.append(chunk)
         return chunks
 
-    def _score_body(self, items: list[dict], step: int, total_steps: int) -> dict[str, Any]:
+    def _score_body(
+        self, items: list[dict], step: int, total_steps: int, return_members: bool = False
+    ) -> dict[str, Any]:
         """The keyword arguments of `request()` for one chunk, in the client's encoding."""
         prefixes: list[WireTensor] = []
         index: dict[int, int] = {}
@@ -208,6 +223,8 @@ class _BaseClient:
                 prefixes.append(prefix)
             wire_items.append({k: v for k, v in item.items() if k != "_prefix"} | {"prefix": index[id(prefix)]})
         payload: dict[str, Any] = {"items": wire_items, "step": step, "total_steps": total_steps}
+        if return_members:  # only then, as with prefixes: older servers accept the request as it was
+            payload["return_members"] = True
         if prefixes:  # only then: a request without sharing stays exactly what servers before it accept
             payload["prefixes"] = prefixes
         if self.encoding == "json":
@@ -225,16 +242,24 @@ class _BaseClient:
             raise InvalidRequest(f"step must be an integer in [0, total_steps={total_steps}], got {step!r}")
 
     @staticmethod
-    def _parse_score(response: httpx.Response, n: int) -> tuple[list[float], int, float]:
+    def _parse_score(response: httpx.Response, n: int) -> _ScorePart:
+        def numbers(x: Any) -> bool:
+            return (
+                isinstance(x, list)
+                and len(x) == n
+                and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in x)
+            )
+
         try:
             body = response.json()
             rewards, head_version, omega = body["rewards"], body["head_version"], body["omega"]
+            uncertainty, members = body.get("uncertainty"), body.get("members")
             ok = (
-                isinstance(rewards, list)
-                and len(rewards) == n
-                and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards)
+                numbers(rewards)
                 and type(head_version) is int
                 and isinstance(omega, (int, float))
+                and (uncertainty is None or numbers(uncertainty))
+                and (members is None or (isinstance(members, list) and len(members) == n))
             )
         except (ValueError, TypeError, KeyError):
             ok = False
@@ -243,13 +268,21 @@ class _BaseClient:
                 f"POST /score answered {response.status_code} with a body that does not follow the API "
                 f"(expected {{rewards: [{n} numbers], head_version, omega}}): {response.text[:500]!r}"
             )
-        return [float(r) for r in rewards], head_version, float(omega)
+        return _ScorePart(
+            [float(r) for r in rewards],
+            head_version,
+            float(omega),
+            [float(u) for u in uncertainty] if uncertainty is not None else None,
+            [[float(x) for x in m] for m in members] if members is not None else None,
+        )
 
     @staticmethod
-    def _merge(chunks: list[list[dict]], parts: list[tuple[list[float], int, float]]) -> ScoreResult:
-        rewards = [r for part in parts for r in part[0]]
-        versions = [version for chunk, (_, version, _) in zip(chunks, parts, strict=True) for _ in chunk]
-        return ScoreResult(rewards, max(versions), versions, parts[0][2])
+    def _merge(chunks: list[list[dict]], parts: list[_ScorePart]) -> ScoreResult:
+        rewards = [r for part in parts for r in part.rewards]
+        versions = [part.head_version for chunk, part in zip(chunks, parts, strict=True) for _ in chunk]
+        unc = None if any(p.uncertainty is None for p in parts) else [u for p in parts for u in p.uncertainty or ()]
+        members = None if any(p.members is None for p in parts) else [m for p in parts for m in p.members or ()]
+        return ScoreResult(rewards, max(versions), versions, parts[0].omega, unc, members)
 
     # --- /preferences: chunks and bodies ----------------------------------------------------------------------
 
@@ -599,6 +632,7 @@ class R2MClient(_BaseClient):
         total_steps: int = 1,
         share_prefix: bool = True,
         prefix_lengths: int | Sequence[int | None] | None = None,
+        return_members: bool = False,
     ) -> ScoreResult:
         """Score responses with the service's reward model (R2M-corrected where hidden states are given).
 
@@ -620,6 +654,7 @@ class R2MClient(_BaseClient):
             prefix_lengths: instead of searching, the number of leading rows of each response's hidden states
                 that belong to its prompt (one int for all, or one int or None per response); responses of the
                 same prompt with the same length send the first one's rows for all of them, unchecked.
+            return_members: with an ensemble on the service, also return each member's reward.
 
         Returns:
             A `ScoreResult` with one reward per response.
@@ -638,7 +673,7 @@ class R2MClient(_BaseClient):
         chunks = self._plan_score(prompts, responses, hidden, share_prefix, prefix_lengths)
         parts = []
         for items in chunks:
-            response = self.request("POST", "/score", **self._score_body(items, step, total_steps))
+            response = self.request("POST", "/score", **self._score_body(items, step, total_steps, return_members))
             parts.append(self._parse_score(response, len(items)))
         return self._merge(chunks, parts)
 
@@ -809,6 +844,7 @@ class AsyncR2MClient(_BaseClient):
         total_steps: int = 1,
         share_prefix: bool = True,
         prefix_lengths: int | Sequence[int | None] | None = None,
+        return_members: bool = False,
     ) -> ScoreResult:
         """Score responses; see `R2MClient.score` for the arguments. Chunks go out concurrently.
 
@@ -820,9 +856,10 @@ class AsyncR2MClient(_BaseClient):
         chunks = self._plan_score(prompts, responses, hidden, share_prefix, prefix_lengths)
         limit = asyncio.Semaphore(self.max_concurrency)
 
-        async def send(items: list[dict]) -> tuple[list[float], int, float]:
+        async def send(items: list[dict]) -> _ScorePart:
             async with limit:  # encode inside the limit: at most max_concurrency bodies exist at once
-                response = await self.request("POST", "/score", **self._score_body(items, step, total_steps))
+                body = self._score_body(items, step, total_steps, return_members)
+                response = await self.request("POST", "/score", **body)
             return self._parse_score(response, len(items))
 
         tasks = [asyncio.ensure_future(send(items)) for items in chunks]

@@ -22,7 +22,7 @@ from .api import get_reward, heads, health, preferences, score
 from .api.deps import ServiceState
 from .batcher import BadReward, Batcher, Overloaded
 from .config import ServiceSettings
-from .engine import ScoringEngine, build_engine
+from .engine import ScoringEngine, build_engine, check_ensemble
 from .errors import BadInput
 from .headstore import MemoryHeadStore, RedisHeadStore
 from .headsync import HeadSync
@@ -45,6 +45,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     """The reward server. With `engine` given it is ready at once; otherwise the model loads in the background
     after start-up, /healthz answers meanwhile and /readyz says 503 until it is loaded."""
     settings = settings or ServiceSettings()
+    check_ensemble(settings)  # a misconfigured ensemble fails here, before the model loads
     state = ServiceState(settings=settings, metrics=ServiceMetrics())
 
     def install(m: ScoringEngine) -> None:

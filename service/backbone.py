@@ -26,11 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import numpy as st_numpy
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 __all__ = [
     "DEFAULT_MODEL",
+    "MEMBERS_FILE",
+    "attach_members",
+    "count_members",
+    "members_path",
+    "save_members",
     "Backbone",
     "Encoded",
     "load_backbone",
@@ -140,6 +145,8 @@ class Backbone:
     normalize: bool = False
     pad_id: int = 0
     info: dict = field(default_factory=dict)
+    members_weight: torch.Tensor | None = None  # (M, D_rm) fitted ensemble members, row 0 = score_weight
+    members_bias: torch.Tensor | None = None  # (M,)
     _rte_norm: float | None = field(default=None, repr=False)
 
     @property
@@ -227,6 +234,49 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool
     if normalize:
         out = torch.nn.functional.normalize(out.float(), p=2, dim=-1)
     return out
+
+
+MEMBERS_FILE = "r2m_members.safetensors"
+
+
+def members_path(model: str, explicit: str | None = None) -> Path | None:
+    """Where the ensemble members of `model` are: the explicit file (or folder), else the model folder's own
+    (`r2m_members.safetensors`, the bundled default's included); None for a hub id without an explicit path."""
+    if explicit:
+        path = Path(explicit)
+        return path / MEMBERS_FILE if path.is_dir() else path
+    folder = _ASSETS / "default_rm" if model == DEFAULT_MODEL else Path(model)
+    return folder / MEMBERS_FILE if folder.is_dir() else None
+
+
+def count_members(path: Path) -> int:
+    """Rows of a members file, read from its header only (no weights loaded); 0 when it is not there."""
+    if not path.is_file():
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.get_slice("weight").get_shape()[0])
+
+
+def save_members(path: Path, weight: torch.Tensor, bias: torch.Tensor | None, meta: dict) -> None:
+    tensors = {"weight": weight.float().contiguous()}
+    if bias is not None:
+        tensors["bias"] = bias.float().reshape(-1).contiguous()
+    save_file(tensors, str(path), metadata={"r2m": json.dumps({"format": "r2m-members/1", **meta})})
+
+
+def attach_members(backbone: Backbone, path: Path) -> None:
+    """Load a members file onto `backbone`; ValueError when it does not fit (another width, or its member 0 is
+    not this RM's own score layer)."""
+    tensors = load_file(str(path))
+    weight, bias = tensors["weight"].float(), tensors.get("bias")
+    if weight.ndim != 2 or weight.shape[1] != backbone.rm_dim:
+        raise ValueError(f"{path}: members of width {list(weight.shape)}, the reward model's is {backbone.rm_dim}")
+    if not torch.allclose(weight[0].to(backbone.score_weight.device), backbone.score_weight[0], atol=1e-6):
+        raise ValueError(f"{path}: its member 0 is not this reward model's score layer: fitted for another RM?")
+    backbone.members_weight = weight
+    backbone.members_bias = bias.float() if bias is not None else None
 
 
 def load_backbone(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto") -> Backbone:

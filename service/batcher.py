@@ -41,6 +41,8 @@ class BadReward(Exception):
 class BatchResult:
     rewards: list[float]
     head_version: int
+    uncertainty: list[float] | None = None  # an ensemble's: the members' std per item
+    members: list[list[float]] | None = None
 
 
 @dataclass
@@ -134,8 +136,8 @@ class Batcher:
             for p in batch:
                 self.metrics.queue_wait.observe(started - p.enqueued)
             try:
-                rewards = await loop.run_in_executor(
-                    self._executor, self.engine.score, items, head, self.max_batch_tokens
+                scores = await loop.run_in_executor(
+                    self._executor, self.engine.score_all, items, head, self.max_batch_tokens
                 )
             except NonFiniteReward as exc:
                 self._non_finite(batch, exc)
@@ -147,12 +149,25 @@ class Batcher:
                         p.future.set_exception(exc)
                 continue
             self._observe(batch, items, time.perf_counter() - started)
-            values = rewards.tolist()
+            values = scores.rewards.tolist()
+            std = scores.uncertainty.tolist() if scores.uncertainty is not None else None
+            members = scores.members.tolist() if scores.members is not None else None
+            if std is not None:
+                for u in std:
+                    self.metrics.reward_uncertainty.observe(u)
             offset = 0
             for p in batch:
                 n = len(p.items)
                 if not p.future.done():
-                    p.future.set_result(BatchResult(values[offset : offset + n], head.version))
+                    part = slice(offset, offset + n)
+                    p.future.set_result(
+                        BatchResult(
+                            values[part],
+                            head.version,
+                            std[part] if std is not None else None,
+                            members[part] if members is not None else None,
+                        )
+                    )
                 offset += n
 
     def _non_finite(self, batch: list[_Pending], exc: NonFiniteReward) -> None:

@@ -53,6 +53,24 @@ class ServiceSettings(BaseSettings):
         "hidden states of unit RMS, on any backbone), `plain` (PyTorch's default init: on the bundled encoder the "
         "untrained read-out outweighs the RTE), `zero` (W_o = 0: the untrained reward is w times the plain RM's).",
     )
+    ensemble: int = Field(
+        1,
+        ge=1,
+        description="Score-layer members on the one frozen backbone (1: a single head, as without ensembles). N > 1 "
+        "needs N fitted members (`r2m fit-rm --ensemble N`; the bundled default ships 5); /score then returns the "
+        "aggregated reward and each item's uncertainty (the members' std).",
+    )
+    aggregation: Literal["mean", "uwo", "min"] = Field(
+        "uwo",
+        description="How an ensemble's members make one reward: `mean`, `uwo` (mean - R2M_UWO_LAMBDA x the "
+        "members' variance, Coste et al.'s uncertainty-weighted optimisation) or `min` (worst case).",
+    )
+    uwo_lambda: float = Field(1.0, ge=0, description="With R2M_AGGREGATION=uwo: the weight of the members' variance.")
+    ensemble_members: str | None = Field(
+        None,
+        description="The fitted members (a r2m_members.safetensors file, or a folder with one) for R2M_ENSEMBLE > 1; "
+        "default: the model folder's own (the bundled default has one). A hub RM needs this set.",
+    )
     attn_init_scale: float = Field(
         0.1, gt=0, description="With R2M_ATTN_INIT=scaled: the initial read-out's norm over the RTE's typical norm."
     )

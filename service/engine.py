@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backbone import Backbone, Encoded, load_backbone
+from .backbone import Backbone, Encoded, attach_members, count_members, load_backbone, members_path
 from .config import ServiceSettings
 from .headcodec import SERVING_DTYPE
 from .model import HeadConfig, R2MHead
@@ -18,6 +18,9 @@ __all__ = [
     "HeadVersion",
     "NonFiniteReward",
     "PreparedItem",
+    "Scores",
+    "aggregate",
+    "check_ensemble",
     "ScoringEngine",
     "build_engine",
     "head_is_finite",
@@ -41,6 +44,33 @@ class PreparedItem:
     hidden: torch.Tensor | None
     w: float
     prefix: torch.Tensor | None = None
+
+
+AGGREGATIONS = ("mean", "uwo", "min")
+
+
+def aggregate(members: torch.Tensor, how: str, uwo_lambda: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ensemble's reward and uncertainty `(B,)` from its members' rewards `(B, N)`: `mean`, `uwo` (mean - lambda
+    x the members' population variance) or `min`; the uncertainty is the members' population std."""
+    var, mean = torch.var_mean(members, dim=1, correction=0)
+    if how == "mean":
+        rewards = mean
+    elif how == "uwo":
+        rewards = mean - uwo_lambda * var
+    elif how == "min":
+        rewards = members.min(dim=1).values
+    else:
+        raise ValueError(f"unknown aggregation {how!r}")
+    return rewards, var.sqrt()
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One batch's rewards `(N,)`; for an ensemble also each item's uncertainty `(N,)` and the members' `(N, M)`."""
+
+    rewards: torch.Tensor
+    uncertainty: torch.Tensor | None = None
+    members: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -111,10 +141,16 @@ def initial_head(
         # that built it and on one that loaded it from the store (service/heads.py, SERVING_DTYPE).
         for p in head.attention.parameters():
             p.copy_(p.to(SERVING_DTYPE))
-        head.score.weight.copy_(backbone.score_weight)
+        n = config.members
+        if n > 1 and (backbone.members_weight is None or backbone.members_weight.shape[0] < n):
+            have = 0 if backbone.members_weight is None else backbone.members_weight.shape[0]
+            raise ValueError(f"an ensemble of {n} needs {n} fitted members; this reward model has {have}")
+        weight = backbone.score_weight if n == 1 else backbone.members_weight[:n]  # type: ignore[index]
+        head.score.weight.copy_(weight)
         if head.score.bias is not None:
-            if backbone.score_bias is not None:
-                head.score.bias.copy_(backbone.score_bias)
+            bias = backbone.score_bias if n == 1 else backbone.members_bias
+            if bias is not None:
+                head.score.bias.copy_(bias.reshape(-1)[:n])
             else:
                 head.score.bias.zero_()
     return head
@@ -122,12 +158,23 @@ def initial_head(
 
 class ScoringEngine:
     def __init__(
-        self, backbone: Backbone, head_config: HeadConfig, seed: int = 0, init: str = "scaled", init_scale: float = 0.1
+        self,
+        backbone: Backbone,
+        head_config: HeadConfig,
+        seed: int = 0,
+        init: str = "scaled",
+        init_scale: float = 0.1,
+        aggregation: str = "uwo",
+        uwo_lambda: float = 1.0,
     ) -> None:
         if head_config.rm_dim != backbone.rm_dim:
             raise ValueError(f"head rm_dim={head_config.rm_dim} but the backbone's width is {backbone.rm_dim}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
         self.backbone = backbone
         self.head_config = head_config
+        self.aggregation = aggregation
+        self.uwo_lambda = uwo_lambda
         self._init = (seed, init, init_scale)
         head = self.initial_head().to(backbone.device).eval().requires_grad_(False)
         with torch.no_grad():
@@ -172,20 +219,30 @@ class ScoringEngine:
     def score(
         self, items: Sequence[PreparedItem], head: HeadVersion | None = None, max_batch_tokens: int = 16384
     ) -> torch.Tensor:
-        """Rewards `(N,)` float32 for `items`, all scored by one head snapshot; NonFiniteReward instead of a NaN or
-        an Inf."""
+        """Rewards `(N,)` float32 for `items` (an ensemble's aggregated), all scored by one head snapshot;
+        NonFiniteReward instead of a NaN or an Inf."""
+        return self.score_all(items, head, max_batch_tokens).rewards
+
+    @torch.inference_mode()
+    def score_all(
+        self, items: Sequence[PreparedItem], head: HeadVersion | None = None, max_batch_tokens: int = 16384
+    ) -> Scores:
+        """`score`, with an ensemble's uncertainty and members' rewards."""
         head = head or self._current
         rte = self.embed([it.encoded for it in items], max_batch_tokens)  # (N, D_rm)
-        rewards = score_rte(
+        out = score_rte(
             head.head, rte, [it.hidden for it in items], [it.w for it in items], [it.prefix for it in items]
         )
-        finite = torch.isfinite(rewards)
+        finite = torch.isfinite(out) if out.ndim == 1 else torch.isfinite(out).all(dim=1)
         if not bool(finite.all()):
             bad = (~finite).nonzero().squeeze(1)
             # The head is to blame unless every bad item's embedding was already non-finite.
             from_backbone = not bool(torch.isfinite(rte[bad]).all(dim=1).any())
             raise NonFiniteReward(head.version, bad.tolist(), from_backbone)
-        return rewards
+        if out.ndim == 1:
+            return Scores(out)
+        rewards, std = aggregate(out, self.aggregation, self.uwo_lambda)
+        return Scores(rewards, std, out)
 
     def embed(self, encoded: Sequence[Encoded], max_batch_tokens: int = 16384) -> torch.Tensor:
         """RTEs `(N, D_rm)` float32, run through the backbone in length-sorted chunks of <= max_batch_tokens padded
@@ -274,14 +331,48 @@ def pad_hidden(
     return out, mask
 
 
+def check_ensemble(settings: ServiceSettings) -> None:
+    """ValueError naming the setting when R2M_ENSEMBLE > 1 cannot be served: no members file, or too few members.
+    Reads file headers only, so `r2m serve` fails at once, before the model loads."""
+    n = settings.ensemble
+    if n == 1:
+        return
+    path = members_path(settings.model, settings.ensemble_members)
+    if path is None:
+        raise ValueError(
+            f"R2M_ENSEMBLE={n}: the reward model {settings.model!r} has no fitted members here; fit them with "
+            f"`r2m fit-rm --backbone {settings.model} --data pairs.jsonl --ensemble {n} --out DIR` and set "
+            "R2M_ENSEMBLE_MEMBERS=DIR"
+        )
+    have = count_members(path)
+    if have < n:
+        raise ValueError(
+            f"R2M_ENSEMBLE={n}: {path} holds {have} fitted members"
+            + ("" if have else " (no such file)")
+            + f"; fit {n} with `r2m fit-rm ... --ensemble {n}` (R2M_ENSEMBLE_MEMBERS names the file)"
+        )
+
+
 def build_engine(settings: ServiceSettings) -> ScoringEngine:
-    """Load the backbone named by the settings and put the initial head on it."""
+    """Load the backbone named by the settings (and its ensemble members) and put the initial head on it."""
+    check_ensemble(settings)
     backbone = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
+    if settings.ensemble > 1:
+        attach_members(backbone, members_path(settings.model, settings.ensemble_members))  # type: ignore[arg-type]
     config = HeadConfig(
         rm_dim=backbone.rm_dim,
         policy_dim=settings.policy_dim,
         attn_dim=settings.attn_dim,
         n_heads=settings.attn_heads,
         score_bias=backbone.score_bias is not None,
+        members=settings.ensemble,
     )
-    return ScoringEngine(backbone, config, settings.seed, settings.attn_init, settings.attn_init_scale)
+    return ScoringEngine(
+        backbone,
+        config,
+        settings.seed,
+        settings.attn_init,
+        settings.attn_init_scale,
+        settings.aggregation,
+        settings.uwo_lambda,
+    )

@@ -88,6 +88,12 @@ class ServiceMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.reward_uncertainty = Histogram(
+            "r2m_reward_uncertainty",
+            "An ensemble's per-item uncertainty (the members' reward std).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.inflight_bytes = Gauge(
             "r2m_inflight_bytes", "Request bytes held against R2M_MAX_INFLIGHT_BYTES (3 per body byte).", registry=r
         )

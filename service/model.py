@@ -47,16 +47,22 @@ class HeadConfig:
     attn_dim: int = 2048
     n_heads: int = 1
     score_bias: bool = False
+    members: int = 1  # score layers of an ensemble on one backbone and one feedback attention (R2M_ENSEMBLE)
 
     def __post_init__(self) -> None:
-        for name in ("rm_dim", "policy_dim", "attn_dim", "n_heads"):
+        for name in ("rm_dim", "policy_dim", "attn_dim", "n_heads", "members"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HeadConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.attn_dim % self.n_heads:
             raise ValueError(f"attn_dim={self.attn_dim} must be divisible by n_heads={self.n_heads}")
 
     def to_dict(self) -> dict[str, int | bool]:
-        return asdict(self)
+        """The fields; `members` only for an ensemble, so that a single head's config reads as it always has (a
+        replica checks a published head's config against its own)."""
+        d = asdict(self)
+        if self.members == 1:
+            del d["members"]
+        return d
 
 
 class FeedbackAttention(nn.Module):
@@ -209,13 +215,14 @@ def _pool_shared(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 class R2MHead(nn.Module):
-    """The part R2M trains: the feedback attention and the score layer phi (D_rm -> 1)."""
+    """The part R2M trains: the feedback attention and the score layer phi (D_rm -> 1), or for an ensemble the
+    score layers of its members (D_rm -> N) on the one shared attention read-out."""
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
         self.config = config
         self.attention = FeedbackAttention(config.rm_dim, config.policy_dim, config.attn_dim, config.n_heads)
-        self.score = nn.Linear(config.rm_dim, 1, bias=config.score_bias)
+        self.score = nn.Linear(config.rm_dim, config.members, bias=config.score_bias)
 
     def forward(
         self,
@@ -227,7 +234,7 @@ class R2MHead(nn.Module):
         prefixes: Sequence[torch.Tensor] = (),
         prefix_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Rewards `(B,)` for RTEs `e` `(B, D_rm)` and per-item weights `w` `(B,)`.
+        """Rewards `(B,)` for RTEs `e` `(B, D_rm)` and per-item weights `w` `(B,)`; `(B, N)` for N members.
 
         `h` `(N, T, D_policy)` and `mask` `(N, T)` hold the hidden states of the N items selected by the boolean
         `with_feedback` `(B,)` (all items when it is None), in any float dtype; `prefixes` and `prefix_index` `(N,)`
@@ -245,7 +252,8 @@ class R2MHead(nn.Module):
             f = e.clone()
             # w == 1 must give phi(e) bit for bit, so those rows keep e untouched.
             f[sel] = torch.where(w_sel == 1.0, e_sel, w_sel * e_sel + (1.0 - w_sel) * a)
-        return self.score(f).squeeze(-1)  # (B,)
+        out = self.score(f)  # (B, N)
+        return out.squeeze(-1) if self.config.members == 1 else out
 
 
 @dataclass(frozen=True)
@@ -255,9 +263,15 @@ class GREBTLoss:
     gre: torch.Tensor
 
 
-def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry loss -log sigmoid(r_w - r_l), averaged over pairs."""
-    return -F.logsigmoid(chosen - rejected).mean()
+def _mean(terms: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return terms.mean()
+    return (terms * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
+def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley-Terry loss -log sigmoid(r_w - r_l), averaged over pairs (weighted by `weights` when given)."""
+    return _mean(-F.logsigmoid(chosen - rejected), weights)
 
 
 def group_reward_entropy(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -272,6 +286,7 @@ def grebt_loss(
     alpha: float = 0.3,
     rank_by: torch.Tensor | Sequence[torch.Tensor] | None = None,
     eps: float = 1e-6,
+    weights: torch.Tensor | None = None,
 ) -> GREBTLoss:
     """L_GREBT = (1 - alpha) L_BT + alpha L_GRE, averaged over groups (R2M.md, "Updating").
 
@@ -281,6 +296,7 @@ def grebt_loss(
         rank_by: rewards that choose each group's best and worst response; defaults to `groups` itself (the
             recomputed rewards). Pass the scoring-time rewards to rank by those instead.
         eps: added to the standard deviation of each group.
+        weights: `(G,)` weights of the groups in the averages (an ensemble member's bootstrap resample); None: 1.
 
     Returns:
         `GREBTLoss(total, bt, gre)`, scalars; gradients flow into `groups`.
@@ -300,6 +316,6 @@ def grebt_loss(
         best, worst = int(rank.argmax()), int(rank.argmin())
         bt_terms.append(-F.logsigmoid(r[best] - r[worst]))
         gre_terms.append(group_reward_entropy(r[None, :], eps)[0])
-    bt = torch.stack(bt_terms).mean()
-    gre = torch.stack(gre_terms).mean()
+    bt = _mean(torch.stack(bt_terms), weights)
+    gre = _mean(torch.stack(gre_terms), weights)
     return GREBTLoss(total=(1.0 - alpha) * bt + alpha * gre, bt=bt, gre=gre)

@@ -94,6 +94,7 @@ class ScoreRequest(_Strict):
     )
     step: int = Field(0, ge=0, description="RL step t of the omega schedule.")
     total_steps: int = Field(1, ge=1, description="Total RL steps T of the omega schedule.")
+    return_members: bool = Field(False, description="With an ensemble (R2M_ENSEMBLE > 1): also each member's reward.")
 
     @model_validator(mode="after")
     def _step_in_range(self) -> ScoreRequest:
@@ -241,9 +242,17 @@ class RollbackRequest(_Strict):
 
 
 class ScoreResponse(BaseModel):
-    rewards: list[float] = Field(description="Raw score-head outputs, one per item, in order.")
+    rewards: list[float] = Field(
+        description="Raw score-head outputs, one per item, in order; an ensemble's aggregated (R2M_AGGREGATION)."
+    )
     head_version: int = Field(description="The head version that scored every item of this request.")
     omega: float = Field(description="w(t) for the request's step; items without hidden states use 1.")
+    uncertainty: list[float] | None = Field(
+        None, description="With an ensemble: each item's uncertainty, the members' reward std (absent otherwise)."
+    )
+    members: list[list[float]] | None = Field(
+        None, description="With an ensemble and return_members: each item's members' rewards."
+    )
 
 
 class ErrorResponse(BaseModel):

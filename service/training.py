@@ -18,7 +18,7 @@ import torch
 
 from .backbone import Encoded
 from .config import ServiceSettings
-from .engine import ScoringEngine, head_is_finite, pad_hidden, score_rte
+from .engine import ScoringEngine, aggregate, head_is_finite, pad_hidden, score_rte
 from .guard import CanaryItem, CanarySet, GuardReport, guard_report
 from .headcodec import head_from_bytes, head_to_bytes, optimizer_from_bytes, optimizer_to_bytes, serving_bytes
 from .model import bt_loss, grebt_loss, omega
@@ -164,6 +164,50 @@ class HeadTrainer:
         """(float32 weights, optimizer state, the float16 serving copy replicas fetch)."""
         return head_to_bytes(self.head), optimizer_to_bytes(self.opt), serving_bytes(self.head)
 
+    def _member_loss(
+        self,
+        rewards: torch.Tensor,
+        flat: _Flat,
+        rank_by: list[torch.Tensor] | None,
+        group_w: torch.Tensor | None,
+        pair_w: torch.Tensor | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, float, float, float]:
+        """One member's loss on the batch (GREBT on the groups, BT on the pairs, weighted by their counts) and its
+        BT, GRE and pair-BT terms."""
+        terms: list[torch.Tensor] = []
+        counts: list[int] = []
+        bt = gre = pair_bt = 0.0
+        if flat.groups:
+            groups = [rewards[r.start : r.stop] for r in flat.groups]
+            g = grebt_loss(groups, alpha=self.settings.grebt_alpha, rank_by=rank_by, weights=group_w)
+            terms.append(g.total)
+            counts.append(len(flat.groups))
+            bt, gre = g.bt.item(), g.gre.item()
+        if flat.pairs:
+            idx = torch.tensor(flat.pairs, device=device)
+            pair = bt_loss(rewards[idx[:, 0]], rewards[idx[:, 1]], pair_w)
+            terms.append(pair)
+            counts.append(len(flat.pairs))
+            pair_bt = pair.item()
+        loss = torch.stack([t * n for t, n in zip(terms, counts)]).sum() / sum(counts)
+        return loss, bt, gre, pair_bt
+
+    def _bootstrap(
+        self, groups: int, pairs: int, requests: Sequence[PreferencesRequest]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each ensemble member's Poisson(1) bootstrap weights of the batch's groups and pairs, seeded by the batch
+        (the same on a retry, another worker, a replay) and the member, so that the members stay diverse."""
+        key = "|".join(sorted(r.batch_id or "" for r in requests)) + f"|{self.settings.seed}"
+        base = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+        out = []
+        for m in range(self.engine.head_config.members):
+            gen = torch.Generator().manual_seed((base + m) % 2**63)
+            rate_g, rate_p = torch.ones(groups), torch.ones(pairs)
+            out.append((torch.poisson(rate_g, gen), torch.poisson(rate_p, gen)))
+        device = self.engine.backbone.device
+        return [(g.to(device), p.to(device)) for g, p in out]
+
     def commit(self) -> None:
         """The last update was published: its items join the guard's canary."""
         self.canary.offer(self._trained)
@@ -176,7 +220,10 @@ class HeadTrainer:
             return torch.empty(0)
         device = self.engine.backbone.device
         rte = torch.stack([it.rte for it in items]).to(device)
-        return score_rte(self.head, rte, [it.hidden for it in items], [it.w for it in items]).float().cpu()
+        out = score_rte(self.head, rte, [it.hidden for it in items], [it.w for it in items]).float()
+        if out.ndim == 2:  # an ensemble: the reward as served
+            out = aggregate(out, self.engine.aggregation, self.engine.uwo_lambda)[0]
+        return out.cpu()
 
     def rtes(
         self,
@@ -237,35 +284,28 @@ class HeadTrainer:
         ]
         check = self.canary.items + self._trained if s.guard else []
         served = self._rewards(check)  # the head before this update: the one replicas serve
+        members = self.engine.head_config.members
+        boot: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)]
+        if members > 1:
+            boot = list(self._bootstrap(len(flat.groups), len(flat.pairs), requests))
+        rank_by = [torch.tensor(g, device=device) for g in flat.given] if rank_given else None
         first: dict[str, float] = {}
         for step in range(s.train_steps):
-            rewards = self.head(rte, w, h_pad, mask, with_feedback=sel)  # (N,)
-            terms: list[torch.Tensor] = []
-            weights: list[int] = []
-            grebt = None
-            if flat.groups:
-                groups = [rewards[r.start : r.stop] for r in flat.groups]
-                rank_by = [torch.tensor(g, device=device) for g in flat.given] if rank_given else None
-                grebt = grebt_loss(groups, alpha=s.grebt_alpha, rank_by=rank_by)
-                terms.append(grebt.total)
-                weights.append(len(flat.groups))
-            pair = None
-            if flat.pairs:
-                idx = torch.tensor(flat.pairs, device=device)
-                pair = bt_loss(rewards[idx[:, 0]], rewards[idx[:, 1]])
-                terms.append(pair)
-                weights.append(len(flat.pairs))
-            loss = torch.stack([t * n for t, n in zip(terms, weights)]).sum() / sum(weights)
+            out = self.head(rte, w, h_pad, mask, with_feedback=sel)  # (N,), or (N, M) for an ensemble
+            cols = [out] if out.ndim == 1 else list(out.unbind(1))
+            parts = [self._member_loss(r, flat, rank_by, boot[m][0], boot[m][1], device) for m, r in enumerate(cols)]
+            loss = torch.stack([p[0] for p in parts]).mean()  # each member on its own resample of the batch
             if not math.isfinite(loss.item()):
                 raise UpdateRefused("non_finite_loss", f"GREBT loss {loss.item()} at optimizer step {step}")
             if step == 0:
                 with torch.no_grad():
+                    rewards = out if out.ndim == 1 else out.mean(dim=1)
                     stds = [rewards[r.start : r.stop].std(correction=0).item() for r in flat.groups]
                 first = {
                     "loss": loss.item(),
-                    "bt": grebt.bt.item() if grebt is not None else 0.0,
-                    "gre": grebt.gre.item() if grebt is not None else 0.0,
-                    "pair_bt": pair.item() if pair is not None else 0.0,
+                    "bt": sum(p[1] for p in parts) / len(parts),
+                    "gre": sum(p[2] for p in parts) / len(parts),
+                    "pair_bt": sum(p[3] for p in parts) / len(parts),
                     "group_reward_std": sum(stds) / len(stds) if stds else 0.0,
                 }
             self.opt.zero_grad(set_to_none=True)

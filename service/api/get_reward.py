@@ -37,7 +37,7 @@ class GetRewardResponse(BaseModel):
     scores: list[float] = Field(description="The same values: OpenRLHF reads `scores` for filtering and logging.")
     extra_logs: dict[str, list[float]] = Field(
         description="Per-query values OpenRLHF logs: `head_version`, the head that scored the query (a float so "
-        "that OpenRLHF can average it)."
+        "that OpenRLHF can average it), and with an ensemble `uncertainty`, the members' reward std."
     )
 
 
@@ -46,12 +46,14 @@ async def get_reward(
     req: GetRewardRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep
 ) -> GetRewardResponse:
     """OpenRLHF remote reward model: rewards for full templated texts (plain RM, no hidden states)."""
+    logs: dict[str, list[float]] = {"head_version": []}
     if not req.query:
-        return GetRewardResponse(rewards=[], scores=[], extra_logs={"head_version": []})
+        if settings.ensemble > 1:
+            logs["uncertainty"] = []
+        return GetRewardResponse(rewards=[], scores=[], extra_logs=logs)
     items = await run_in_threadpool(prepare_queries, req.query, engine, settings)
     result = await batcher.submit(items)
-    return GetRewardResponse(
-        rewards=result.rewards,
-        scores=result.rewards,
-        extra_logs={"head_version": [float(result.head_version)] * len(result.rewards)},
-    )
+    logs["head_version"] = [float(result.head_version)] * len(result.rewards)
+    if result.uncertainty is not None:
+        logs["uncertainty"] = result.uncertainty
+    return GetRewardResponse(rewards=result.rewards, scores=result.rewards, extra_logs=logs)

@@ -17,6 +17,7 @@ router = APIRouter(tags=["scoring"], dependencies=[AuthDep])
 @router.post(
     "/score",
     response_model=ScoreResponse,
+    response_model_exclude_none=True,
     responses=ERROR_RESPONSES,
     openapi_extra=request_body_openapi(ScoreRequest),
 )
@@ -28,4 +29,10 @@ async def score(request: Request, engine: EngineDep, batcher: BatcherDep, settin
     result = await batcher.submit(items)
     with_feedback = any(it.policy_hidden is not None for it in req.items)
     w = omega(req.step, req.total_steps, settings.omega_floor) if with_feedback else 1.0
-    return ScoreResponse(rewards=result.rewards, head_version=result.head_version, omega=w)
+    return ScoreResponse(
+        rewards=result.rewards,
+        head_version=result.head_version,
+        omega=w,
+        uncertainty=result.uncertainty,
+        members=result.members if req.return_members else None,
+    )
