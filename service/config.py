@@ -141,6 +141,12 @@ class ServiceSettings(BaseSettings):
     train_lr: float = Field(
         1e-6, gt=0, description="Learning rate of the R2M update (paper: 1e-6 dialogue, 5e-7 TL;DR)."
     )
+    train_lr_score: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate of the score layer phi alone (its own AdamW group); unset: R2M_TRAIN_LR for the "
+        "whole head. phi is one D_rm vector and moves far less than the attention at the same rate.",
+    )
     train_steps: int = Field(1, ge=1, description="Optimizer steps per update (per preference batch).")
     train_weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the R2M update.")
     train_max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip of the R2M update.")

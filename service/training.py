@@ -8,6 +8,7 @@ on a miss the tokens the API already computed (queued beside the batch) go strai
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -25,6 +26,8 @@ from .model import bt_loss, grebt_loss, omega
 from .schemas import PreferencesRequest
 
 __all__ = ["HeadTrainer", "RTECache", "UpdateRefused", "UpdateStats"]
+
+log = logging.getLogger("r2m.worker")
 
 
 class RTECache:
@@ -146,17 +149,32 @@ class HeadTrainer:
         self.canary = CanarySet(settings.guard_canary_size, settings.guard_canary_mb * 2**20, seed=settings.seed)
         self._trained: list[CanaryItem] = []  # the last update's items, for the canary once it is published
 
+    def _lrs(self) -> list[float]:
+        """The learning rate of each parameter group: one group, or the attention's and phi's (R2M_TRAIN_LR_SCORE)."""
+        s = self.settings
+        return [s.train_lr] if s.train_lr_score is None else [s.train_lr, s.train_lr_score]
+
     def _optimizer(self) -> torch.optim.Optimizer:
         s = self.settings
-        return torch.optim.AdamW(self.head.parameters(), lr=s.train_lr, weight_decay=s.train_weight_decay)
+        if s.train_lr_score is None:
+            return torch.optim.AdamW(self.head.parameters(), lr=s.train_lr, weight_decay=s.train_weight_decay)
+        groups = [
+            {"params": list(self.head.attention.parameters()), "lr": s.train_lr},
+            {"params": list(self.head.score.parameters()), "lr": s.train_lr_score},
+        ]
+        return torch.optim.AdamW(groups, weight_decay=s.train_weight_decay)
 
     def load(self, version: int, weights: bytes, optim: bytes | None) -> None:
         self.head = head_from_bytes(weights, self.engine.head_config).to(self.engine.backbone.device).train()
         self.opt = self._optimizer()
         if optim is not None:
-            optimizer_from_bytes(self.opt, optim)
-            for group in self.opt.param_groups:  # settings win over the saved hyper-parameters
-                group["lr"] = self.settings.train_lr
+            try:
+                optimizer_from_bytes(self.opt, optim)
+            except ValueError as exc:  # saved with the other parameter grouping (R2M_TRAIN_LR_SCORE changed)
+                log.warning("optimizer state of version %d does not fit (%s); starting it afresh", version, exc)
+                self.opt = self._optimizer()
+            for group, lr in zip(self.opt.param_groups, self._lrs()):  # settings win over the saved ones
+                group["lr"] = lr
                 group["weight_decay"] = self.settings.train_weight_decay
         self.version = version
 

@@ -17,7 +17,7 @@ from r2m.data import BUNDLED_PROMPTS, load_pairs, load_prompts
 __all__ = ["ADVANTAGES", "REWARD_MODES", "TrainConfig", "load_pairs", "load_prompts"]
 
 Advantage = Literal["grpo", "rloo"]
-RewardMode = Literal["vanilla", "r2m", "r2m-frozen", "r2m-noise", "head-only", "r2m-pairs"]
+RewardMode = Literal["vanilla", "r2m", "r2m-frozen", "r2m-noise", "head-only", "r2m-pairs", "r2m-judge", "head-judge"]
 ADVANTAGES: tuple[str, ...] = typing.get_args(Advantage)
 REWARD_MODES: tuple[str, ...] = typing.get_args(RewardMode)
 
@@ -83,7 +83,9 @@ class TrainConfig:
             "(Gaussian noise in place of hidden states, also posted), 'head-only' (no hidden states, groups "
             "posted without them: the paper's Iterative RM_Head), 'r2m-pairs' (ours, not the paper's: hidden states "
             "like 'r2m', but the update gets labelled pairs from --pairs, replayed through the current policy, "
-            "instead of in-group pseudo-labels)."
+            "instead of in-group pseudo-labels), 'r2m-judge' (ours: hidden states like 'r2m'; the update gets "
+            "pairs from the step's own groups labelled by --judge) and 'head-judge' (the same judge pairs, no "
+            "hidden states)."
         },
     )
     pairs: str | None = field(
@@ -95,6 +97,33 @@ class TrainConfig:
         },
     )
     pairs_per_step: int = field(default=16, metadata={"help": "Pairs posted per step in r2m-pairs mode."})
+    judge: str | None = field(
+        default=None,
+        metadata={
+            "help": "The outside judge of --reward-mode r2m-judge / head-judge: module:function (a Python callable "
+            "f(prompt, response_a, response_b) -> bool or P(a is better)) or an http(s) URL (r2m.trainer.judge)."
+        },
+    )
+    judge_pairs_per_step: int = field(
+        default=4,
+        metadata={
+            "help": "Pairs from each step's groups the judge labels: each picked group's best- vs worst-scored "
+            "response, groups at random."
+        },
+    )
+    judge_with_groups: bool = field(
+        default=False,
+        metadata={
+            "help": "With a judge mode: also post the groups for the in-group pseudo-labels (beside, not instead)."
+        },
+    )
+    omega_steps: int = field(
+        default=0,
+        metadata={
+            "help": "T of the service's omega schedule w(t) = max(0.5 cos(pi t / T) + 0.5, Omega), the step past "
+            "which the feedback has its full weight after about 0.44 T (0: --steps, the paper's choice)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of prompt sampling, rollouts and noise (per step: seed+t)."})
     out_dir: str = field(default="runs/r2m", metadata={"help": "Folder for metrics.jsonl and checkpoints/."})
     save_every: int = field(default=50, metadata={"help": "Checkpoint every this many steps (0: only at the end)."})
@@ -132,7 +161,9 @@ class TrainConfig:
     sends_hidden: bool = field(init=False, metadata={"help": "Whether /score gets hidden states (or noise)."})
     posts_groups: bool = field(init=False, metadata={"help": "Whether groups are posted to /preferences."})
     posts_pairs: bool = field(init=False, metadata={"help": "Whether labelled pairs are posted to /preferences."})
+    posts_judged: bool = field(init=False, metadata={"help": "Whether judge-labelled pairs are posted."})
     posts_preferences: bool = field(init=False, metadata={"help": "Whether anything is posted to /preferences."})
+    schedule_steps: int = field(init=False, metadata={"help": "T sent to the service for the omega schedule."})
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, msg: str) -> None:
@@ -147,6 +178,7 @@ class TrainConfig:
             "max_prompt_tokens",
             "policy_epochs",
             "pairs_per_step",
+            "judge_pairs_per_step",
         ):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
         need(self.group_size >= 2, "group_size", "GRPO/RLOO need K >= 2 responses per prompt")
@@ -181,11 +213,17 @@ class TrainConfig:
                 "pairs",
                 "reward_mode r2m-pairs needs a .jsonl file of labelled pairs (--pairs FILE)",
             )
+        judged = self.reward_mode in ("r2m-judge", "head-judge")
+        if judged:
+            need(bool(self.judge), "judge", f"reward_mode {self.reward_mode} needs --judge module:function or URL")
+        need(self.omega_steps >= 0, "omega_steps", "must be >= 0 (0: the run's --steps)")
         self.batch_size = self.prompts_per_step * self.group_size
-        self.sends_hidden = self.reward_mode in ("r2m", "r2m-frozen", "r2m-noise", "r2m-pairs")
-        self.posts_groups = self.reward_mode in ("r2m", "r2m-noise", "head-only")
+        self.sends_hidden = self.reward_mode in ("r2m", "r2m-frozen", "r2m-noise", "r2m-pairs", "r2m-judge")
+        self.posts_groups = self.reward_mode in ("r2m", "r2m-noise", "head-only") or (judged and self.judge_with_groups)
         self.posts_pairs = self.reward_mode == "r2m-pairs"
-        self.posts_preferences = self.posts_groups or self.posts_pairs
+        self.posts_judged = judged
+        self.posts_preferences = self.posts_groups or self.posts_pairs or judged
+        self.schedule_steps = self.omega_steps or self.steps
 
     # --- (de)serialisation: a checkpoint carries the config that rebuilds it -------------------------------------
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig, load_pairs, load_prompts
+from .judge import choose_pairs, label_pairs, load_judge
 from .vllm_rollout import VLLMRollout, pack_responses, unpadded
 
 __all__ = ["GRPOTrainer", "Rollout", "group_advantages", "sequence_forward", "train"]
@@ -145,7 +146,7 @@ class GRPOTrainer:
     """The loop of the module docstring. `client` defaults to an `R2MClient` on `config.server_url`; pass your own
     (any object with `score`, `post_preferences`, `current_head`) to record or fake the service."""
 
-    def __init__(self, config: TrainConfig, client: Any = None) -> None:
+    def __init__(self, config: TrainConfig, client: Any = None, judge: Any = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         # ---------------------------------------------------------------------------------------------- setup --
@@ -159,6 +160,8 @@ class GRPOTrainer:
         dtype = getattr(torch, c.dtype)
         self.prompts = load_prompts(c.prompts)
         self.pairs = load_pairs(c.pairs) if c.posts_pairs and c.pairs else []  # r2m-pairs: labelled pairs to replay
+        # r2m-judge / head-judge: a callable given here (the benchmark's), else the one --judge names
+        self.judge = judge if judge is not None or not c.posts_judged else load_judge(c.judge)  # type: ignore[arg-type]
 
         self.start_step = 0
         checkpoint = self.latest_checkpoint()
@@ -284,11 +287,14 @@ class GRPOTrainer:
         # ---------------------------------------------------------------------------------------------- score --
         with timer("score"):
             score_hidden: list[torch.Tensor] | None = None
-            if c.reward_mode in ("r2m", "r2m-frozen", "r2m-pairs"):
+            if c.sends_hidden and c.reward_mode != "r2m-noise":
                 score_hidden = hidden
             elif c.reward_mode == "r2m-noise":
                 score_hidden = _noise_like(hidden, noise_gen)
-            result = self.client.score(batch.prompts, batch.responses, hidden=score_hidden, step=t, total_steps=c.steps)
+            w_step = min(t, c.schedule_steps)  # the omega schedule's t: past its T the floor Omega holds
+            result = self.client.score(
+                batch.prompts, batch.responses, hidden=score_hidden, step=w_step, total_steps=c.schedule_steps
+            )
             rewards = torch.tensor(result.rewards, dtype=torch.float32)  # (B,)
         watch: dict[str, Any] = {}  # not timed: a diagnostic, not part of the RL step
         if c.log_plain_rewards:  # the same samples by the plain RM, and the served head's guard figures
@@ -314,7 +320,7 @@ class GRPOTrainer:
                         batch.attention_mask[s],
                         batch.prompt_len,
                         c.temperature,
-                        hidden=last_epoch and c.posts_groups,
+                        hidden=last_epoch and (c.posts_groups or c.reward_mode == "r2m-judge"),
                     )
                     if h:
                         refreshed.extend(x.cpu() for x in h)  # h': this forward's parameters (before the step)
@@ -343,15 +349,18 @@ class GRPOTrainer:
         # ------------------------------------------------------------------------------------------ r2m post --
         with timer("r2m_post"):
             posted = pairs_posted = 0
+            groups: list[dict[str, Any]] = []
+            judged: list[dict[str, Any]] = []
             if c.posts_pairs:
                 pairs_posted = self.post_pairs(t)
+            if c.posts_judged:
+                judged = self.judge_pairs(t, batch, result.rewards, refreshed if c.reward_mode == "r2m-judge" else None)
             if c.posts_groups:
                 post_hidden: list[Any] | None = None
-                if c.reward_mode == "r2m":
+                if c.reward_mode in ("r2m", "r2m-judge"):
                     post_hidden = refreshed
                 elif c.reward_mode == "r2m-noise":
                     post_hidden = _noise_like(refreshed, noise_gen)
-                groups = []
                 for i, prompt in enumerate(batch.group_prompts):
                     rows = range(i * c.group_size, (i + 1) * c.group_size)
                     group: dict[str, Any] = {
@@ -362,9 +371,15 @@ class GRPOTrainer:
                     if post_hidden is not None:
                         group["hidden"] = [post_hidden[r] for r in rows]
                     groups.append(group)
-                posted = self.client.post_preferences(
-                    groups=groups, step=t, total_steps=c.steps, batch_id=f"{self.run_id}-s{t:06d}"
-                ).groups
+            if groups or judged:
+                answer = self.client.post_preferences(
+                    groups=groups or None,
+                    pairs=judged or None,
+                    step=w_step,
+                    total_steps=c.schedule_steps,
+                    batch_id=f"{self.run_id}-s{t:06d}",
+                )
+                posted, pairs_posted = answer.groups, pairs_posted + answer.pairs
 
         # ------------------------------------------------------------------------------------------------ log --
         group_std = rewards.view(-1, c.group_size).std(dim=1)
@@ -386,6 +401,7 @@ class GRPOTrainer:
             "r2m/groups_posted": posted,
             "r2m/pairs_posted": pairs_posted,
             **watch,
+            **(self.judge_stats if c.posts_judged else {}),
             **timer.seconds,
         }
 
@@ -504,8 +520,32 @@ class GRPOTrainer:
         n = len(rows)
         pairs = [{**r, "chosen_hidden": hidden[i], "rejected_hidden": hidden[n + i]} for i, r in enumerate(rows)]
         return self.client.post_preferences(
-            pairs=pairs, step=t, total_steps=c.steps, batch_id=f"{self.run_id}-s{t:06d}"
+            pairs=pairs,
+            step=min(t, c.schedule_steps),
+            total_steps=c.schedule_steps,
+            batch_id=f"{self.run_id}-s{t:06d}",
         ).pairs
+
+    def judge_pairs(
+        self, t: int, batch: Rollout, rewards: Sequence[float], hidden: Sequence[torch.Tensor] | None
+    ) -> list[dict[str, Any]]:
+        """The step's judge-labelled pairs (r2m.trainer.judge): `judge_pairs_per_step` picked from its groups,
+        each with the last epoch's hidden states of both responses when `hidden` is given."""
+        c = self.config
+        picks = choose_pairs(rewards, c.group_size, c.judge_pairs_per_step, torch.Generator().manual_seed(c.seed + t))
+        labelled = label_pairs(self.judge, batch.prompts, batch.responses, picks)
+        self.judge_stats = {
+            "judge/labels": len(labelled),
+            "judge/agrees_with_rm": sum(rewards[i] > rewards[j] for i, j in labelled) / max(len(labelled), 1),
+        }
+        out = []
+        for i, j in labelled:
+            pair: dict[str, Any] = {"prompt": batch.prompts[i], "chosen": batch.responses[i],
+                                    "rejected": batch.responses[j]}  # fmt: skip
+            if hidden is not None:
+                pair |= {"chosen_hidden": hidden[i], "rejected_hidden": hidden[j]}
+            out.append(pair)
+        return out
 
     # -------------------------------------------------------------------------------------------- checkpoints --
     def latest_checkpoint(self) -> Path | None:

@@ -193,9 +193,7 @@ def test_vanilla_sends_no_hidden_states_and_posts_nothing(policy_dir: Path, serv
     assert all(m["head_version"] == 0 for m in run["metrics"])
 
 
-def test_r2m_frozen_sends_sampling_hidden_states_and_posts_nothing(
-    policy_dir: Path, server: Process, tmp_path: Path
-):
+def test_r2m_frozen_sends_sampling_hidden_states_and_posts_nothing(policy_dir: Path, server: Process, tmp_path: Path):
     run = run_mode("r2m-frozen", policy_dir, server, tmp_path)
     check_common(run)
     for t, call in enumerate(run["client"].scores):
@@ -228,9 +226,7 @@ def test_head_only_posts_groups_without_hidden_states(policy_dir: Path, server: 
     wait_version_above(run["client"], run["version_before"])
 
 
-def test_r2m_noise_sends_and_posts_noise_shaped_like_hidden_states(
-    policy_dir: Path, server: Process, tmp_path: Path
-):
+def test_r2m_noise_sends_and_posts_noise_shaped_like_hidden_states(policy_dir: Path, server: Process, tmp_path: Path):
     run = run_mode("r2m-noise", policy_dir, server, tmp_path)
     check_common(run)
     for t, (call, post) in enumerate(zip(run["client"].scores, run["client"].posts)):
@@ -246,9 +242,7 @@ def test_r2m_noise_sends_and_posts_noise_shaped_like_hidden_states(
     wait_version_above(run["client"], run["version_before"])
 
 
-def test_r2m_posts_refreshed_hidden_states_and_the_head_advances(
-    policy_dir: Path, server: Process, tmp_path: Path
-):
+def test_r2m_posts_refreshed_hidden_states_and_the_head_advances(policy_dir: Path, server: Process, tmp_path: Path):
     run = run_mode("r2m", policy_dir, server, tmp_path)
     check_common(run)
     client = run["client"]
@@ -272,6 +266,38 @@ def test_r2m_posts_refreshed_hidden_states_and_the_head_advances(
     version = wait_version_above(client, run["version_before"])
     assert version > run["version_before"]
     assert run["metrics"][-1]["omega"] < 1.0  # step 1 of 2: w(t) = max(0.5 cos(pi/2) + 0.5, Omega) < 1
+
+
+def longer_judge(prompt: str, a: str, b: str) -> bool:
+    """A judge for the tests: the longer response is the better one (ties: the first)."""
+    return len(a) >= len(b)
+
+
+@pytest.mark.parametrize("mode", ["r2m-judge", "head-judge"])
+def test_judge_modes_post_judged_pairs_from_the_steps_own_groups(
+    mode: str, policy_dir: Path, server: Process, tmp_path: Path
+):
+    run = run_mode(mode, policy_dir, server, tmp_path, judge=f"{__name__}:longer_judge", judge_pairs_per_step=2)
+    check_common(run)
+    client = run["client"]
+    assert [p["step"] for p in client.posts] == list(range(STEPS))
+    for t, (call, post) in enumerate(zip(client.scores, client.posts)):
+        assert (call["hidden"] is not None) == (mode == "r2m-judge")
+        assert post["groups"] is None and 1 <= len(post["pairs"]) <= 2
+        rewards, responses = call["result"].rewards, call["responses"]
+        fresh = refreshed_hidden(run, t) if mode == "r2m-judge" else None
+        for pair in post["pairs"]:
+            i, j = responses.index(pair["chosen"]), responses.index(pair["rejected"])
+            assert i // K == j // K, "both responses of one group"
+            assert len(pair["chosen"]) >= len(pair["rejected"]), "labelled by the judge, not by the RM"
+            assert {rewards[i], rewards[j]} == {max(rewards[i // K * K : i // K * K + K]),
+                                               min(rewards[i // K * K : i // K * K + K])}  # fmt: skip
+            if fresh is None:
+                assert "chosen_hidden" not in pair
+            else:
+                assert same([pair["chosen_hidden"], pair["rejected_hidden"]], [fresh[i], fresh[j]])
+        assert run["metrics"][t]["judge/labels"] == len(post["pairs"])
+    assert wait_version_above(client, run["version_before"]) > run["version_before"]
 
 
 def test_r2m_pairs_posts_replayed_labelled_pairs_and_no_groups(policy_dir: Path, server: Process, tmp_path: Path):
@@ -396,7 +422,7 @@ class FakeClient:
 
         return ScoreResult([float(len(r)) for r in responses], 0, [0] * len(responses), 1.0)
 
-    def post_preferences(self, groups=None, *, step, total_steps, batch_id=None):
+    def post_preferences(self, groups=None, pairs=None, *, step, total_steps, batch_id=None):
         from r2m.client import PreferencesResult
 
         return PreferencesResult(["fake"], len(groups), 0)

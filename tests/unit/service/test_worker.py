@@ -150,6 +150,22 @@ def test_feedback_free_update_trains_only_the_score_layer(tiny_neox_rm: Path) ->
     assert not torch.equal(score, trainer.head.score.weight)
 
 
+def test_the_score_layer_can_have_its_own_learning_rate(tiny_neox_rm: Path) -> None:
+    moved = {}
+    for lr_score in (None, 1.0):
+        settings = _settings(tiny_neox_rm, train_lr=1e-3, train_steps=3, train_lr_score=lr_score)
+        trainer = HeadTrainer(build_engine(settings), settings)
+        phi, wk = trainer.head.score.weight.detach().clone(), trainer.head.attention.w_k.weight.detach().clone()
+        trainer.update([_request()])
+        moved[lr_score] = (
+            float((trainer.head.score.weight - phi).abs().max()),
+            float((trainer.head.attention.w_k.weight - wk).abs().max()),
+        )
+        assert len(trainer.opt.param_groups) == (1 if lr_score is None else 2)
+    assert moved[1.0][0] > 100 * moved[None][0], moved  # phi at 1.0 against 1e-3
+    assert moved[1.0][1] == pytest.approx(moved[None][1], rel=0.5), moved  # the attention at 1e-3 either way
+
+
 def test_ranking_by_given_rewards_changes_the_pair(tiny_neox_rm: Path) -> None:
     settings = _settings(tiny_neox_rm, rank_by="given", train_steps=1)
     a = HeadTrainer(build_engine(settings), settings)
