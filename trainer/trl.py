@@ -29,7 +29,17 @@ from transformers import TrainerCallback
 
 from r2m.client import AuthenticationError, InvalidRequest, R2MClient, R2MError
 
-__all__ = ["R2MPreferenceCallback", "R2MRewardFunction", "completion_text", "prompt_text"]
+__all__ = ["R2MGRPOTrainer", "R2MPreferenceCallback", "R2MRewardFunction", "completion_text", "prompt_text"]  # noqa: F822 - R2MGRPOTrainer: __getattr__
+
+
+def __getattr__(name: str) -> Any:
+    """`R2MGRPOTrainer` is built on first use (it subclasses trl's GRPOTrainer; this module never imports trl)."""
+    if name == "R2MGRPOTrainer":
+        from ._trl_grpo import R2MGRPOTrainer
+
+        return R2MGRPOTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +119,8 @@ class R2MRewardFunction:
         self.forward_batch_size = forward_batch_size
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self._scored: list[_Scored] = []
+        # Set by R2MGRPOTrainer: it captures the hidden states from TRL's own forward and hands them over here.
+        self.hidden_source: Any = None
 
     def __call__(
         self,
@@ -123,6 +135,10 @@ class R2MRewardFunction:
         responses = [completion_text(c) for c in completions]
         ids: list[list[int]] | None = None
         hidden: list[torch.Tensor] | None = None
+        captured = self.hidden_source.take_scoring_hidden() if self.hidden_source is not None else None
+        if captured is not None:  # from TRL's own forward (R2MGRPOTrainer): no forward here, nothing kept to post
+            hidden = captured if self.send_hidden else None
+            return self._score(texts, responses, hidden, step, total_steps)
         if self.send_hidden and self.model is not None and self.tokenizer is not None and completion_ids is not None:
             ids = [p + list(c) for p, c in zip(self._prompt_ids(prompts), completion_ids)]
             hidden = policy_hidden(self.model, ids, self.pad_id, self.forward_batch_size)

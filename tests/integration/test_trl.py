@@ -51,6 +51,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     s.stop()
 
 
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[Process]:
+    """A server of its own, at head 0 with nothing queued: for a test that compares rewards at one head version."""
+    s = start_server(tmp_path, SERVER_ENV)
+    yield s
+    s.stop()
+
+
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_policy(tmp_path_factory.mktemp("policy"), HIDDEN, CHAT_TEMPLATE)
@@ -190,3 +198,181 @@ def test_prompt_text_takes_the_last_user_message() -> None:
         {"role": "user", "content": [{"type": "text", "text": "last"}]},
     ]
     assert prompt_text(chat) == "last" and prompt_text("plain") == "plain"
+
+
+# --- R2MGRPOTrainer: TRL's own forwards, no extra one -------------------------------------------------------------
+
+
+def _args(out: Path, **kw: Any):  # noqa: ANN202
+    from trl import GRPOConfig
+
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, num_generations=2, max_completion_length=8,
+                max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                seed=0, bf16=False, num_iterations=2)  # fmt: skip
+    return GRPOConfig(**{**base, **kw})
+
+
+def _dataset():  # noqa: ANN202
+    return datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS])
+
+
+class _Forwards:
+    """Counts the policy's decoder forwards outside `generate` (sampling costs the same in both trainers)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.n, self.generating = 0, False
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        core.base_model.register_forward_pre_hook(self._count)
+        real = core.generate
+
+        def generate(*a: Any, **k: Any) -> Any:
+            self.generating = True
+            try:
+                return real(*a, **k)
+            finally:
+                self.generating = False
+
+        core.generate = generate
+
+    def _count(self, *args: Any) -> None:
+        self.n += 0 if self.generating else 1
+
+
+def test_r2m_grpo_trainer_runs_no_more_policy_forwards_than_plain_trl(fresh_server: Process, policy_dir: Path) -> None:
+    server = fresh_server
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    from r2m.trainer.trl import R2MGRPOTrainer, policy_hidden
+
+    def length_reward(prompts: Any, completions: Any, **kw: Any) -> list[float]:  # model-free
+        return [float(len(c[0]["content"])) for c in completions]
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    plain = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy_dir), reward_funcs=length_reward,
+                        args=_args(policy_dir.parent / "plain"), train_dataset=_dataset(),
+                        processing_class=tok)  # fmt: skip
+    plain_forwards = _Forwards(plain)
+    plain.train()
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    fresh = AutoModelForCausalLM.from_pretrained(policy_dir).eval()  # the same initial weights
+    client = SpyClient(server.url)
+    direct: dict[str, Any] = {}
+    ids: list[tuple[list, list]] = []
+
+    class Reward(R2MRewardFunction):
+        def __call__(self, prompts: Any, completions: Any, completion_ids: Any = None, **kw: Any) -> Any:
+            out = super().__call__(prompts, completions, completion_ids, **kw)
+            if not direct:  # step 0, head 0: today's extra-forward path on the same samples, scored now
+                seqs = [p + c for p, c in zip(*ids[0])]
+                with torch.no_grad():  # a copy of the initial policy: the trainer's model runs only TRL's forwards
+                    hidden = policy_hidden(fresh, seqs, tok.pad_token_id)
+                with R2MClient(server.url) as other:
+                    res = other.score([prompt_text(p) for p in prompts], [c[0]["content"] for c in completions],
+                                      hidden=hidden, step=0, total_steps=2)  # fmt: skip
+                direct.update(hidden=hidden, rewards=res.rewards, head=res.head_version)
+            return out
+
+    trainer = R2MGRPOTrainer(model=model, reward_funcs=Reward(client), args=_args(policy_dir.parent / "r2m"),
+                             train_dataset=_dataset(), processing_class=tok, r2m_run_id="sub")  # fmt: skip
+    real_generate = trainer._generate
+
+    def recording(prompts: Any) -> Any:
+        out = real_generate(prompts)
+        ids.append((out[0], out[1]))
+        return out
+
+    trainer._generate = recording
+    trainer.create_optimizer()
+    snapshots: list[dict[str, torch.Tensor]] = []
+    real_step = trainer.optimizer.step
+
+    def step_with_snapshot(*a: Any, **k: Any) -> Any:
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return real_step(*a, **k)
+
+    trainer.optimizer.step = step_with_snapshot
+    forwards = _Forwards(trainer)
+    trainer.train()
+    counts = {"plain": plain_forwards.n, "r2m": forwards.n}
+    # num_iterations = 2: TRL runs the old-log-prob forward the hidden states come from; no forward is added.
+    assert counts["r2m"] == counts["plain"] > 0, counts
+
+    # The rewards equal those of today's extra-forward path (a forward of its own) for the same samples and head.
+    first = client.calls[0]
+    assert direct["head"] == first["result"].head_version == 0
+    for a, b in zip(first["hidden"], direct["hidden"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # left padding (TRL) vs right: RoPE is shift-invariant
+    assert direct["rewards"] == pytest.approx(first["result"].rewards, abs=1e-4)
+    prompt_ids, completion_ids = ids[0]
+    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+
+    # The posted hidden states are the last iteration's: the parameters after the generation batch's first
+    # optimizer step (snapshot 1 was taken just before the second one), over the same rows.
+    post = trainer.r2m_posted[0]
+    assert post["step"] == 0 and post["batch_ids"] == ["sub-0"]
+    last_iteration = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    last_iteration.load_state_dict(snapshots[1], strict=False)
+    expected = policy_hidden(last_iteration, seqs, tok.pad_token_id)
+    before = policy_hidden(fresh, seqs, tok.pad_token_id)
+    posted = [h for g in post["groups"] for h in g["hidden"]]
+    assert [r for g in post["groups"] for r in g["responses"]] == first["responses"]
+    for got, want, old in zip(posted, expected, before):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(got, old, atol=1e-3), "not the sampling policy's"
+    deadline = time.monotonic() + 30
+    while client.current_head()["version"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.current_head()["version"] > 0
+
+
+def test_r2m_grpo_trainer_with_one_iteration_runs_at_most_one_forward_more(server: Process, policy_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    from r2m.trainer.trl import R2MGRPOTrainer
+
+    counts, losses = {}, {}
+    for name in ("plain", "r2m"):
+        model = AutoModelForCausalLM.from_pretrained(policy_dir)
+        tok = AutoTokenizer.from_pretrained(policy_dir)
+        args = _args(policy_dir.parent / f"one-{name}", num_iterations=1)
+        if name == "plain":
+            trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [1.0] * len(completions),
+                                  args=args, train_dataset=_dataset(), processing_class=tok)  # fmt: skip
+        else:
+            trainer = R2MGRPOTrainer(model=model, reward_funcs=R2MRewardFunction(SpyClient(server.url)), args=args,
+                                     train_dataset=_dataset(), processing_class=tok)  # fmt: skip
+        forwards = _Forwards(trainer)
+        trainer.train()
+        counts[name] = forwards.n
+        losses[name] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    steps = 2
+    assert counts["r2m"] == counts["plain"] + steps, counts  # the one forward TRL skips, once per generation batch
+    assert trainer.r2m_posted and all(len(g["hidden"]) == 2 for p in trainer.r2m_posted for g in p["groups"])
+
+
+def test_r2m_grpo_trainer_with_lora_and_gradient_checkpointing(server: Process, policy_dir: Path) -> None:
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r2m.trainer.trl import R2MGRPOTrainer
+
+    client = SpyClient(server.url)
+    trainer = R2MGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(policy_dir),
+        reward_funcs=R2MRewardFunction(client),
+        # One iteration and a KL term: the subclass runs the one scoring forward itself, after TRL's reference
+        # forward, which under PEFT is the policy with its adapter disabled (never what the rewards get).
+        args=_args(policy_dir.parent / "lora", gradient_checkpointing=True, beta=0.04, num_iterations=1),
+        train_dataset=_dataset(),
+        processing_class=AutoTokenizer.from_pretrained(policy_dir),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    trainer.train()
+    assert len(client.calls) == 2 and all(h.shape[1] == HIDDEN for h in client.calls[0]["hidden"])
+    assert [p["step"] for p in trainer.r2m_posted] == [0, 1]
+    for post in trainer.r2m_posted:
+        assert all(h.shape[1] == HIDDEN and torch.isfinite(h).all() for g in post["groups"] for h in g["hidden"])
