@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ServiceSettings", "default_inflight_bytes"]
+__all__ = ["ServiceSettings", "default_inflight_bytes", "isolated_settings"]
 
 
 def default_inflight_bytes() -> int:
@@ -210,3 +210,15 @@ class ServiceSettings(BaseSettings):
         if self.attn_dim % self.attn_heads:
             raise ValueError(f"R2M_ATTN_DIM={self.attn_dim} must be divisible by R2M_ATTN_HEADS={self.attn_heads}")
         return self
+
+
+class _InitOnly(ServiceSettings):
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **others):  # type: ignore[override]  # noqa: ANN001, ANN003, ANN206
+        return (init_settings,)
+
+
+def isolated_settings(**values: object) -> ServiceSettings:
+    """Settings from `values` and the defaults only: no R2M_* variable and no .env file reaches them (a server that
+    a program starts for itself, such as the benchmark's, must not pick up the user's own settings)."""
+    return _InitOnly(**values)  # type: ignore[arg-type]

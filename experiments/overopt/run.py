@@ -22,13 +22,13 @@ import torch
 from r2m.client import R2MClient
 from r2m.data import read_jsonl
 from r2m.service.app import create_app
-from r2m.service.config import ServiceSettings
+from r2m.service.config import isolated_settings
 from r2m.service.engine import build_engine
 from r2m.service.launch import free_port
 from r2m.trainer import GRPOTrainer, TrainConfig, sequence_forward
 from r2m.trainer.grpo import _noise_like
 
-from .task import PROMPTS, gold_terms
+from .task import PROMPTS, GoldJudge, gold_terms
 
 __all__ = ["ArmSpec", "RunSettings", "run_and_report", "run_arm"]
 
@@ -38,27 +38,39 @@ EVAL_SEED = 31337  # the evaluation samples' seed: the same for every arm, seed 
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Everything an arm's run depends on besides its reward mode and seed (fixed on the dev seeds)."""
+    """Everything an arm's run depends on besides its arm and seed (fixed on the dev seeds; see the README)."""
 
-    steps: int = 60
+    steps: int = 40
+    # T of the omega schedule: w(t) reaches its floor Omega at t ~ 0.44 T = step 9, while vanilla is at its best
+    # (around step 10) and before it collapses: the feedback has its full weight while the over-optimization happens.
+    omega_steps: int = 20
     prompts_per_step: int = 16
     group_size: int = 4
     max_new_tokens: int = 32
     lr: float = 1.5e-4
     kl_coef: float = 0.01
-    eval_every: int = 5
-    # The R2M service (R2M_* settings): the paper's Omega and alpha; lr, steps and width fixed on dev seeds.
+    eval_every: int = 4
+    # The R2M service (R2M_* settings): the paper's Omega and alpha; the learning rates are each updating arm's
+    # choice on the dev seeds (arms.GRID, chosen.json).
     omega_floor: float = 0.6
     grebt_alpha: float = 0.3
     service_lr: float = 1e-5
+    service_phi_lr: float | None = None
     service_train_steps: int = 1
     attn_dim: int = 64
+    attn_init: str = "scaled"
     pairs_per_step: int = 16
+    judge_pairs: int = 0
+    judge_temperature: float = 1.0  # the proxy's own label noise (ARTEFACTS["proxy_label_temperature"])
+    ensemble: int = 1
+    aggregation: str = "uwo"
+    uwo_lambda: float = 1.0
 
 
 @dataclass(frozen=True)
 class ArmSpec:
-    mode: str
+    arm: str  # arms.ARMS key
+    mode: str  # r2m train's --reward-mode
     seed: int
     policy: str
     proxy: str
@@ -73,13 +85,19 @@ class ArmSpec:
 
 
 @contextmanager
-def serve_proxy(proxy_dir: str, policy_dim: int, s: RunSettings) -> Iterator[tuple[str, Any]]:
-    """r2m's app (embedded mode) serving the proxy RM on a free loopback port; yields (url, the ScoringEngine)."""
+def serve_proxy(proxy_dir: str, policy_dim: int, s: RunSettings, seed: int) -> Iterator[tuple[str, Any]]:
+    """r2m's app (embedded mode) serving the proxy RM on a free loopback port; yields (url, the engine). Every
+    setting is given here: no R2M_* variable or .env file reaches it."""
     import uvicorn
 
-    settings = ServiceSettings(
-        _env_file=None,  # the user's .env and R2M_* are for their own server, not this one
+    settings = isolated_settings(
         model=proxy_dir,
+        seed=seed,  # the feedback attention's init varies with the RL seed, paired across arms
+        attn_init=s.attn_init,
+        train_lr_score=s.service_phi_lr,
+        ensemble=s.ensemble,
+        aggregation=s.aggregation,
+        uwo_lambda=s.uwo_lambda,
         device="cpu",
         dtype="float32",
         policy_dim=policy_dim,
@@ -91,6 +109,7 @@ def serve_proxy(proxy_dir: str, policy_dim: int, s: RunSettings) -> Iterator[tup
         redis_url=None,
         api_key=None,
         head_poll_s=0.05,
+        worker_max_attempts=1,  # a refused batch is a dead letter at once (SyncedClient moves on)
         batch_wait_ms=0.0,
         log_level="warning",
     )
@@ -114,11 +133,14 @@ def serve_proxy(proxy_dir: str, policy_dim: int, s: RunSettings) -> Iterator[tup
 
 
 class SyncedClient:
-    """The real client; `post_preferences` returns once the replica serves the head trained on that batch."""
+    """The real client; `post_preferences` returns once the replica serves the head trained on that batch, or the
+    head guard refused it (the service's default guard is on in every run; a refused batch is given up at once,
+    R2M_WORKER_MAX_ATTEMPTS=1, and the served head stays)."""
 
     def __init__(self, client: R2MClient, timeout_s: float = 120.0) -> None:
         self.client = client
         self.timeout_s = timeout_s
+        self.refused: list[dict[str, Any]] = []
 
     def score(self, prompts, responses, hidden=None, *, step, total_steps):  # noqa: ANN001, ANN201
         return self.client.score(prompts, responses, hidden=hidden, step=step, total_steps=total_steps)
@@ -129,6 +151,10 @@ class SyncedClient:
         while True:
             head = self.client.current_head()
             if set(result.batch_ids) <= set(head["batch_ids"]) and head["served_version"] == head["version"]:
+                return result
+            refusal = head.get("last_refusal") or {}
+            if set(result.batch_ids) & set(refusal.get("batch_ids", [])):
+                self.refused.append({"step": step, "reason": refusal["reason"], "guard": refusal.get("guard")})
                 return result
             if time.monotonic() > deadline:
                 raise TimeoutError(f"batch {result.batch_ids} not served after {self.timeout_s:.0f} s: {head}")
@@ -151,9 +177,44 @@ def frozen_proxy(model: Any, prompts: Sequence[str], responses: Sequence[str]) -
     return backbone.plain_reward(rte).tolist()
 
 
+def _cosine_mean(x: torch.Tensor, y: torch.Tensor | None = None) -> float | None:
+    """Mean cosine similarity of the rows of x with those of y (with each other, the diagonal left out, when y is
+    None); None with too few rows."""
+    x = torch.nn.functional.normalize(x, dim=1)
+    if y is None:
+        if len(x) < 2:
+            return None
+        sims = x @ x.T
+        return float((sims.sum() - sims.diagonal().sum()) / (len(x) * (len(x) - 1)))
+    if not len(x) or not len(y):
+        return None
+    return float((x @ torch.nn.functional.normalize(y, dim=1).T).mean())
+
+
 @torch.no_grad()
-def evaluate(trainer: GRPOTrainer, model: Any) -> dict[str, Any]:
-    """Gold, frozen proxy and KL to the reference on a fixed set of 256 samples (32 prompts x 8, seeded)."""
+def hidden_similarity(
+    trainer: GRPOTrainer, prompts: list[str], texts: list[str], gold: list[float], proxy: list[float]
+) -> dict[str, Any]:
+    """Does the policy's feedback carry the signal at all (the paper's Figure 1 / Table 5 on this policy)? Mean-pooled
+    last-layer states of the evaluation samples; "hacked": gold in its bottom quarter and proxy above its median
+    (the proxy over-rates them); "normal": gold above its median. Mean cosine within each set and across."""
+    pooled = torch.stack([h.float().mean(dim=0) for h in trainer.replay(prompts, texts)])  # (N, D)
+    g, p = torch.tensor(gold), torch.tensor(proxy)
+    hacked = (g <= g.quantile(0.25)) & (p > p.median())
+    normal = g > g.median()
+    return {
+        "hacked": int(hacked.sum()),
+        "normal": int(normal.sum()),
+        "within_hacked": _cosine_mean(pooled[hacked]),
+        "within_normal": _cosine_mean(pooled[normal]),
+        "across": _cosine_mean(pooled[hacked], pooled[normal]),
+    }
+
+
+@torch.no_grad()
+def evaluate(trainer: GRPOTrainer, model: Any, with_similarity: bool = False) -> dict[str, Any]:
+    """Gold, frozen proxy and KL to the reference on a fixed set of 256 samples (32 prompts x 8, seeded); with
+    `with_similarity`, the hidden-state similarity of hacked and normal samples."""
     c, tok = trainer.config, trainer.tokenizer
     prompts = [p for p in PROMPTS for _ in range(EVAL_SAMPLES_PER_PROMPT)]
     enc = trainer.encode_prompts(prompts)
@@ -182,7 +243,10 @@ def evaluate(trainer: GRPOTrainer, model: Any) -> dict[str, Any]:
     terms = [gold_terms(p, r, f) for p, r, f in zip(prompts, texts, finished)]
     proxy = frozen_proxy(model, prompts, texts)
     n = len(prompts)
+    if with_similarity:
+        similarity = hidden_similarity(trainer, prompts, texts, [g.reward for g in terms], proxy)
     return {
+        **({"similarity": similarity} if with_similarity else {}),
         "gold": sum(g.reward for g in terms) / n,
         "proxy": sum(proxy) / n,
         "kl": kl.mean().item(),
@@ -210,6 +274,39 @@ def heldout_accuracy(trainer: GRPOTrainer, client: SyncedClient, pairs: list[dic
     return sum(rewards[i] > rewards[n + i] for i in range(n)) / n
 
 
+def on_policy_accuracy(rewards: Sequence[float], gold: Sequence[float], group_size: int) -> float | None:
+    """Share of the within-group pairs of the policy's own samples (gold differing) that `rewards` order as gold
+    does: whether the RM tracks the policy where GRPO uses it."""
+    right = total = 0
+    for g0 in range(0, len(gold), group_size):
+        for i in range(g0, g0 + group_size):
+            for j in range(i + 1, g0 + group_size):
+                if gold[i] != gold[j]:
+                    total += 1
+                    right += (rewards[i] > rewards[j]) == (gold[i] > gold[j])
+    return right / total if total else None
+
+
+@torch.no_grad()
+def feedback_share(trainer: GRPOTrainer, model: Any, batch: Any, w: float, group_size: int) -> float:
+    """The share of the within-group variance of the served reward that comes from the feedback term: the reward is
+    phi(w e + (1 - w) a) = w phi(e) + (1 - w) phi(a) (+ bias), so Var_in(fb) / (Var_in(fb) + Var_in(rte)) with
+    fb = (1 - w) phi(a) and rte = w phi(e), variances inside groups, averaged (phi: the members' mean)."""
+    from r2m.service.engine import pad_hidden
+
+    head = model.current.head
+    hidden = trainer.replay(batch.prompts, batch.responses)
+    e = model.embed([model.backbone.encode(p, r) for p, r in zip(batch.prompts, batch.responses)])
+    h, mask = pad_hidden(hidden, None, e.device)
+    with torch.inference_mode():
+        a = head.attention(e, h, mask).float()
+    phi = head.score.weight.float().mean(dim=0)
+    fb = ((1 - w) * a @ phi).view(-1, group_size)
+    rte = (w * e @ phi).view(-1, group_size)
+    v_fb, v_rte = fb.var(dim=1, correction=0).mean(), rte.var(dim=1, correction=0).mean()
+    return float(v_fb / (v_fb + v_rte)) if float(v_fb + v_rte) > 0 else 0.0
+
+
 def _finished(batch: Any, eos_ids: torch.Tensor) -> list[bool]:
     return torch.isin(batch.sequences[:, batch.prompt_len :], eos_ids).any(dim=1).tolist()
 
@@ -218,19 +315,24 @@ def _finished(batch: Any, eos_ids: torch.Tensor) -> list[bool]:
 
 
 def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
-    """Train one arm on one seed; writes and returns {"mode", "seed", "steps": [...], "evals": [...], ...}."""
+    """Train one arm on one seed; writes and returns {"arm", "seed", "steps": [...], "evals": [...], ...}."""
+    from r2m.service.model import omega
+
     torch.set_num_threads(1)  # two runs share the two cores
     s = spec.settings
     started = time.perf_counter()
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heldout = read_jsonl(spec.heldout_pairs)
-    hidden_kind = {"r2m": "policy", "r2m-frozen": "policy", "r2m-pairs": "policy", "r2m-noise": "noise"}
-    with serve_proxy(spec.proxy, spec.policy_dim, s) as (url, model):
+    hidden_kind = {"r2m": "policy", "r2m-frozen": "policy", "r2m-pairs": "policy", "r2m-judge": "policy",
+                   "r2m-noise": "noise"}.get(spec.mode)  # fmt: skip
+    judge = GoldJudge(spec.seed, s.judge_temperature, s.max_new_tokens) if s.judge_pairs else None
+    with serve_proxy(spec.proxy, spec.policy_dim, s, spec.seed) as (url, model):
         config = TrainConfig(
             policy=spec.policy,
             server_url=url,
             steps=s.steps,
+            omega_steps=s.omega_steps,
             prompts_per_step=s.prompts_per_step,
             group_size=s.group_size,
             max_new_tokens=s.max_new_tokens,
@@ -239,6 +341,8 @@ def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
             reward_mode=spec.mode,  # type: ignore[arg-type]
             pairs=spec.train_pairs if spec.mode == "r2m-pairs" else None,
             pairs_per_step=s.pairs_per_step,
+            judge="experiments.overopt.task:GoldJudge" if judge else None,  # the instance below is what runs
+            judge_pairs_per_step=max(1, s.judge_pairs),
             seed=spec.seed,
             out_dir=str(out / "trainer"),
             save_every=0,
@@ -246,16 +350,17 @@ def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
             progress=False,
         )
         client = SyncedClient(R2MClient(url, timeout=120.0))
-        trainer = GRPOTrainer(config, client)
+        trainer = GRPOTrainer(config, client, judge=judge)
         try:
-            acc_before = heldout_accuracy(trainer, client, heldout, hidden_kind.get(spec.mode))
-            steps, evals = [], [{"step": 0, **evaluate(trainer, model)}]
+            acc_before = heldout_accuracy(trainer, client, heldout, hidden_kind)
+            steps, evals = [], [{"step": 0, **evaluate(trainer, model, with_similarity=True)}]
             for t in range(s.steps):
                 m = trainer.train_step(t)
                 batch = trainer.batch
                 assert batch is not None
                 finished = _finished(batch, trainer.eos_ids)
                 gold = [gold_terms(p, r, f).reward for p, r, f in zip(batch.prompts, batch.responses, finished)]
+                proxy = frozen_proxy(model, batch.prompts, batch.responses)
                 steps.append(
                     {
                         "step": t,
@@ -263,34 +368,44 @@ def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
                         "reward": m["rewards/mean"],  # what this arm optimises (the proxy, R2M-corrected or not)
                         "reward_std": m["rewards/std"],
                         "group_std": m["rewards/group_std_mean"],
+                        "acc_on_policy": on_policy_accuracy(m["rewards"], gold, s.group_size),
+                        "acc_on_policy_proxy": on_policy_accuracy(proxy, gold, s.group_size),
                         "kl": m["kl"],
                         "length": m["response_length/mean"],
                         "head_version": m["head_version"],
                         "omega": m["omega"],
+                        "judge_labels": m.get("judge/labels", 0),
                         "seconds": sum(v for k, v in m.items() if k.startswith("time/")),
                     }
                 )
                 if (t + 1) % s.eval_every == 0 or t + 1 == s.steps:
-                    evals.append({"step": t + 1, **evaluate(trainer, model)})
+                    last = t + 1 == s.steps
+                    e = {"step": t + 1, **evaluate(trainer, model, with_similarity=last)}
+                    if hidden_kind == "policy":
+                        w = omega(min(t, s.omega_steps), s.omega_steps, s.omega_floor)
+                        e["feedback_share"] = feedback_share(trainer, model, batch, w, s.group_size)
+                    evals.append(e)
                     if verbose:
-                        e = evals[-1]
                         print(
-                            f"{spec.mode} seed {spec.seed} step {t + 1}: gold {e['gold']:+.2f} proxy {e['proxy']:+.2f} "
+                            f"{spec.arm} seed {spec.seed} step {t + 1}: gold {e['gold']:+.2f} proxy {e['proxy']:+.2f} "
                             f"kl {e['kl']:.2f} reward {m['rewards/mean']:+.2f} head v{m['head_version']} "
                             f"{time.perf_counter() - started:.0f} s",
                             flush=True,
                         )
-            acc_after = heldout_accuracy(trainer, client, heldout, hidden_kind.get(spec.mode))
+            acc_after = heldout_accuracy(trainer, client, heldout, hidden_kind)
             final_head = client.current_head()["version"]
         finally:
             trainer.close()
     result = {
+        "arm": spec.arm,
         "mode": spec.mode,
         "seed": spec.seed,
         "settings": asdict(s),
         "steps": steps,
         "evals": evals,
         "heldout_accuracy": {"before": acc_before, "after": acc_after},
+        "judge_agreement": judge.agree / judge.calls if judge and judge.calls else None,
+        "refused_updates": client.refused,
         "final_head_version": final_head,
         "wall_s": round(time.perf_counter() - started, 1),
     }
@@ -303,7 +418,7 @@ def run_and_report(spec: ArmSpec) -> dict[str, Any]:
     result = run_arm(spec)
     last = result["evals"][-1]
     print(
-        f"  {spec.mode:>10} seed {spec.seed}: gold {result['evals'][0]['gold']:+.2f} -> {last['gold']:+.2f} "
+        f"  {spec.arm:>13} seed {spec.seed}: gold {result['evals'][0]['gold']:+.2f} -> {last['gold']:+.2f} "
         f"(best {max(e['gold'] for e in result['evals']):+.2f}), kl {last['kl']:.2f}, "
         f"held-out acc {result['heldout_accuracy']['before']:.3f} -> {result['heldout_accuracy']['after']:.3f}, "
         f"{result['wall_s']:.0f} s",

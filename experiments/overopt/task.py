@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "BAD",
+    "GoldJudge",
     "GOOD",
     "PROMPTS",
     "TOPICS",
@@ -138,3 +139,29 @@ def labelled_pairs(n: int, seed: int, noise_temperature: float | None) -> list[d
         chosen, rejected = (a, b) if a_wins else (b, a)
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "gold_agrees": (ga > gb) == a_wins})
     return rows
+
+
+class GoldJudge:
+    """The benchmark's outside judge: the gold reward with Bradley-Terry label noise at the proxy's own level
+    (`P(a is better) = sigmoid((g_a - g_b) / temperature)`, one seeded draw per pair), as r2m.trainer.judge calls a
+    Python judge. A response is unfinished when it filled the whole token budget (the word-level policy's tokens are
+    its words, and the end token is not part of the text)."""
+
+    def __init__(self, seed: int, temperature: float, max_new_tokens: int) -> None:
+        self.rng = random.Random(f"gold-judge:{seed}")
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.calls = 0
+        self.agree = 0
+
+    def gold(self, prompt: str, response: str) -> float:
+        return gold_reward(prompt, response, finished=len(response.split()) < self.max_new_tokens)
+
+    def __call__(self, prompt: str, a: str, b: str) -> bool:
+        import math
+
+        ga, gb = self.gold(prompt, a), self.gold(prompt, b)
+        a_wins = self.rng.random() < 1 / (1 + math.exp(-(ga - gb) / self.temperature))
+        self.calls += 1
+        self.agree += (ga > gb) == a_wins
+        return a_wins

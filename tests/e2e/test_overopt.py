@@ -28,7 +28,8 @@ def test_quick_mode_writes_curves_table_and_plots(tmp_path: Path):
 
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
-    assert sorted((r["mode"], r["seed"]) for r in runs) == [("r2m", 0), ("vanilla", 0)]
+    arms = ("ensemble", "r2m", "r2m-judge-4", "vanilla")
+    assert sorted((r["arm"], r["seed"]) for r in runs) == [(a, 0) for a in arms]
     steps = results["meta"]["settings"]["steps"]
     for r in runs:
         assert [s["step"] for s in r["steps"]] == list(range(steps))
@@ -38,17 +39,24 @@ def test_quick_mode_writes_curves_table_and_plots(tmp_path: Path):
         assert all(math.isfinite(e["proxy"]) for e in r["evals"])
         assert 0.0 <= r["heldout_accuracy"]["after"] <= 1.0
         assert r["evals"][-1]["kl"] > 0  # the policy moved away from the SFT reference
-    by_mode = {r["mode"]: r for r in runs}
-    # Same seed, same prompts, same SFT policy and proxy: step 0 is identical; then only the reward mode differs.
-    assert by_mode["vanilla"]["evals"][0] == by_mode["r2m"]["evals"][0]
-    assert by_mode["vanilla"]["steps"][0]["reward"] == by_mode["r2m"]["steps"][0]["reward"]  # w(0) = 1: plain RM
-    assert all(s["head_version"] == 0 for s in by_mode["vanilla"]["steps"])
-    assert by_mode["r2m"]["final_head_version"] == steps  # one R2M update per step, each served before the next
-    assert [s["head_version"] for s in by_mode["r2m"]["steps"]] == list(range(steps))
+        assert all(s["acc_on_policy"] is None or 0.0 <= s["acc_on_policy"] <= 1.0 for s in r["steps"])
+    by_arm = {r["arm"]: r for r in runs}
+    # Same seed, same prompts, same SFT policy and proxy: step 0 is identical; then only the arm differs.
+    assert by_arm["vanilla"]["evals"][0] == by_arm["r2m"]["evals"][0] == by_arm["ensemble"]["evals"][0]
+    assert by_arm["vanilla"]["steps"][0]["reward"] == by_arm["r2m"]["steps"][0]["reward"]  # w(0) = 1: plain RM
+    assert by_arm["ensemble"]["steps"][0]["reward"] != by_arm["vanilla"]["steps"][0]["reward"]  # five heads, uwo
+    assert all(s["head_version"] == 0 for s in by_arm["vanilla"]["steps"])
+    assert by_arm["r2m"]["final_head_version"] == steps  # one R2M update per step, each served before the next
+    assert [s["head_version"] for s in by_arm["r2m"]["steps"]] == list(range(steps))
+    assert all(1 <= s["judge_labels"] <= 4 for s in by_arm["r2m-judge-4"]["steps"])
+    assert by_arm["r2m-judge-4"]["final_head_version"] == steps and by_arm["r2m-judge-4"]["judge_agreement"] > 0.5
+    assert all("feedback_share" in e for e in by_arm["r2m"]["evals"][1:])
+    assert by_arm["r2m"]["evals"][0]["similarity"]["normal"] > 0
 
     table = (out / "results.md").read_text()
-    assert "| vanilla | 1 |" in table and "| r2m | 1 |" in table
-    for name in ("gold_vs_step.png", "gold_vs_kl.png", "reward_scale.png"):
+    assert all(f"| {a} | 1 |" in table for a in arms)
+    assert "| r2m - vanilla | 1 |" in table and "| ensemble - vanilla | 1 |" in table
+    for name in ("gold_vs_step.png", "gold_vs_kl.png", "acc_on_policy.png", "reward_scale.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     art = json.loads((out / "artefacts" / "artefacts.json").read_text())
@@ -74,7 +82,7 @@ def test_interval_is_a_t_interval():
 def test_r2m_overopt_forwards_to_the_benchmark_and_rejects_bad_flags(tmp_path: Path):
     cli = [sys.executable, "-m", "r2m.cli", "overopt"]
     shown = subprocess.run([*cli, "--help"], capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0 and "--quick" in shown.stdout and "r2m-pairs" in shown.stdout
+    assert shown.returncode == 0 and "--quick" in shown.stdout and "r2m-judge-16" in shown.stdout
     out = tmp_path / "never"
     bad = subprocess.run([*cli, "--steps", "0", "--out-dir", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--steps must be >= 1" in bad.stderr

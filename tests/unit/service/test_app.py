@@ -73,3 +73,14 @@ def test_settings_fail_fast_with_the_setting_to_change(monkeypatch: pytest.Monke
     monkeypatch.delenv("R2M_ATTN_HEADS")
     monkeypatch.setenv("R2M_API_KEY", "")
     assert ServiceSettings().api_key is None
+
+
+def test_isolated_settings_ignore_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from r2m.service.config import isolated_settings
+
+    monkeypatch.setenv("R2M_TRAIN_LR", "0.5")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("R2M_POLICY_DIM=7\n")
+    assert ServiceSettings().train_lr == 0.5 and ServiceSettings().policy_dim == 7
+    s = isolated_settings(attn_dim=16)
+    assert (s.train_lr, s.policy_dim, s.attn_dim) == (1e-6, 2048, 16)

@@ -1,0 +1,84 @@
+"""The benchmark's arms, the comparisons it reports, and the dev-seed grid that chooses each updating arm's
+service hyper-parameters.
+
+Every arm runs the same GRPO on the same SFT policy against the same proxy RM; they differ in what the r2m service
+sees (hidden states or not), what it is updated with (in-group pseudo-labels, labelled pairs, judge pairs, nothing)
+and how many score heads it has. Arm A and arm B on RL seed s share the sampling seed and the feedback attention's
+initialisation (the service's R2M_SEED is the RL seed), so every comparison is paired.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ARMS", "CHOSEN", "COMPARISONS", "GRID", "Arm", "chosen", "updating"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    reward_mode: str  # r2m train's --reward-mode
+    judge: int = 0  # judge-labelled pairs per step (r2m-judge, head-judge)
+    ensemble: int = 1  # score heads on the proxy's backbone (R2M_ENSEMBLE)
+    what: str = ""
+
+
+ARMS: dict[str, Arm] = {
+    a.name: a
+    for a in (
+        Arm("vanilla", "vanilla", what="the plain proxy: no hidden states, no updates"),
+        Arm("r2m", "r2m", what="hidden states; GREBT on in-group best-vs-worst pseudo-labels after every step"),
+        Arm("r2m-frozen", "r2m-frozen", what="hidden states, no updates (the paper's w/o Train)"),
+        Arm("r2m-noise", "r2m-noise", what="noise with the hidden states' mean and std in their place, updates on"),
+        Arm("head-only", "head-only", what="no hidden states, the same GREBT updates (the paper's Iterative RM_Head)"),
+        Arm("r2m-pairs", "r2m-pairs", what="ours: hidden states; 16 of the proxy's own noisy gold pairs per step"),
+        Arm("r2m-judge-4", "r2m-judge", judge=4, what="ours: hidden states; 4 judge-labelled pairs per step"),
+        Arm("head-judge-4", "head-judge", judge=4, what="the same 4 judge pairs, no hidden states"),
+        Arm("r2m-judge-16", "r2m-judge", judge=16, what="ours: hidden states; 16 judge-labelled pairs per step"),
+        Arm("head-judge-16", "head-judge", judge=16, what="the same 16 judge pairs, no hidden states"),
+        Arm("ensemble", "vanilla", ensemble=5, what="5 proxy heads (bootstrap fits), uncertainty-weighted, no updates"),
+        Arm("r2m-ensemble", "r2m", ensemble=5, what="the 5-head ensemble with hidden states and R2M updates"),
+    )
+}
+
+# (arm, its control): the paired differences the reading reports.
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("r2m", "vanilla"),
+    ("r2m", "r2m-frozen"),
+    ("r2m", "head-only"),
+    ("r2m-noise", "r2m"),
+    ("r2m-pairs", "vanilla"),
+    ("r2m-judge-4", "head-judge-4"),
+    ("r2m-judge-16", "head-judge-16"),
+    ("r2m-judge-4", "vanilla"),
+    ("r2m-judge-16", "vanilla"),
+    ("head-judge-16", "vanilla"),
+    ("ensemble", "vanilla"),
+    ("ensemble", "r2m"),
+    ("r2m-ensemble", "vanilla"),
+    ("r2m-ensemble", "r2m"),
+)
+
+# The same small grid for every updating arm: the service learning rate of the feedback attention and of the score
+# head phi (its own AdamW group), one optimizer step per RL step. The head-only arms train phi alone.
+GRID: tuple[dict[str, float], ...] = (
+    {"service_lr": 1e-5, "service_phi_lr": 1e-4},
+    {"service_lr": 1e-4, "service_phi_lr": 1e-4},
+    {"service_lr": 1e-4, "service_phi_lr": 1e-3},
+    {"service_lr": 1e-3, "service_phi_lr": 1e-3},
+)
+CHOSEN = Path(__file__).with_name("chosen.json")  # what the grid chose, on the dev seeds (committed)
+
+
+def updating(arm: str) -> bool:
+    return ARMS[arm].reward_mode not in ("vanilla", "r2m-frozen")
+
+
+def chosen(arm: str) -> dict[str, Any]:
+    """The grid's choice for an updating arm (empty for the others, or before the grid has run)."""
+    if not updating(arm) or not CHOSEN.is_file():
+        return {}
+    return json.loads(CHOSEN.read_text()).get("chosen", {}).get(arm, {})
