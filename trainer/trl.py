@@ -1,18 +1,23 @@
-"""TRL adapter: the r2m service as a reward function of TRL's `GRPOTrainer`, plus the callback that sends R2M updates.
+"""TRL adapter: the r2m service as a reward function of TRL's `GRPOTrainer` / `RLOOTrainer`, with R2M updates.
 
-    from trl import GRPOConfig, GRPOTrainer
+First choice, no extra policy forward (the hidden states come from TRL's own forwards):
+
+    from trl import GRPOConfig
     from r2m.client import R2MClient
-    from r2m.trainer.trl import R2MPreferenceCallback, R2MRewardFunction
+    from r2m.trainer.trl import R2MGRPOTrainer, R2MRewardFunction
 
     reward = R2MRewardFunction(R2MClient("http://127.0.0.1:8000"))
-    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=GRPOConfig(...), train_dataset=ds,
-                          callbacks=[R2MPreferenceCallback(reward)])
+    trainer = R2MGRPOTrainer(model=policy, reward_funcs=reward, args=GRPOConfig(num_iterations=2, ...),
+                             train_dataset=ds)  # or R2MRLOOTrainer with RLOOConfig
     trainer.train()
 
-Start the service with `R2M_POLICY_DIM` = the policy's hidden size. This module needs torch and transformers (it runs
-the policy) but never imports trl. The reward function runs one extra no-grad policy forward per scored batch for the
-hidden states, the callback one per optimizer step for the refreshed ones; a sample the service cannot score gets
-`None`, never 0. The TRL 1.16.0 contract matched, and what each case costs: docs/integrations.md, "TRL".
+Fallback, for a trainer you cannot subclass: plain `GRPOTrainer(..., reward_funcs=reward,
+callbacks=[R2MPreferenceCallback(reward)])`. There the reward function runs one extra no-grad policy forward per
+scored batch for the hidden states and the callback one per optimizer step for the refreshed ones.
+
+Start the service with `R2M_POLICY_DIM` = the policy's hidden size. This module needs torch and transformers but never
+imports trl (the two trainers are built on first use). A sample the service cannot score gets `None`, never 0. The
+TRL 1.16.0 contract matched, and what each configuration costs: docs/integrations.md, "TRL".
 """
 
 from __future__ import annotations
@@ -29,15 +34,22 @@ from transformers import TrainerCallback
 
 from r2m.client import AuthenticationError, InvalidRequest, R2MClient, R2MError
 
-__all__ = ["R2MGRPOTrainer", "R2MPreferenceCallback", "R2MRewardFunction", "completion_text", "prompt_text"]  # noqa: F822 - R2MGRPOTrainer: __getattr__
+__all__ = [  # noqa: F822 - the two trainers: __getattr__
+    "R2MGRPOTrainer",
+    "R2MPreferenceCallback",
+    "R2MRLOOTrainer",
+    "R2MRewardFunction",
+    "completion_text",
+    "prompt_text",
+]
 
 
 def __getattr__(name: str) -> Any:
-    """`R2MGRPOTrainer` is built on first use (it subclasses trl's GRPOTrainer; this module never imports trl)."""
-    if name == "R2MGRPOTrainer":
-        from ._trl_grpo import R2MGRPOTrainer
+    """The two trainers are built on first use (they subclass trl's; this module never imports trl)."""
+    if name in ("R2MGRPOTrainer", "R2MRLOOTrainer"):
+        from . import _trl_trainers
 
-        return R2MGRPOTrainer
+        return getattr(_trl_trainers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -203,13 +203,13 @@ def test_prompt_text_takes_the_last_user_message() -> None:
 # --- R2MGRPOTrainer: TRL's own forwards, no extra one -------------------------------------------------------------
 
 
-def _args(out: Path, **kw: Any):  # noqa: ANN202
+def _args(out: Path, config: Any = None, **kw: Any):  # noqa: ANN202
     from trl import GRPOConfig
 
     base = dict(output_dir=str(out), per_device_train_batch_size=4, num_generations=2, max_completion_length=8,
                 max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
                 seed=0, bf16=False, num_iterations=2)  # fmt: skip
-    return GRPOConfig(**{**base, **kw})
+    return (config or GRPOConfig)(**{**base, **kw})
 
 
 def _dataset():  # noqa: ANN202
@@ -376,3 +376,36 @@ def test_r2m_grpo_trainer_with_lora_and_gradient_checkpointing(server: Process, 
     assert [p["step"] for p in trainer.r2m_posted] == [0, 1]
     for post in trainer.r2m_posted:
         assert all(h.shape[1] == HIDDEN and torch.isfinite(h).all() for g in post["groups"] for h in g["hidden"])
+
+
+def test_r2m_rloo_trainer_runs_as_many_policy_forwards_as_plain_rloo(server: Process, policy_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    from r2m.trainer.trl import R2MRLOOTrainer
+
+    def args(name: str) -> Any:
+        return _args(policy_dir.parent / f"rloo-{name}", RLOOConfig)
+
+    counts: dict[str, int] = {}
+    client = SpyClient(server.url)
+    for name in ("plain", "r2m"):
+        model = AutoModelForCausalLM.from_pretrained(policy_dir)
+        tok = AutoTokenizer.from_pretrained(policy_dir)
+        if name == "plain":
+            trainer = RLOOTrainer(model=model, reward_funcs=lambda completions, **kw: [1.0] * len(completions),
+                                  args=args(name), train_dataset=_dataset(), processing_class=tok)  # fmt: skip
+        else:
+            trainer = R2MRLOOTrainer(model=model, reward_funcs=R2MRewardFunction(client), args=args(name),
+                                     train_dataset=_dataset(), processing_class=tok)  # fmt: skip
+        forwards = _Forwards(trainer)
+        trainer.train()
+        counts[name] = forwards.n
+    # RLOO always runs the old-log-prob forward (its KL term is in the reward): scoring adds none, posting none.
+    assert counts["r2m"] == counts["plain"] > 0, counts
+    assert len(client.calls) == 1 and all(h.shape[1] == HIDDEN for h in client.calls[0]["hidden"])
+    assert [p["step"] for p in trainer.r2m_posted] == [0]
+    posted = [h for p in trainer.r2m_posted for g in p["groups"] for h in g["hidden"]]
+    assert len(posted) == 4 and all(torch.isfinite(h).all() for h in posted)
+    for got, scored in zip(posted, client.calls[0]["hidden"]):
+        assert got.shape == scored.shape and not torch.allclose(got, scored, atol=1e-3)  # after one update

@@ -1,4 +1,7 @@
-"""`R2MGRPOTrainer`: TRL's `GRPOTrainer` with R2M at no extra policy forward (docs/integrations.md, "TRL").
+"""`R2MGRPOTrainer` and `R2MRLOOTrainer`: TRL's trainers with R2M at no extra policy forward (docs/integrations.md,
+"TRL"). Both are one mixin over TRL 1.16's two trainers, which share the structure this relies on:
+`_generate_and_score_completions` runs the old-log-prob forward (RLOO: always) before `_calculate_rewards`, and
+`_compute_loss` runs the training forward per shuffled micro-batch.
 
     from r2m.trainer.trl import R2MGRPOTrainer, R2MRewardFunction
 
@@ -27,13 +30,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from trl import GRPOTrainer
+from trl import GRPOTrainer, RLOOTrainer
 
 from r2m.client import R2MError
 
 from .trl import R2MRewardFunction, _steps, completion_text, prompt_text
 
-__all__ = ["R2MGRPOTrainer"]
+__all__ = ["R2MGRPOTrainer", "R2MRLOOTrainer"]
 
 logger = logging.getLogger("r2m.trainer.trl")
 
@@ -52,10 +55,11 @@ def _pad(rows: list[list[int]], value: int, side: str, multiple: int | None) -> 
     )
 
 
-class R2MGRPOTrainer(GRPOTrainer):
-    """`GRPOTrainer` whose `R2MRewardFunction` gets the hidden states of TRL's own forwards (module docstring).
+class _R2MTRL:
+    """The R2M part of both trainers: an `R2MRewardFunction` gets the hidden states of TRL's own forwards (module
+    docstring). Mixed in before the TRL trainer class, so the attributes used here are TRL's.
 
-    Args (besides GRPOTrainer's):
+    Args (besides the TRL trainer's):
         r2m_run_id: the batch-id prefix of the posts (default: random); a post's id is `<run_id>-<global step>`.
         r2m_post: False: score with hidden states but post nothing (no R2M updates).
     """
@@ -121,12 +125,8 @@ class R2MGRPOTrainer(GRPOTrainer):
         return hidden
 
     def _r2m_trl_runs_old_forward(self) -> bool:
-        """TRL 1.16's condition for computing old log-probs in `_generate_and_score_completions`."""
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        return bool(
-            self.args.gradient_accumulation_steps % generate_every != 0
-            or (self.use_vllm and self.vllm_importance_sampling_correction)
-        )
+        """Whether TRL computes old log-probs in `_generate_and_score_completions` (each trainer says)."""
+        raise NotImplementedError
 
     # --- scoring: TRL's old-log-prob forward, or one of ours in its place ----------------------------------------
 
@@ -245,3 +245,33 @@ class R2MGRPOTrainer(GRPOTrainer):
             logger.error("r2m: the preferences of step %d (%d groups) were not queued: %s", step, len(groups), exc)
             return
         self.r2m_posted.append({"step": step, "batch_ids": result.batch_ids, "groups": groups})
+
+
+class R2MGRPOTrainer(_R2MTRL, GRPOTrainer):  # type: ignore[misc]
+    """`GRPOTrainer` whose `R2MRewardFunction` gets the hidden states of TRL's own forwards (module docstring).
+
+    Args (besides GRPOTrainer's):
+        r2m_run_id: the batch-id prefix of the posts (default: random); a post's id is `<run_id>-<global step>`.
+        r2m_post: False: score with hidden states but post nothing (no R2M updates).
+    """
+
+    def _r2m_trl_runs_old_forward(self) -> bool:
+        """TRL 1.16's condition for computing old log-probs in `GRPOTrainer._generate_and_score_completions`."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return bool(
+            self.args.gradient_accumulation_steps % generate_every != 0
+            or (self.use_vllm and self.vllm_importance_sampling_correction)
+        )
+
+
+class R2MRLOOTrainer(_R2MTRL, RLOOTrainer):  # type: ignore[misc]
+    """`RLOOTrainer` whose `R2MRewardFunction` gets the hidden states of TRL's own forwards (module docstring). RLOO
+    always runs the old-log-prob forward (its KL term is in the reward), so scoring never adds one.
+
+    Args (besides RLOOTrainer's):
+        r2m_run_id: the batch-id prefix of the posts (default: random); a post's id is `<run_id>-<global step>`.
+        r2m_post: False: score with hidden states but post nothing (no R2M updates).
+    """
+
+    def _r2m_trl_runs_old_forward(self) -> bool:
+        return True
