@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .arms import ARMS, CHOSEN, COMPARISONS, GRID, chosen, updating
+from .arms import ARMS, CHOSEN, COMPARISONS, GRID, chosen, grid_points, updating
 from .report import compare, describe_overoptimization, markdown_tables, plot_curves, summarise
 from .run import ArmSpec, RunSettings, run_and_report
 
@@ -173,16 +173,16 @@ def grid(out: Path, base: RunSettings, art: dict, workers: int, arms: Sequence[s
     points = [dict(g) for g in GRID]
     todo = [a_ for a_ in arms if updating(a_)]
     specs = [
-        _spec(arm, seed, replace(base, **pt), art, a, out, f"-g{k}")
+        _spec(arm, seed, replace(base, **pt), art, a, out, f"-g{GRID.index(pt)}")
         for arm in todo
-        for k, pt in enumerate(points)
+        for pt in grid_points(arm)
         for seed in DEV_SEEDS
     ]
     # The arms without updates, on the dev seeds too: the schedule (T, omega_steps, the policy's lr) was checked on
     # vanilla's curve there (its gold must peak and fall within the run while the feedback has its full weight).
     fixed = [a_ for a_ in arms if not updating(a_)]
     specs += [_spec(arm, seed, base, art, a, out, "-ref") for arm in fixed for seed in DEV_SEEDS]
-    say(f"[2/3] grid: {len(todo)} updating arms x {len(points)} points x {len(DEV_SEEDS)} dev seeds, and "
+    say(f"[2/3] grid: {len(todo)} updating arms x up to {len(points)} points x {len(DEV_SEEDS)} dev seeds, and "
         f"{len(fixed)} fixed arms: {len(specs)} runs")  # fmt: skip
     runs = _run_all(specs, workers)
     reference = {
@@ -192,7 +192,7 @@ def grid(out: Path, base: RunSettings, art: dict, workers: int, arms: Sequence[s
     }  # fmt: skip
     table: dict[str, list[dict]] = {}
     for arm in todo:
-        for pt in points:
+        for pt in grid_points(arm):
             rs = [r for r in runs if r["arm"] == arm and r["settings"]["service_lr"] == pt["service_lr"]
                   and r["settings"]["service_phi_lr"] == pt["service_phi_lr"]]  # fmt: skip
             mean_gold = [sum(e["gold"] for e in r["evals"]) / len(r["evals"]) for r in rs]
@@ -204,9 +204,11 @@ def grid(out: Path, base: RunSettings, art: dict, workers: int, arms: Sequence[s
     if "r2m" in choice:
         init_specs = [
             _spec("r2m", seed, replace(base, **choice["r2m"], attn_init=init), art, a, out, f"-init-{init}")
-            for init in ("scaled", "plain", "zero")
+            for init in ("plain", "zero")  # the grid ran the default (base.attn_init) already
             for seed in DEV_SEEDS
         ]
+        best = max(table["r2m"], key=lambda x: x["mean_gold"])
+        inits[base.attn_init] = list(best["per_seed"])
         say(f"  feedback inits: {len(init_specs)} runs of r2m at {choice['r2m']}")
         for r in _run_all(init_specs, workers):
             inits.setdefault(r["settings"]["attn_init"], []).append(

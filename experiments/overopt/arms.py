@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARMS", "CHOSEN", "COMPARISONS", "GRID", "Arm", "chosen", "updating"]
+__all__ = ["ARMS", "CHOSEN", "COMPARISONS", "GRID", "Arm", "chosen", "grid_points", "sends_hidden", "updating"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,21 @@ GRID: tuple[dict[str, float], ...] = (
     {"service_lr": 1e-3, "service_phi_lr": 1e-3},
 )
 CHOSEN = Path(__file__).with_name("chosen.json")  # what the grid chose, on the dev seeds (committed)
+
+
+def sends_hidden(arm: str) -> bool:
+    return ARMS[arm].reward_mode not in ("vanilla", "head-only", "head-judge")
+
+
+def grid_points(arm: str) -> list[dict[str, float]]:
+    """GRID for an arm; for the arms without hidden states the feedback attention never trains, so the points that
+    differ only in its learning rate are one point (run once)."""
+    if sends_hidden(arm):
+        return [dict(g) for g in GRID]
+    seen: dict[float, dict[str, float]] = {}
+    for g in GRID:
+        seen.setdefault(g["service_phi_lr"], dict(g))
+    return list(seen.values())
 
 
 def updating(arm: str) -> bool:
