@@ -7,8 +7,8 @@ template wraps the turns in `<s> ... </s>`. Both servers can load it as it is: `
 loads it as a sequence-classification RM (the same base, the same `score` layer, the same token).
 
 The samples: OpenRLHF's client sends the full templated text (prompt + response, rendered with the chat template)
-as `query`; `serve_rm` tokenizes it with `add_special_tokens=False`, r2m's `/get_reward` tokenizes it as one
-sequence and drops a doubled BOS; the section checks that both give the same token ids for every sample.
+as `query`; `serve_rm` tokenizes it with `add_special_tokens=False`, and so does r2m's `/get_reward` on a decoder RM
+(R2M_GET_REWARD_SPECIAL_TOKENS=auto); the section checks that both give the same token ids for every sample.
 
 The client: OpenRLHF's own remote-RM request function, `SingleTurnAgentExecutor._fetch_rewards_via_http` from the
 installed wheel (`openrlhf/utils/agent.py`, loaded by path as tests/integration/test_openrlhf.py does), one sample
@@ -45,8 +45,13 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {{ eos_token }} {% endfor %}"
 )
 # The peer's import path, beyond what r2m itself needs (see the module docstring).
-PEER_MODULES = {"openrlhf": "openrlhf==0.11.2 --no-deps", "deepspeed": "deepspeed", "peft": "peft",
-                "pylatexenc": "pylatexenc", "aiohttp": "aiohttp"}
+PEER_MODULES = {
+    "openrlhf": "openrlhf==0.11.2 --no-deps",
+    "deepspeed": "deepspeed",
+    "peft": "peft",
+    "pylatexenc": "pylatexenc",
+    "aiohttp": "aiohttp",
+}
 
 
 def _words(n: int) -> list[str]:
@@ -65,11 +70,20 @@ def build_model(path: Path, quick: bool, seed: int = 0) -> Path:
 
     from r2m.trainer.tiny import llama_config, word_tokenizer
 
-    fast = word_tokenizer(["user", "assistant", ":", *_words(2000)], chat_template=CHAT_TEMPLATE,
-                          split_punctuation=False)
+    fast = word_tokenizer(
+        ["user", "assistant", ":", *_words(2000)], chat_template=CHAT_TEMPLATE, split_punctuation=False
+    )
     hidden, layers, heads = (64, 2, 4) if quick else (384, 6, 6)
-    config = llama_config(fast, width=hidden, layers=layers, heads=heads, kv_heads=heads, intermediate=4 * hidden,
-                          max_positions=1024, num_labels=1)
+    config = llama_config(
+        fast,
+        width=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=heads,
+        intermediate=4 * hidden,
+        max_positions=1024,
+        num_labels=1,
+    )
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(config)
     # The default init (std 0.02) leaves the score layer near zero: rewards would differ from text to text by
@@ -179,12 +193,74 @@ def same_tokens(path: Path, texts: list[str]) -> float:
     return same / len(texts)
 
 
+def wrap_tokenizer(src: Path, dst: Path, single: str | None) -> Path:
+    """A copy of the RM at `src` whose tokenizer wraps every text as `single` by default (a `TemplateProcessing`
+    such as "<s> $A </s>"; None: adds nothing), as many real RM tokenizers do."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(src)
+    if single is not None:
+        specials = [(t, tok.convert_tokens_to_ids(t)) for t in (tok.bos_token, tok.eos_token) if t in single.split()]
+        tok._tokenizer.post_processor = TemplateProcessing(single=single, special_tokens=specials)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def serve_rm_reference(models: list[Path], texts: list[str], tmp: Path) -> dict[str, dict]:
+    """`bench.serve_rm_probe` in a subprocess (the flash_attn stand-in on its path): serve_rm's own token ids and
+    float32 rewards for `texts` on each model, as {str(model): {"input_ids": [[...]], "rewards": [...]}}."""
+    import json
+    import subprocess
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    texts_path, out_path = tmp / "serve_rm_texts.json", tmp / "serve_rm_out.json"
+    texts_path.write_text(json.dumps(texts))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(STUBS), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [sys.executable, "-m", "bench.serve_rm_probe", str(texts_path), str(out_path), *map(str, models)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"serve_rm probe failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(out_path.read_text())
+
+
+WRAPPING = "<s> $A </s>"  # what the second model's tokenizer adds to every text by default
+
+
+def wrapped_agreement(model_dir: Path, queries: list[tuple[str, str, str]], tmp: Path, r2m_env: dict) -> dict:
+    """The same model with a tokenizer that adds BOS and EOS by default: serve_rm's own tokenization and float32
+    rewards (`serve_rm_reference`) against r2m's `/get_reward` in float32 through OpenRLHF's client."""
+    wrapped = wrap_tokenizer(model_dir, tmp / "peer-model-wrapped", WRAPPING)
+    texts = [q[2] for q in queries]
+    ref = serve_rm_reference([wrapped], texts, tmp / "serve_rm-probe")[str(wrapped)]
+    r2m = start_r2m(tmp, {**r2m_env, "R2M_MODEL": str(wrapped), "R2M_DTYPE": "float32"}, "peer-r2m-wrapped")
+    try:
+        got, _ = drive(r2m.url, queries, IN_FLIGHT)
+    finally:
+        r2m.stop()
+    from r2m.service.backbone import load_backbone
+
+    backbone = load_backbone(str(wrapped), device="cpu", dtype="float32")
+    same = sum(backbone.encode_text(t).input_ids == ids for t, ids in zip(texts, ref["input_ids"])) / len(texts)
+    out = {"post_processor": WRAPPING, "same_tokens": same, "pearson": pearson(got, ref["rewards"]),
+           "max_abs_diff": max(abs(a - b) for a, b in zip(got, ref["rewards"]))}  # fmt: skip
+    print(
+        f"  peer, wrapping tokenizer: same tokens {same:.3f}, max |reward diff| {out['max_abs_diff']:.2e}", flush=True
+    )
+    return out
+
+
 def check_available() -> None:
     missing = [m for m in PEER_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         hint = ", ".join(PEER_MODULES[m] for m in missing)
-        raise Unavailable(f"OpenRLHF's serve_rm needs {', '.join(missing)} here: pip install {hint} "
-                          "(pip install -e '.[test]' and the Makefile's --no-deps openrlhf)")
+        raise Unavailable(
+            f"OpenRLHF's serve_rm needs {', '.join(missing)} here: pip install {hint} "
+            "(pip install -e '.[test]' and the Makefile's --no-deps openrlhf)"
+        )
 
 
 def run(opts) -> dict:  # noqa: ANN001
@@ -246,9 +322,7 @@ def run(opts) -> dict:  # noqa: ANN001
             "r2m_seq_per_s": statistics.median(per["r2m"]),
             "serve_rm_seq_per_s": statistics.median(per["serve_rm"]),
             "round_seq_per_s": per,
-            "cpu_ms_per_request": {
-                k: {m: statistics.median(c[m] for c in v) for m in v[0]} for k, v in cpu.items()
-            },
+            "cpu_ms_per_request": {k: {m: statistics.median(c[m] for c in v) for m in v[0]} for k, v in cpu.items()},
             "same_tokens": same_tokens(model_dir, texts),
         }
         out["throughput_ratio"] = out["r2m_seq_per_s"] / out["serve_rm_seq_per_s"]
@@ -258,8 +332,12 @@ def run(opts) -> dict:  # noqa: ANN001
         out["reward_std_fp32"] = statistics.pstdev(ref)
         out["pearson_vs_fp32"] = {k: pearson(rewards[k], ref) for k in servers}
         out["max_abs_diff_vs_fp32"] = {k: max(abs(a - b) for a, b in zip(rewards[k], ref)) for k in servers}
-        print(f"  peer: r2m {out['r2m_seq_per_s']:.1f} seq/s, serve_rm {out['serve_rm_seq_per_s']:.1f} seq/s, "
-              f"ratio {out['throughput_ratio']:.2f}, pearson {out['reward_pearson']:.4f}", flush=True)
+        print(
+            f"  peer: r2m {out['r2m_seq_per_s']:.1f} seq/s, serve_rm {out['serve_rm_seq_per_s']:.1f} seq/s, "
+            f"ratio {out['throughput_ratio']:.2f}, pearson {out['reward_pearson']:.4f}",
+            flush=True,
+        )
+        out["wrapping_tokenizer"] = wrapped_agreement(model_dir, queries, tmp, r2m_env)
         out["rows"] = [
             row(
                 f"/get_reward vs OpenRLHF serve_rm, {IN_FLIGHT} in flight, 1 sample/request",
@@ -270,6 +348,12 @@ def run(opts) -> dict:  # noqa: ANN001
                 target=">= 1.6",
             ),
             row("reward agreement with serve_rm (Pearson r)", out["reward_pearson"], "", target="> 0.98"),
+            row(
+                f"reward agreement with serve_rm, RM tokenizer wrapping {WRAPPING!r}, float32 (max |diff|)",
+                out["wrapping_tokenizer"]["max_abs_diff"],
+                "",
+                target="< 1e-4",
+            ),
         ]
         return out
     finally:

@@ -166,17 +166,20 @@ class Backbone:
             return Encoded(out["input_ids"], out.get("token_type_ids"))
         return Encoded(tok(prompt + response)["input_ids"])
 
-    def encode_text(self, text: str) -> Encoded:
-        """Tokenize an already-templated full text (OpenRLHF's `/get_reward` query) as one sequence: no chat
-        template, the tokenizer's defaults (an encoder reads `[CLS] text [SEP]`). A text that already starts with
-        the BOS token, as a rendered chat template does, does not get a second one: decoders then read exactly the
-        ids that OpenRLHF's own `serve_rm` (`add_special_tokens=False`) feeds them."""
+    def encode_text(self, text: str, special_tokens: str = "auto") -> Encoded:
+        """Tokenize an already-templated full text (OpenRLHF's `/get_reward` query) as one sequence, no chat template.
+
+        special_tokens (R2M_GET_REWARD_SPECIAL_TOKENS): "none" tokenizes with `add_special_tokens=False`, exactly as
+        OpenRLHF's `serve_rm` does: the ids of the text and nothing else. "tokenizer" uses the tokenizer's defaults
+        (an encoder reads `[CLS] text [SEP]`, a Llama tokenizer prepends BOS) and drops the second BOS when the text
+        already starts with one. "auto": "none" for a decoder RM, "tokenizer" for an encoder."""
+        mode = special_tokens if special_tokens != "auto" else ("tokenizer" if self.kind == "encoder" else "none")
         tok = self.tokenizer
-        out = tok(text)
+        out = tok(text, add_special_tokens=mode == "tokenizer")
         ids = list(out["input_ids"])
         types = out.get("token_type_ids")
         bos_id, bos = getattr(tok, "bos_token_id", None), getattr(tok, "bos_token", None)
-        if bos and bos_id is not None and text.startswith(bos) and ids[:2] == [bos_id, bos_id]:
+        if mode == "tokenizer" and bos and bos_id is not None and text.startswith(bos) and ids[:2] == [bos_id, bos_id]:
             ids = ids[1:]
             types = types[1:] if types is not None else None
         return Encoded(ids, list(types) if types is not None and self.kind == "encoder" else None)

@@ -97,6 +97,12 @@ class ServiceSettings(BaseSettings):
         "final norm stay below about sqrt(D_policy) times its largest norm weight (tens to a few hundred); values "
         "near the float32 limit pass a finiteness check but overflow inside the attention.",
     )
+    get_reward_special_tokens: Literal["auto", "none", "tokenizer"] = Field(
+        "auto",
+        description="How /get_reward tokenizes a query (a text the policy's chat template already rendered). none: "
+        "add_special_tokens=False, exactly as OpenRLHF's serve_rm; tokenizer: the RM tokenizer's defaults, a doubled "
+        "BOS dropped; auto: none for a decoder RM, tokenizer for an encoder (which needs its [CLS] ... [SEP]).",
+    )
     max_items_per_request: int = Field(1024, ge=1, description="Most items in one /score request.")
     max_batch_tokens: int = Field(16384, ge=1, description="Token budget (padded) of one backbone forward.")
     batch_wait_ms: float = Field(

@@ -150,7 +150,7 @@ def prepare_queries(queries: list[str], engine: ScoringEngine, settings: Service
     limit = max_tokens_of(engine, settings)
     out = []
     for i, text in enumerate(queries):
-        encoded = engine.backbone.encode_text(text)
+        encoded = engine.backbone.encode_text(text, settings.get_reward_special_tokens)
         if len(encoded) == 0:
             raise BadInput(f"query[{i}]: tokenizes to no tokens; send the templated prompt + response")
         out.append(PreparedItem(encoded=check_token_count(encoded, f"query[{i}]", limit, what=""), hidden=None, w=1.0))

@@ -21,7 +21,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.peer import OPENRLHF_LOGGING, load_openrlhf_agent
+from bench.peer import OPENRLHF_LOGGING, load_openrlhf_agent, wrap_tokenizer
 from r2m.service.backbone import Encoded, load_backbone
 
 from .conftest import SMALL_SERVER_ENV, Process, start_server
@@ -228,14 +228,64 @@ def test_a_templated_text_scores_as_score_does_on_a_chat_rm(
     assert got == pytest.approx(expected, abs=1e-5)
 
 
-def test_encode_text_adds_a_bos_only_when_the_text_has_none(tiny_llama_rm: Path) -> None:
-    from tokenizers.processors import TemplateProcessing
+WRAPPINGS = {"nothing": None, "bos": "<s> $A", "bos+eos": "<s> $A </s>"}
 
-    backbone = load_backbone(str(tiny_llama_rm), device="cpu", dtype="float32")
+
+def test_get_reward_tokenizes_and_scores_exactly_as_openrlhf_serve_rm(
+    tiny_llama_rm: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """OpenRLHF's own serve_rm (its RewardModelProxy from the wheel: tokenize_fn and get_reward, cast to float32) and
+    r2m's /get_reward on decoder RMs whose tokenizers add nothing, a BOS, or a BOS and an EOS by default, for queries
+    that do and do not start with BOS: the same token ids and the same rewards."""
+    pytest.importorskip("deepspeed", reason="serve_rm imports deepspeed (pip install -e '.[test]')")
+    from transformers import AutoTokenizer
+
+    from bench.peer import serve_rm_reference
+
+    tmp = tmp_path_factory.mktemp("serve-rm-exact")
+    models = {name: wrap_tokenizer(tiny_llama_rm, tmp / name, single) for name, single in WRAPPINGS.items()}
+    tok = AutoTokenizer.from_pretrained(tiny_llama_rm)
+    pairs = [("what is python ?", "a code ."), ("how do i cook ?", "math . you do it well"), ("hello", "yes")]
+    templated = [
+        tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False)
+        for p, r in pairs
+    ]
+    texts = [*templated, *(f"user : {p} assistant : {r}" for p, r in pairs)]  # with and without a leading BOS
+    assert all(t.startswith("<s>") for t in templated) and not any(t.startswith("<s>") for t in texts[3:])
+    reference = serve_rm_reference(list(models.values()), texts, tmp / "probe")
+    for name, path in models.items():
+        ref = reference[str(path)]
+        wrapped = AutoTokenizer.from_pretrained(path)("hello")["input_ids"]
+        assert len(wrapped) == 1 + (WRAPPINGS[name] or "$A").count("<"), (name, wrapped)  # the wrapping is real
+        backbone = load_backbone(str(path), device="cpu", dtype="float32")
+        assert [backbone.encode_text(t).input_ids for t in texts] == ref["input_ids"], name
+        s = start_server(
+            tmp_path_factory.mktemp(f"r2m-{name}"), {**SMALL_SERVER_ENV, "R2M_MODEL": str(path), "R2M_DTYPE": "float32"}
+        )
+        try:
+            got = httpx.post(f"{s.url}/get_reward", json={"query": texts}).json()["rewards"]
+        finally:
+            s.stop()
+        assert got == pytest.approx(ref["rewards"], abs=1e-4), name
+
+
+def test_get_reward_special_tokens_tokenizer_restores_the_tokenizer_defaults(tiny_llama_rm: Path, tmp_path) -> None:
+    bos_rm = wrap_tokenizer(tiny_llama_rm, tmp_path / "bos", WRAPPINGS["bos"])
+    backbone = load_backbone(str(bos_rm), device="cpu", dtype="float32")
     bos = backbone.tokenizer.bos_token_id
-    # Make it a Llama-like tokenizer that prepends BOS by default.
-    backbone.tokenizer._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    plain = backbone.encode_text("user : hi").input_ids
-    templated = backbone.encode_text("<s> user : hi").input_ids
-    assert plain[0] == bos and plain[1] != bos
-    assert templated == plain
+    plain, templated = "user : hi", "<s> user : hi"
+    # auto on a decoder RM = none = serve_rm: the text's ids only.
+    assert backbone.encode_text(plain).input_ids == backbone.encode_text(plain, "none").input_ids
+    assert backbone.encode_text(plain).input_ids[0] != bos and backbone.encode_text(templated).input_ids[0] == bos
+    # tokenizer: the default BOS, never a second one.
+    with_defaults = backbone.encode_text(plain, "tokenizer").input_ids
+    assert with_defaults[0] == bos and with_defaults[1] != bos
+    assert backbone.encode_text(templated, "tokenizer").input_ids == with_defaults
+
+
+def test_an_encoder_rm_keeps_its_cls_and_sep_on_get_reward() -> None:
+    backbone = load_backbone("default", device="cpu", dtype="float32")
+    tok = backbone.tokenizer
+    ids = backbone.encode_text("hello world").input_ids
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    assert backbone.encode_text("hello world", "none").input_ids == ids[1:-1]
