@@ -7,12 +7,17 @@ in the same run: `h.sum()` (read only) and `h.clone()` (read + write); the ratio
 is the stricter one. A call also reads the four weight matrices once (W_q, W_k, W_v, W_o: 128 MB in fp32 at this
 shape), whatever the batch: `--attn-batch` items share them, and the same call with T = 1 (`weights_only`) shows
 that part. The textbook form (project keys and values, then attend) is timed once for context.
+
+bf16 `h` takes the path the service takes on this device (`service/precision.py`, R2M_CPU_HALF_HIDDEN=auto): read
+as it is where the device multiplies bf16 natively, else upcast to float32 once inside the call (the copy counted
+in the time). The section records that path and the bf16 time against the float32 one (target <= 1.5).
 """
 
 from __future__ import annotations
 
 import torch
 
+from r2m.service import precision
 from r2m.service.model import FeedbackAttention
 
 from ._common import best_time, interleaved, row
@@ -33,6 +38,10 @@ def run(opts) -> dict:  # noqa: ANN001
     e = torch.randn(B, rm, device=device)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
     out: dict = {"items": B, "T": T, "policy_dim": P, "attn_dim": d, "rm_dim": rm, "device": device, "rows": []}
+    bf16_path = precision.compute_dtype(torch.bfloat16, device)
+    out["bf16_path"] = "as sent" if bf16_path == torch.bfloat16 else "upcast to float32 once"
+    out["dtype_paths"] = precision.describe() if torch.device(device).type == "cpu" else "as sent (GPU)"
+    print(f"  hidden-state dtype path: {out['dtype_paths']}", flush=True)
     with torch.inference_mode():
         for dtype in (torch.float32, torch.bfloat16):
             h = torch.randn(B, T, P, device=device).to(dtype)
@@ -59,9 +68,10 @@ def run(opts) -> dict:  # noqa: ANN001
                 "attention_vs_read": t["attention"] / read,
             }
             out[name] = r
+            label = name if dtype == torch.float32 else f"{name} ({out['bf16_path']})"
             out["rows"].append(
                 row(
-                    f"feedback attention per item, h {name}, vs one read of h",
+                    f"feedback attention per item, h {label}, vs one read of h",
                     r["attention_ms_per_item"],
                     "ms",
                     baseline=1000 * read / B,
@@ -69,6 +79,18 @@ def run(opts) -> dict:  # noqa: ANN001
                     target="<= 2",
                 )
             )
+        bf16_vs_fp32 = out["bfloat16"]["attention_ms_per_item"] / out["float32"]["attention_ms_per_item"]
+        out["bf16_vs_fp32"] = bf16_vs_fp32
+        out["rows"].append(
+            row(
+                f"feedback attention per item, h bfloat16 ({out['bf16_path']}) vs h float32",
+                out["bfloat16"]["attention_ms_per_item"],
+                "ms",
+                baseline=out["float32"]["attention_ms_per_item"],
+                ratio=bf16_vs_fp32,
+                target="<= 1.5",
+            )
+        )
         # The bundled RM is 384 wide: a serving head then reads W_q W_k^T and W_v^T W_o^T (fused once per head
         # version) instead of the four matrices. Same h, same batch, fp32.
         small = FeedbackAttention(BUNDLED_RM_DIM if not opts.quick else rm // 2, P, d, n_heads=1).to(device).eval()

@@ -103,6 +103,13 @@ class ServiceSettings(BaseSettings):
         "add_special_tokens=False, exactly as OpenRLHF's serve_rm; tokenizer: the RM tokenizer's defaults, a doubled "
         "BOS dropped; auto: none for a decoder RM, tokenizer for an encoder (which needs its [CLS] ... [SEP]).",
     )
+    cpu_half_hidden: Literal["auto", "native", "upcast"] = Field(
+        "auto",
+        description="How the feedback attention reads bfloat16/float16 hidden states on a CPU. native: as sent; "
+        "upcast: one float32 copy first (5-10x faster on a CPU without native half-precision matmuls); auto: "
+        "upcast unless the CPU flags show avx512_bf16/amx_bf16 (bf16) or avx512_fp16/amx_fp16 (fp16), measured "
+        "once where the flags are unreadable. The choice is logged at start. GPUs read half precision as sent.",
+    )
     max_items_per_request: int = Field(1024, ge=1, description="Most items in one /score request.")
     max_batch_tokens: int = Field(16384, ge=1, description="Token budget (padded) of one backbone forward.")
     batch_wait_ms: float = Field(

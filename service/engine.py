@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import precision
 from .backbone import Backbone, Encoded, attach_members, count_members, load_backbone, members_path
 from .config import ServiceSettings
 from .headcodec import SERVING_DTYPE
 from .model import HeadConfig, R2MHead
+from .precision import compute_dtype
 
 __all__ = [
     "HeadVersion",
@@ -314,13 +316,14 @@ def pad_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack `(T_i, D)` tensors into `(N, T_max, D)` zeros-padded, with a `(N, T_max)` mask of real rows.
 
-    `dtype=None` keeps the tensors' own dtype (bfloat16 stays bfloat16: the attention reads it as it is); tensors
-    of different dtypes, e.g. from two requests merged into one batch, are stacked in float32. `T_max` may be 0
-    when every item's rows are all in its shared prefix.
+    `dtype=None` stacks them in their compute dtype (`precision.compute_dtype`): their own where the device reads
+    it natively (bfloat16 stays bfloat16), float32 for half precision on a CPU without native half matmuls (the
+    padded copy is then the one upcast); tensors of different dtypes, e.g. from two requests merged into one batch,
+    are stacked in float32. `T_max` may be 0 when every item's rows are all in its shared prefix.
     """
     if dtype is None:
         dtypes = {h.dtype for h in hidden}
-        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        dtype = compute_dtype(dtypes.pop(), device) if len(dtypes) == 1 else torch.float32
     T = max(h.shape[0] for h in hidden)
     D = hidden[0].shape[1]
     out = torch.zeros((len(hidden), T, D), dtype=dtype, device=device)
@@ -356,6 +359,7 @@ def check_ensemble(settings: ServiceSettings) -> None:
 def build_engine(settings: ServiceSettings) -> ScoringEngine:
     """Load the backbone named by the settings (and its ensemble members) and put the initial head on it."""
     check_ensemble(settings)
+    precision.configure(settings.cpu_half_hidden)
     backbone = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
     if settings.ensemble > 1:
         attach_members(backbone, members_path(settings.model, settings.ensemble_members))  # type: ignore[arg-type]

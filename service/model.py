@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import compute_dtype
+
 __all__ = [
     "FeedbackAttention",
     "GREBTLoss",
@@ -72,9 +74,11 @@ class FeedbackAttention(nn.Module):
     `softmax((q W_k^T) h^T) h W_v W_o` per head: `W_k` folds into the query and `W_v` applies after pooling, so `h`
     is read twice and never projected (T x D_policy instead of T x D_policy x d multiply-adds).
 
-    `h` is read in its own dtype (bfloat16/float16 as it came off the wire, no float32 copy): the folded query is
-    cast to `h`'s dtype for the scores `h u`, the softmax runs in float32 on the small `(B, H, T)` scores, the
-    pooling `p h` runs in `h`'s dtype again, and the small pooled vectors go back to float32 for `W_v` and `W_o`.
+    `h` is read in its compute dtype (`precision.compute_dtype`): bfloat16/float16 as it came off the wire where
+    the device multiplies it natively (CUDA, a CPU with AVX512-BF16/AMX), else one float32 copy first (a CPU
+    without those runs half-precision GEMMs 3-6x slower than float32 ones). The folded query is cast to that dtype
+    for the scores `h u`, the softmax runs in float32 on the small `(B, H, T)` scores, the pooling `p h` runs in
+    that dtype again, and the small pooled vectors go back to float32 for `W_v` and `W_o`.
 
     A sequence may also be split into a shared prefix and its own rows (docs/api.md, prompt-prefix sharing): item
     `b`'s hidden states are `cat(prefixes[prefix_index[b]], h[b][mask[b]])`. The scores and the pooling over a
@@ -119,6 +123,8 @@ class FeedbackAttention(nn.Module):
         B, T, P = h.shape
         H = self.n_heads
         assert e.shape[0] == B and mask.shape == (B, T) and self.policy_dim == P, (e.shape, h.shape, mask.shape)
+        h = h.to(compute_dtype(h.dtype, h.device))  # a no-op unless half precision is slow here (and not padded yet)
+        prefixes = [p.to(compute_dtype(p.dtype, p.device)) for p in prefixes]
         if prefix_index is None or not prefixes:
             prefixes, prefix_index = (), None
         has_rows = mask.any(dim=1) if prefix_index is None else mask.any(dim=1) | (prefix_index >= 0)

@@ -293,7 +293,7 @@ class HeadTrainer:
         use = [h is not None and wi < 1.0 for h, wi in zip(flat.hidden, flat.weights)]
         h_pad = mask = sel = None
         if any(use):
-            # dtype None: bf16/fp16 hidden states stay as they came; the attention reads them without a float32 copy.
+            # dtype None: bf16/fp16 hidden states stay as they came where the device reads them natively.
             h_pad, mask = pad_hidden([h for h, u in zip(flat.hidden, use) if u and h is not None], None, device)
             sel = torch.tensor(use, device=device)
         rank_given = s.rank_by == "given" and all(g is not None for g in flat.given)

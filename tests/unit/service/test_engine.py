@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from r2m.service import model as model_module
+from r2m.service import precision
 from r2m.service.engine import pad_hidden, score_rte
 from r2m.service.model import FeedbackAttention, HeadConfig, R2MHead
 
@@ -121,7 +122,13 @@ def _realistic(B: int, T: int, D: int, seed: int = 0) -> torch.Tensor:
     return h
 
 
-def test_bf16_hidden_states_are_read_without_a_float32_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def native_half(monkeypatch: pytest.MonkeyPatch) -> None:
+    """R2M_CPU_HALF_HIDDEN=native: half precision read as sent, as on a CPU with native bf16 matmuls or a GPU."""
+    monkeypatch.setattr(precision, "_mode", "native")
+
+
+def test_bf16_hidden_states_are_read_without_a_float32_copy(monkeypatch: pytest.MonkeyPatch, native_half) -> None:
     dtypes = []
     bmm = torch.bmm
 
@@ -138,7 +145,56 @@ def test_bf16_hidden_states_are_read_without_a_float32_copy(monkeypatch: pytest.
     assert out.dtype == torch.float32 and dtypes == [(torch.bfloat16, torch.bfloat16)] * 2
 
 
-def test_bf16_rewards_are_within_the_documented_tolerance_of_float32() -> None:
+def test_without_native_bf16_hidden_states_are_upcast_once_and_score_as_their_float32_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(precision, "_mode", "auto")
+    monkeypatch.setattr(precision, "native_half", lambda dtype: (False, "test"))
+    dtypes = []
+    bmm = torch.bmm
+
+    def spy(a, b, *args, **kwargs):
+        dtypes.append((a.dtype, b.dtype))
+        return bmm(a, b, *args, **kwargs)
+
+    head = _head(1)
+    rows = [torch.randn(6, P).bfloat16(), torch.randn(3, P).bfloat16()]
+    h, mask = pad_hidden(rows, None, torch.device("cpu"))
+    assert h.dtype == torch.float32  # the padded copy is the one upcast
+    e, w = torch.randn(2, 8), torch.full((2,), 0.6)
+    monkeypatch.setattr(model_module.torch, "bmm", spy)
+    with torch.no_grad():
+        got = head(e, w, rows[0][None].expand(2, -1, -1).contiguous(), torch.ones(2, 6, dtype=torch.bool))
+        ref = head(e, w, rows[0][None].expand(2, -1, -1).float(), torch.ones(2, 6, dtype=torch.bool))
+    assert torch.equal(got, ref)  # bf16 values read in float32: exactly the float32 path
+    assert all(d == (torch.float32, torch.float32) for d in dtypes)
+
+
+def test_compute_dtype_follows_the_setting_the_cpu_flags_and_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "_mode", "auto")
+    for flags, native in (({"avx2", "avx512f"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True)):
+        precision.native_half.cache_clear()
+        monkeypatch.setattr(precision, "_cpu_flags", lambda flags=flags: flags)
+        assert precision.compute_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if native else torch.float32)
+    precision.native_half.cache_clear()
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: None)  # unreadable: measured once
+    monkeypatch.setattr(precision, "_measured_native", lambda dtype: dtype == torch.float16)
+    assert precision.compute_dtype(torch.bfloat16, cpu) == torch.float32
+    assert precision.compute_dtype(torch.float16, cpu) == torch.float16
+    assert precision.native_half(torch.bfloat16) == (False, "measured once")
+    precision.native_half.cache_clear()
+    assert precision.compute_dtype(torch.float32, cpu) == torch.float32
+    assert precision.compute_dtype(torch.bfloat16, "cuda") == torch.bfloat16  # GPUs read half precision as sent
+    precision.configure("upcast")
+    assert precision.compute_dtype(torch.float16, cpu) == torch.float32
+    precision.configure("native")
+    assert precision.compute_dtype(torch.bfloat16, cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="R2M_CPU_HALF_HIDDEN"):
+        precision.configure("fast")
+
+
+def test_bf16_rewards_are_within_the_documented_tolerance_of_float32(native_half) -> None:
     torch.manual_seed(0)
     head = R2MHead(HeadConfig(rm_dim=64, policy_dim=256, attn_dim=256, n_heads=1))
     with torch.no_grad():
