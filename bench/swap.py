@@ -5,7 +5,8 @@ head version (as the worker does: weights to the store, a pub/sub notice) and po
 `/heads/current` every few ms until it serves that version. Throughput: closed-loop /score load (no hidden states)
 for a while with no swaps and for a while with a version published every `--swap-interval` seconds, in
 alternating rounds; the ratio is the median over rounds. The head blobs are serialised before the clock starts,
-so the publisher's own CPU cost is the Redis write alone.
+so the publisher's own CPU cost is the Redis write alone. Where the time goes: the replica's phases of each swap
+(notice, fetch, hash, load, fused; `served_swap_ms`), averaged over all swaps and over the slowest 1% (the p99).
 """
 
 from __future__ import annotations
@@ -75,18 +76,31 @@ def run(opts) -> dict:  # noqa: ANN001
 
         # --- latency: publish, then poll the replica until it serves the version -------------------------------
         latencies = []
+        breakdowns = []  # the replica's own phases of each timed swap (GET /heads/current's served_swap_ms)
         with httpx.Client(base_url=server.url, timeout=30) as client:
             before = client.get("/metrics").text
             for i in range(n + 1):
                 t0 = time.perf_counter()
                 version = publish()
-                while client.get("/heads/current").json()["served_version"] != version:
+                while (current := client.get("/heads/current").json())["served_version"] != version:
                     if time.perf_counter() - t0 > 30:
                         raise RuntimeError(f"the replica did not serve version {version} within 30 s")
                     time.sleep(POLL_S)
                 if i:  # version 0 is what a fresh replica already serves: no swap to time
                     latencies.append(time.perf_counter() - t0)
+                    breakdowns.append(dict(current.get("served_swap_ms") or {}))
             after = client.get("/metrics").text
+        order = sorted(range(len(latencies)), key=latencies.__getitem__)
+        slowest = order[-max(1, len(order) // 100) :]  # the swaps at or above the p99
+
+        def where(idx: list[int]) -> dict[str, float]:
+            """Mean ms per phase over the swaps `idx`; `rest`: the end-to-end time the replica did not see (the
+            publisher's Redis write, this poll's interval and its HTTP round trip)."""
+            phases = sorted({k for i in idx for k in breakdowns[i]})
+            mean = {k: statistics.fmean(breakdowns[i].get(k, 0.0) for i in idx) for k in phases}
+            total = statistics.fmean(1000 * latencies[i] for i in idx)
+            return {**mean, "rest": total - sum(mean.values()), "end_to_end": total}
+
         latencies.sort()
         out: dict = {
             "versions": n,
@@ -98,7 +112,12 @@ def run(opts) -> dict:  # noqa: ANN001
             "max_ms": 1000 * latencies[-1],
             # The replica's own view: fetch + hash check + build + swap (excludes the notice's trip).
             "server_load_mean_ms": 1000 * histogram_delta_mean(before, after, "r2m_head_swap_duration_seconds"),
+            "phases_mean_ms": where(order),
+            "phases_p99_ms": where(slowest),
         }
+        print("  swap phases, mean: " + ", ".join(f"{k} {v:.1f}" for k, v in out["phases_mean_ms"].items())
+              + " ms; slowest 1%: " + ", ".join(f"{k} {v:.1f}" for k, v in out["phases_p99_ms"].items()) + " ms",
+              flush=True)  # fmt: skip
 
         # --- throughput with and without a stream of swaps, alternating rounds ---------------------------------
         pairs = texts(16 if opts.quick else 256)

@@ -69,19 +69,32 @@ class HeadSync:
                 backoff = min(backoff * 2, 10.0)
 
     def load(self, version: int) -> bool:
-        """Fetch, verify and swap in `version`; False (and the current head kept) when it does not fit."""
+        """Fetch, verify and swap in `version`; False (and the current head kept) when it does not fit.
+
+        The phases are timed (`r2m_head_swap_phase_seconds{phase}`, and the served version's `served_swap_ms` in
+        `GET /heads/current`): notice (publication to the start of this load: the pub/sub trip or the catch-up
+        timer), fetch (meta and weights from the store), hash, load (decode, config and finiteness checks) and
+        fused (the attention's fused weights, built before the swap)."""
         started = time.perf_counter()
+        phases: dict[str, float] = {}
         meta = self.store.meta(version)
         if meta is None:
             return False  # pruned meanwhile; a newer one is announced
+        if meta.get("created"):
+            phases["notice"] = max(0.0, time.time() - float(meta["created"]))
         # The float16 serving copy when the publisher made one (half the bytes); the float32 master otherwise.
         serving = "serving_sha256" in meta
         weights = self.store.serving(version) if serving else self.store.weights(version)
         if weights is None:
             return False
+        mark = time.perf_counter()
+        phases["fetch"] = mark - started
         expected = self.engine.head_config.to_dict()
         problem = None
-        if sha256(weights) != meta.get("serving_sha256" if serving else "sha256"):
+        digest = sha256(weights)
+        phases["hash"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        if digest != meta.get("serving_sha256" if serving else "sha256"):
             problem = "content hash mismatch"
         elif meta.get("config") != expected:
             problem = f"head config {meta.get('config')} differs from this replica's {expected}"
@@ -100,11 +113,19 @@ class HeadSync:
             self.metrics.head_load_failures.inc()
             self.engine.bad_versions.add(version)
             return False
-        self.engine.swap(HeadVersion(version=version, head=head, meta=meta))
+        phases["load"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        new = HeadVersion(version=version, head=head, meta=meta)
+        self.engine.swap(new)  # builds the fused weights before it installs the head
+        phases["fused"] = time.perf_counter() - mark
+        new.swap_ms.update({k: round(1000 * v, 3) for k, v in phases.items()})
+        for phase, seconds in phases.items():
+            self.metrics.head_swap_phase_seconds.labels(phase).observe(seconds)
         self.metrics.head_version.set(version)
         self.metrics.head_swaps.inc()
         self.metrics.head_swap_seconds.observe(time.perf_counter() - started)
         if meta.get("created"):
             self.metrics.head_swap_latency.observe(max(0.0, time.time() - float(meta["created"])))
-        log.info("serving head version %d (%.1f ms to load)", version, 1000 * (time.perf_counter() - started))
+        log.info("serving head version %d (%.1f ms to load: %s)", version, 1000 * (time.perf_counter() - started),
+                 ", ".join(f"{k} {v:.1f} ms" for k, v in new.swap_ms.items()))  # fmt: skip
         return True

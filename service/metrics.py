@@ -82,6 +82,14 @@ class ServiceMetrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
+        self.head_swap_phase_seconds = Histogram(
+            "r2m_head_swap_phase_seconds",
+            "Where a swap's time goes: notice (publication to load start), fetch, hash, load (decode and checks), "
+            "fused (the attention's fused weights).",
+            ["phase"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
         self.head_swap_latency = Histogram(
             "r2m_head_swap_latency_seconds",
             "From a version's publication to this replica serving it.",
@@ -106,6 +114,19 @@ class ServiceMetrics:
         self.head_reverts = Counter(
             "r2m_head_reverts_total", "Times this replica went back to its last good head after a bad one.", registry=r
         )
+        self.stale_head_requests = Counter(
+            "r2m_stale_head_requests_total",
+            "/score requests with local read-outs of another head than the served one (answered 409).",
+            registry=r,
+        )
+        self.embed_cache = Counter(
+            "r2m_embed_cache_total",
+            "RTEs a /score with local read-outs found in the replica's /embed cache (hit) or recomputed (miss).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("hit", "miss"):
+            self.embed_cache.labels(result=result)
         self.preference_batches = Counter(
             "r2m_preference_batches_total", "Preference batches accepted and queued.", registry=r
         )

@@ -571,6 +571,13 @@ def test_hot_swap_under_load(cluster: Cluster) -> None:
         assert len(distinct) >= 5, f"the scorer saw too few swaps: {distinct}"
         for _, _, v, rewards in s.records:  # one version, one set of weights: a torn swap would show here
             assert rewards == pytest.approx(by_version.setdefault(v, rewards), abs=1e-4), v
+    for r in cluster.replicas:  # where each replica's last swap spent its time, and the same in its metrics
+        current = httpx.get(f"{r.url}/heads/current", timeout=10).json()
+        phases = current["served_swap_ms"]
+        assert current["served_version"] == final and set(phases) == {"notice", "fetch", "hash", "load", "fused"}
+        assert all(0 <= ms < 30_000 for ms in phases.values()), phases
+        text = httpx.get(f"{r.url}/metrics", timeout=10).text
+        assert 'r2m_head_swap_phase_seconds_count{phase="fused"}' in text
 
 
 def test_head_download_and_rollback(cluster: Cluster) -> None:
