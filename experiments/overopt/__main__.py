@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .arms import ARMS, CHOSEN, COMPARISONS, GRID, chosen, grid_points, updating
+from .arms import ARMS, CHOSEN, COMPARISONS, FOLLOWS, GRID, chosen, grid_points, updating
 from .report import compare, describe_overoptimization, markdown_tables, plot_curves, summarise
 from .run import ArmSpec, RunSettings, run_and_report
 
@@ -139,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         action="store_true",
         help=f"choose each updating arm's service learning rates on the dev seeds {DEV_SEEDS} (arms.GRID) and "
-        f"compare the feedback inits there; writes {CHOSEN.name} beside the code and OUT_DIR/grid.json",
+        f"writes {CHOSEN.name} beside the code and OUT_DIR/grid.json",
+    )
+    p.add_argument(
+        "--grid-inits",
+        action="store_true",
+        help="with --grid: also run r2m at its choice with the plain and zero feedback-attention inits (4 more runs)",
     )
     return p
 
@@ -166,24 +171,26 @@ def _spec(arm: str, seed: int, settings: RunSettings, art: dict, a: Path, out: P
     )
 
 
-def grid(out: Path, base: RunSettings, art: dict, workers: int, arms: Sequence[str], say: Any) -> dict:
-    """Every updating arm on every grid point and dev seed; the choice: the highest mean gold (over the curve, the
-    dev seeds' mean). Then r2m at its choice with each feedback init."""
+def grid(
+    out: Path, base: RunSettings, art: dict, workers: int, arms: Sequence[str], say: Any, with_inits: bool = False
+) -> dict:
+    """Every updating arm (but those in FOLLOWS) on every grid point and dev seed; the choice: the highest mean gold
+    (over the curve, the dev seeds' mean). With `with_inits`, then r2m at its choice with each feedback init."""
     a = out / "artefacts"
     points = [dict(g) for g in GRID]
-    todo = [a_ for a_ in arms if updating(a_)]
+    todo = [a_ for a_ in arms if updating(a_) and a_ not in FOLLOWS]
     specs = [
         _spec(arm, seed, replace(base, **pt), art, a, out, f"-g{GRID.index(pt)}")
         for arm in todo
         for pt in grid_points(arm)
         for seed in DEV_SEEDS
     ]
-    # The arms without updates, on the dev seeds too: the schedule (T, omega_steps, the policy's lr) was checked on
+    # Vanilla on the dev seeds too: the schedule (T, omega_steps, the policy's lr) was checked on
     # vanilla's curve there (its gold must peak and fall within the run while the feedback has its full weight).
-    fixed = [a_ for a_ in arms if not updating(a_)]
+    fixed = [a_ for a_ in arms if a_ == "vanilla"]
     specs += [_spec(arm, seed, base, art, a, out, "-ref") for arm in fixed for seed in DEV_SEEDS]
     say(f"[2/3] grid: {len(todo)} updating arms x up to {len(points)} points x {len(DEV_SEEDS)} dev seeds, and "
-        f"{len(fixed)} fixed arms: {len(specs)} runs")  # fmt: skip
+        f"vanilla: {len(specs)} runs ({', '.join(f'{k} takes {v} choice' for k, v in FOLLOWS.items())})")  # fmt: skip
     runs = _run_all(specs, workers)
     reference = {
         arm: [{"seed": r["seed"], "gold": [(e["step"], round(e["gold"], 3)) for e in r["evals"]]}
@@ -200,8 +207,9 @@ def grid(out: Path, base: RunSettings, art: dict, workers: int, arms: Sequence[s
                                               "per_seed": mean_gold})  # fmt: skip
     choice = {arm: {k: v for k, v in max(rows, key=lambda x: x["mean_gold"]).items() if k.startswith("service")}
               for arm, rows in table.items()}  # fmt: skip
+    choice.update({arm: dict(choice[lead]) for arm, lead in FOLLOWS.items() if arm in arms and lead in choice})
     inits = {}
-    if "r2m" in choice:
+    if "r2m" in choice and with_inits:
         init_specs = [
             _spec("r2m", seed, replace(base, **choice["r2m"], attn_init=init), art, a, out, f"-init-{init}")
             for init in ("plain", "zero")  # the grid ran the default (base.attn_init) already
@@ -214,7 +222,8 @@ def grid(out: Path, base: RunSettings, art: dict, workers: int, arms: Sequence[s
             inits.setdefault(r["settings"]["attn_init"], []).append(
                 sum(e["gold"] for e in r["evals"]) / len(r["evals"])
             )
-    result = {"dev_seeds": list(DEV_SEEDS), "grid": points, "table": table, "chosen": choice, "reference": reference,
+    result = {"dev_seeds": list(DEV_SEEDS), "grid": points, "table": table, "chosen": choice, "follows": FOLLOWS,
+              "reference": reference,
               "inits": {k: {"mean_gold": sum(v) / len(v), "per_seed": v} for k, v in inits.items()}}  # fmt: skip
     (out / "grid.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -239,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arms = args.arms or (QUICK_ARMS if args.quick else tuple(ARMS))
     art = prepare(out, QUICK_ARTEFACTS if args.quick else ARTEFACTS, say)
     if args.grid:
-        result = grid(out, base, art, args.workers, arms, say)
+        result = grid(out, base, art, args.workers, arms, say, with_inits=args.grid_inits)
         if not args.quick:
             CHOSEN.write_text(json.dumps(result, indent=2) + "\n")
         say(json.dumps(result["chosen"], indent=1))

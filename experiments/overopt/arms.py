@@ -14,7 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARMS", "CHOSEN", "COMPARISONS", "GRID", "Arm", "chosen", "grid_points", "sends_hidden", "updating"]
+__all__ = [
+    "ARMS",
+    "CHOSEN",
+    "COMPARISONS",
+    "FOLLOWS",
+    "GRID",
+    "Arm",
+    "chosen",
+    "grid_points",
+    "sends_hidden",
+    "updating",
+]
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,18 @@ GRID: tuple[dict[str, float], ...] = (
     {"service_lr": 1e-4, "service_phi_lr": 1e-3},
     {"service_lr": 1e-3, "service_phi_lr": 1e-3},
 )
+# Arms that take another arm's choice instead of a grid of their own (so that the grid and the table fit one
+# session on two cores): r2m-noise and r2m-ensemble are ablations of r2m's very update (noise for h; five heads),
+# so they run at r2m's learning rates; r2m-pairs gets 16 labelled pairs per step as r2m-judge-16 does and takes its
+# rates; the 4-pair judge arms take their 16-pair twins' rates (r2m-judge-4 and head-judge-4 alike, so their
+# comparison stays matched). The grid is then 26 runs.
+FOLLOWS: dict[str, str] = {
+    "r2m-noise": "r2m",
+    "r2m-ensemble": "r2m",
+    "r2m-pairs": "r2m-judge-16",
+    "r2m-judge-4": "r2m-judge-16",
+    "head-judge-4": "head-judge-16",
+}
 CHOSEN = Path(__file__).with_name("chosen.json")  # what the grid chose, on the dev seeds (committed)
 
 
@@ -96,4 +119,4 @@ def chosen(arm: str) -> dict[str, Any]:
     """The grid's choice for an updating arm (empty for the others, or before the grid has run)."""
     if not updating(arm) or not CHOSEN.is_file():
         return {}
-    return json.loads(CHOSEN.read_text()).get("chosen", {}).get(arm, {})
+    return json.loads(CHOSEN.read_text()).get("chosen", {}).get(FOLLOWS.get(arm, arm), {})

@@ -414,7 +414,19 @@ def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
 
 
 def run_and_report(spec: ArmSpec) -> dict[str, Any]:
-    """`run_arm` and one summary line (a pool worker's task: importable, unlike a function of __main__)."""
+    """`run_arm` and one summary line (a pool worker's task: importable, unlike a function of __main__). A run
+    whose result.json is already in its out_dir with the same arm, seed and settings is reused, not rerun (an
+    interrupted table or grid resumes where it stopped)."""
+    done = Path(spec.out_dir) / "result.json"
+    try:
+        earlier = json.loads(done.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if earlier and (earlier.get("arm"), earlier.get("seed"), earlier.get("settings")) == (
+        spec.arm, spec.seed, asdict(spec.settings)
+    ):  # fmt: skip
+        print(f"  {spec.arm:>13} seed {spec.seed}: reusing {done}", flush=True)
+        return earlier
     result = run_arm(spec)
     last = result["evals"][-1]
     print(
