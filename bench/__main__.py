@@ -15,6 +15,8 @@ Sections (numbers as in the performance issue):
     grebt      6  GREBT update on 256 groups with and without the RTE cache
     swap       7  publish-to-served latency through Redis; /score seq/s during a stream of swaps vs without
     peer       8  OpenRLHF's serve_rm vs r2m's /get_reward on the same model, OpenRLHF's client: seq/s, rewards
+    ensemble   9  /score seq/s with R2M_ENSEMBLE=5 vs 1 on the default model; the update time of 5 heads vs 1
+    local     10  feedback at the policy vs on the server: body bytes per response at T=256/700, seq/s vs vanilla
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer", "ensemble")
+SECTIONS = ("codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer", "ensemble", "local")
 
 
 def _run_prefix(opts: argparse.Namespace) -> dict:

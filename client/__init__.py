@@ -9,13 +9,14 @@
 `AsyncR2MClient` is the same, awaited. Errors are `R2MError`s; the tree is in `r2m.client._exceptions`.
 """
 
-from ._client import AsyncR2MClient, PreferencesResult, R2MClient, ScoreResult
+from ._client import AsyncR2MClient, EmbedResult, PreferencesResult, R2MClient, ScoreResult
 from ._exceptions import (
     AuthenticationError,
     InvalidRequest,
     R2MError,
     ServerError,
     ServiceUnavailable,
+    StaleHead,
     Timeout,
     TransportError,
     WireError,
@@ -26,6 +27,7 @@ __all__ = [
     "BINARY_CONTENT_TYPE",
     "AsyncR2MClient",
     "AuthenticationError",
+    "EmbedResult",
     "InvalidRequest",
     "PreferencesResult",
     "R2MClient",
@@ -33,6 +35,7 @@ __all__ = [
     "ScoreResult",
     "ServerError",
     "ServiceUnavailable",
+    "StaleHead",
     "Timeout",
     "TransportError",
     "WireError",

@@ -32,12 +32,13 @@ from ._exceptions import (
     R2MError,
     ServerError,
     ServiceUnavailable,
+    StaleHead,
     Timeout,
     TransportError,
 )
-from .wire import BINARY_CONTENT_TYPE, WireTensor, encode_binary, jsonify_request, pack_request
+from .wire import BINARY_CONTENT_TYPE, WireTensor, encode_binary, jsonify_request, pack_request, tensor_from_json
 
-__all__ = ["AsyncR2MClient", "PreferencesResult", "R2MClient", "ScoreResult"]
+__all__ = ["AsyncR2MClient", "EmbedResult", "PreferencesResult", "R2MClient", "ScoreResult"]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -73,6 +74,21 @@ class ScoreResult:
     omega: float
     uncertainty: list[float] | None = None
     members: list[list[float]] | None = None
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """The answer to `embed()`: what a client computing the feedback next to the policy needs (docs/api.md).
+
+    Attributes:
+        embeddings: the reward model's reward-token embeddings e, a float32 numpy array (N, rm_dim).
+        rewards: the plain reward model's rewards phi(e), one per response.
+        head_version: the head the (last) answering replica serves: compute the read-outs with its weights.
+    """
+
+    embeddings: np.ndarray
+    rewards: list[float]
+    head_version: int
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,7 @@ class _BaseClient:
         hidden: Any,
         share_prefix: bool = True,
         prefix_lengths: int | Sequence[int | None] | None = None,
+        readouts: Any = None,
     ) -> list[list[dict]]:
         """Check the arguments of `score()`, split shared prompt prefixes off (see `_split_prefixes`) and split the
         items into chunks that each fit one request. An item that uses a prefix holds it under the private key
@@ -163,9 +180,18 @@ class _BaseClient:
             )
         elif not isinstance(hidden, Sequence) or len(hidden) != n:
             raise InvalidRequest(f"hidden must be None or a sequence of {n} entries (None or a (T, D) array)")
+        if readouts is not None:
+            if any(h is not None for h in hidden):
+                raise InvalidRequest("send either hidden or readouts, not both")
+            if isinstance(readouts, np.ndarray) or type(readouts).__module__.startswith("torch"):
+                readouts = list(readouts)  # an (N, rm_dim) array: one row per response
+            if not isinstance(readouts, Sequence) or len(readouts) != n:
+                raise InvalidRequest(f"readouts must be None or a sequence of {n} entries (None or an (rm_dim,) array)")
+        else:
+            readouts = [None] * n
 
         items: list[dict[str, Any]] = []
-        for i, (prompt, response, h) in enumerate(zip(prompts, responses, hidden, strict=True)):
+        for i, (prompt, response, h, a) in enumerate(zip(prompts, responses, hidden, readouts, strict=True)):
             for name, text in (("prompts", prompt), ("responses", response)):
                 if not isinstance(text, str):
                     raise InvalidRequest(f"{name}[{i}] must be a str, got {type(text).__name__}")
@@ -175,6 +201,11 @@ class _BaseClient:
                 if len(t.shape) != 2:
                     raise InvalidRequest(f"hidden[{i}] must be 2-D (T, D), got shape {list(t.shape)}")
                 item["policy_hidden"] = t
+            if a is not None:
+                t = WireTensor.from_array(a, path=f"readouts[{i}]")
+                if len(t.shape) != 1:
+                    raise InvalidRequest(f"readouts[{i}] must be 1-D (rm_dim,), got shape {list(t.shape)}")
+                item["readout"] = t
             items.append(item)
         if prefix_lengths is not None:
             _apply_prefix_lengths(items, prefix_lengths)
@@ -188,8 +219,9 @@ class _BaseClient:
         grow = 4 / 3 if self.encoding == "json" else 1  # base64 grows data by 4/3
         for item in items:
             cost = len(item["prompt"]) + len(item["response"])
-            if "policy_hidden" in item:
-                cost += int(item["policy_hidden"].nbytes * grow)
+            for key in ("policy_hidden", "readout"):
+                if key in item:
+                    cost += int(item[key].nbytes * grow)
             prefix = item.get("_prefix")
             new_prefix = prefix is not None and id(prefix) not in chunk_prefixes
             if prefix is not None and new_prefix:
@@ -207,7 +239,12 @@ class _BaseClient:
         return chunks
 
     def _score_body(
-        self, items: list[dict], step: int, total_steps: int, return_members: bool = False
+        self,
+        items: list[dict],
+        step: int,
+        total_steps: int,
+        return_members: bool = False,
+        head_version: int | None = None,
     ) -> dict[str, Any]:
         """The keyword arguments of `request()` for one chunk, in the client's encoding."""
         prefixes: list[WireTensor] = []
@@ -225,6 +262,8 @@ class _BaseClient:
         payload: dict[str, Any] = {"items": wire_items, "step": step, "total_steps": total_steps}
         if return_members:  # only then, as with prefixes: older servers accept the request as it was
             payload["return_members"] = True
+        if head_version is not None:
+            payload["head_version"] = head_version
         if prefixes:  # only then: a request without sharing stays exactly what servers before it accept
             payload["prefixes"] = prefixes
         if self.encoding == "json":
@@ -283,6 +322,49 @@ class _BaseClient:
         unc = None if any(p.uncertainty is None for p in parts) else [u for p in parts for u in p.uncertainty or ()]
         members = None if any(p.members is None for p in parts) else [m for p in parts for m in p.members or ()]
         return ScoreResult(rewards, max(versions), versions, parts[0].omega, unc, members)
+
+    # --- /embed and head weights: local feedback ---------------------------------------------------------------
+
+    def _plan_embed(self, prompts: str | Sequence[str], responses: Sequence[str]) -> list[list[dict]]:
+        checked = [it for c in self._plan_score(prompts, responses, None) for it in c]  # the same argument checks
+        items = [{"prompt": it["prompt"], "response": it["response"]} for it in checked]
+        k = self.max_items_per_request
+        return [items[i : i + k] for i in range(0, len(items), k)]
+
+    @staticmethod
+    def _parse_embed(response: httpx.Response, n: int) -> EmbedResult:
+        try:
+            body = response.json()
+            e = tensor_from_json(body["embeddings"]).to_float32()
+            rewards, version = body["rewards"], body["head_version"]
+            ok = e.ndim == 2 and e.shape[0] == n and isinstance(rewards, list) and len(rewards) == n
+            ok = ok and type(version) is int
+        except (ValueError, TypeError, KeyError, R2MError):
+            ok = False
+        if not ok:
+            raise R2MError(
+                f"POST /embed answered {response.status_code} with a body that does not follow the API "
+                f"(expected {{embeddings: ({n}, rm_dim) tensor, rewards, head_version}}): {response.text[:300]!r}"
+            )
+        return EmbedResult(e, [float(r) for r in rewards], version)
+
+    @staticmethod
+    def _merge_embed(parts: list[EmbedResult]) -> EmbedResult:
+        return EmbedResult(
+            np.concatenate([p.embeddings for p in parts]),
+            [r for p in parts for r in p.rewards],
+            max(p.head_version for p in parts),
+        )
+
+    @staticmethod
+    def _check_head_blob(version: int, response: httpx.Response) -> bytes:
+        import hashlib
+
+        blob = response.content
+        want = response.headers.get("X-R2M-Head-SHA256")
+        if want is not None and hashlib.sha256(blob).hexdigest() != want:
+            raise R2MError(f"GET /heads/{version}: the body's sha256 does not match X-R2M-Head-SHA256 (cut short?)")
+        return blob
 
     # --- /preferences: chunks and bodies ----------------------------------------------------------------------
 
@@ -395,6 +477,14 @@ class _BaseClient:
                 status_code=status,
                 detail=detail,
             )
+        if status == 409:
+            try:
+                served = response.json()["head_version"]
+            except (ValueError, KeyError, TypeError):
+                served = None
+            if type(served) is int:
+                detail = _detail(response)
+                raise StaleHead(f"{what}: 409: {_detail_text(detail)}", head_version=served, detail=detail)
         if 400 <= status < 500:
             detail = _detail(response)
             raise InvalidRequest(f"{what}: {status}: {_detail_text(detail)}", status_code=status, detail=detail)
@@ -633,6 +723,8 @@ class R2MClient(_BaseClient):
         share_prefix: bool = True,
         prefix_lengths: int | Sequence[int | None] | None = None,
         return_members: bool = False,
+        readouts: Sequence[Any | None] | None = None,
+        head_version: int | None = None,
     ) -> ScoreResult:
         """Score responses with the service's reward model (R2M-corrected where hidden states are given).
 
@@ -655,11 +747,16 @@ class R2MClient(_BaseClient):
                 that belong to its prompt (one int for all, or one int or None per response); responses of the
                 same prompt with the same length send the first one's rows for all of them, unchecked.
             return_members: with an ensemble on the service, also return each member's reward.
+            readouts: local feedback instead of `hidden` (docs/api.md): one entry per response, None or the
+                read-out `(rm_dim,)` computed next to the policy from `embed()`'s RTE with head `head_version`'s
+                weights (`r2m.trainer.local.LocalFeedbackClient` does all of it).
+            head_version: the head the read-outs came from; a replica serving another answers 409 (`StaleHead`).
 
         Returns:
             A `ScoreResult` with one reward per response.
 
         Raises:
+            StaleHead: the read-outs came from another head than the replica serves (`.head_version`).
             InvalidRequest: bad arguments (before anything is sent; `status_code` is None) or a 4xx from the
                 service.
             WireError: a hidden-state entry of an unsupported type or dtype.
@@ -670,12 +767,30 @@ class R2MClient(_BaseClient):
             [1.93, -0.41]
         """
         self._check_step(step, total_steps)
-        chunks = self._plan_score(prompts, responses, hidden, share_prefix, prefix_lengths)
+        chunks = self._plan_score(prompts, responses, hidden, share_prefix, prefix_lengths, readouts)
         parts = []
         for items in chunks:
-            response = self.request("POST", "/score", **self._score_body(items, step, total_steps, return_members))
+            body = self._score_body(items, step, total_steps, return_members, head_version)
+            response = self.request("POST", "/score", **body)
             parts.append(self._parse_score(response, len(items)))
         return self._merge(chunks, parts)
+
+    def embed(self, prompts: str | Sequence[str], responses: Sequence[str]) -> EmbedResult:
+        """The reward model's embeddings of the responses (`POST /embed`), for feedback computed next to the policy.
+
+        Example:
+            >>> rm.embed("What is 2+2?", ["4.", "Five."]).embeddings.shape
+            (2, 384)
+        """
+        chunks = self._plan_embed(prompts, responses)
+        parts = [self._parse_embed(self.request("POST", "/embed", json={"items": c}), len(c)) for c in chunks]
+        return self._merge_embed(parts)
+
+    def head_weights(self, version: int, copy: Literal["master", "serving"] = "serving") -> bytes:
+        """A kept head version's weights (safetensors bytes, checked against their sha256). `copy="serving"`: the
+        weights replicas score with, which read-outs must be computed with."""
+        response = self.request("GET", f"/heads/{int(version)}?copy={copy}")
+        return self._check_head_blob(version, response)
 
     def health(self) -> bool:
         """True when `GET /healthz` answers 2xx; False when the service cannot be reached or is unavailable.
@@ -845,6 +960,8 @@ class AsyncR2MClient(_BaseClient):
         share_prefix: bool = True,
         prefix_lengths: int | Sequence[int | None] | None = None,
         return_members: bool = False,
+        readouts: Sequence[Any | None] | None = None,
+        head_version: int | None = None,
     ) -> ScoreResult:
         """Score responses; see `R2MClient.score` for the arguments. Chunks go out concurrently.
 
@@ -853,12 +970,12 @@ class AsyncR2MClient(_BaseClient):
             [1.93, -0.41]
         """
         self._check_step(step, total_steps)
-        chunks = self._plan_score(prompts, responses, hidden, share_prefix, prefix_lengths)
+        chunks = self._plan_score(prompts, responses, hidden, share_prefix, prefix_lengths, readouts)
         limit = asyncio.Semaphore(self.max_concurrency)
 
         async def send(items: list[dict]) -> _ScorePart:
             async with limit:  # encode inside the limit: at most max_concurrency bodies exist at once
-                body = self._score_body(items, step, total_steps, return_members)
+                body = self._score_body(items, step, total_steps, return_members, head_version)
                 response = await self.request("POST", "/score", **body)
             return self._parse_score(response, len(items))
 
@@ -870,6 +987,18 @@ class AsyncR2MClient(_BaseClient):
                 task.cancel()
             raise
         return self._merge(chunks, list(parts))
+
+    async def embed(self, prompts: str | Sequence[str], responses: Sequence[str]) -> EmbedResult:
+        """`POST /embed`; see `R2MClient.embed`."""
+        parts = []
+        for c in self._plan_embed(prompts, responses):
+            parts.append(self._parse_embed(await self.request("POST", "/embed", json={"items": c}), len(c)))
+        return self._merge_embed(parts)
+
+    async def head_weights(self, version: int, copy: Literal["master", "serving"] = "serving") -> bytes:
+        """A kept head version's weights; see `R2MClient.head_weights`."""
+        response = await self.request("GET", f"/heads/{int(version)}?copy={copy}")
+        return self._check_head_blob(version, response)
 
     async def health(self) -> bool:
         """True when `GET /healthz` answers 2xx; False when unreachable or unavailable. One attempt."""

@@ -6,7 +6,8 @@
     ├── ServiceUnavailable      429, 502, 503 or 504 (busy, not ready) on every attempt
     ├── ServerError             another 5xx: the service failed; retrying will not help
     ├── InvalidRequest          a 4xx, or arguments the client rejected before sending
-    │   └── AuthenticationError 401/403: missing or wrong API key
+    │   ├── AuthenticationError 401/403: missing or wrong API key
+    │   └── StaleHead           409: local read-outs of another head than the replica serves
     └── WireError               a tensor or body that does not follow the wire format (see `wire`)
 
 `InvalidRequest` and `WireError` are also `ValueError`s, so code that catches `ValueError` for bad arguments
@@ -25,6 +26,7 @@ __all__ = [
     "R2MError",
     "ServerError",
     "ServiceUnavailable",
+    "StaleHead",
     "Timeout",
     "TransportError",
     "WireError",
@@ -74,6 +76,15 @@ class InvalidRequest(R2MError, ValueError):
 
 class AuthenticationError(InvalidRequest):
     """401/403: the service needs `Authorization: Bearer <key>` (set `api_key=` or `R2M_API_KEY`)."""
+
+
+class StaleHead(InvalidRequest):
+    """409: the request's read-outs were computed with another head version than the replica serves, now
+    `head_version`. Recompute them with that version's weights and send again (`r2m.trainer.local` does)."""
+
+    def __init__(self, message: str, *, head_version: int, detail: Any = None):
+        super().__init__(message, status_code=409, detail=detail)
+        self.head_version = head_version
 
 
 class WireError(R2MError, ValueError):

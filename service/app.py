@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .api import get_reward, heads, health, preferences, score
+from .api import embed, get_reward, heads, health, preferences, score
 from .api.deps import ServiceState
-from .batcher import BadReward, Batcher, Overloaded
+from .batcher import BadReward, Batcher, Overloaded, StaleHead
 from .config import ServiceSettings
 from .engine import ScoringEngine, build_engine, check_ensemble
 from .errors import BadInput
@@ -118,6 +118,7 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     app.state.r2m = state
     app.include_router(health.router)
     app.include_router(score.router)
+    app.include_router(embed.router)
     app.include_router(preferences.router)
     app.include_router(heads.router)
     app.include_router(get_reward.router)
@@ -139,6 +140,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=503,
             headers={"Retry-After": "1"},
         )
+
+    @app.exception_handler(StaleHead)
+    async def stale_head(request: Request, exc: StaleHead) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "head_version": exc.served}, status_code=409)
 
     @app.exception_handler(BadReward)
     async def bad_reward(request: Request, exc: BadReward) -> JSONResponse:

@@ -15,10 +15,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from .engine import NonFiniteReward, PreparedItem, ScoringEngine
 from .metrics import ServiceMetrics
 
-__all__ = ["Batcher", "BadReward", "BatchResult", "Overloaded"]
+__all__ = ["Batcher", "BadReward", "BatchResult", "Overloaded", "StaleHead"]
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,26 @@ class BadReward(Exception):
         self.retry = retry
 
 
+class StaleHead(Exception):
+    """The request's read-outs came from head `sent`, but this replica scores with head `served`: answered 409 so
+    that the client refreshes its copy of the attention and sends read-outs of `served` (one reward, one head)."""
+
+    def __init__(self, sent: int, served: int) -> None:
+        super().__init__(
+            f"the read-outs were computed with head version {sent}, but this replica serves version {served}; "
+            f"fetch GET /heads/{served}?copy=serving, recompute them and retry"
+        )
+        self.sent = sent
+        self.served = served
+
+
 @dataclass(frozen=True)
 class BatchResult:
     rewards: list[float]
     head_version: int
     uncertainty: list[float] | None = None  # an ensemble's: the members' std per item
     members: list[list[float]] | None = None
+    rte: torch.Tensor | None = None  # (n, D_rm) float32, when the request asked for its RTEs (/embed)
 
 
 @dataclass
@@ -50,6 +66,8 @@ class _Pending:
     items: list[PreparedItem]
     future: asyncio.Future[BatchResult]
     tokens: int
+    head_version: int | None = None  # the head the request's read-outs came from: scored by it or refused
+    want_rte: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -91,12 +109,16 @@ class Batcher:
         self._queue.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, items: list[PreparedItem]) -> BatchResult:
-        """Queue one request's items and wait for their rewards."""
+    async def submit(
+        self, items: list[PreparedItem], *, head_version: int | None = None, want_rte: bool = False
+    ) -> BatchResult:
+        """Queue one request's items and wait for their rewards. `head_version`: the request's read-outs came from
+        that head; StaleHead when the batch's head is another. `want_rte`: also return the items' RTEs."""
         if self._queued_items and self._queued_items + len(items) > self.max_queue_items:
             raise Overloaded(f"{self._queued_items} items are queued (R2M_MAX_QUEUE_ITEMS={self.max_queue_items})")
         fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(items, fut, sum(len(it.encoded) for it in items)))
+        tokens = sum(len(it.encoded) for it in items if it.rte is None)  # a cached RTE costs no backbone tokens
+        self._queue.append(_Pending(items, fut, tokens, head_version, want_rte))
         self._queued_items += len(items)
         self.metrics.queue_items.set(self._queued_items)
         self._wakeup.set()
@@ -128,10 +150,11 @@ class Batcher:
             if self.batch_wait and len(self._queue) == 1 and self._queue[0].tokens < self.max_batch_tokens:
                 await asyncio.sleep(self.batch_wait)
             batch = self._take_batch()
+            head = self.engine.current
+            batch = self._drop_stale(batch, head.version)
             if not batch:
                 continue
             items = [it for p in batch for it in p.items]
-            head = self.engine.current
             started = time.perf_counter()
             for p in batch:
                 self.metrics.queue_wait.observe(started - p.enqueued)
@@ -152,6 +175,7 @@ class Batcher:
             values = scores.rewards.tolist()
             std = scores.uncertainty.tolist() if scores.uncertainty is not None else None
             members = scores.members.tolist() if scores.members is not None else None
+            rte = scores.rte.cpu() if scores.rte is not None and any(p.want_rte for p in batch) else None
             if std is not None:
                 for u in std:
                     self.metrics.reward_uncertainty.observe(u)
@@ -166,9 +190,22 @@ class Batcher:
                             head.version,
                             std[part] if std is not None else None,
                             members[part] if members is not None else None,
+                            rte[part] if rte is not None and p.want_rte else None,
                         )
                     )
                 offset += n
+
+    def _drop_stale(self, batch: list[_Pending], served: int) -> list[_Pending]:
+        """Refuse the requests whose read-outs came from another head than the one this batch is scored by."""
+        keep = []
+        for p in batch:
+            if p.head_version is not None and p.head_version != served:
+                self.metrics.stale_head_requests.inc()
+                if not p.future.done():
+                    p.future.set_exception(StaleHead(p.head_version, served))
+            else:
+                keep.append(p)
+        return keep
 
     def _non_finite(self, batch: list[_Pending], exc: NonFiniteReward) -> None:
         """Fail the requests a non-finite reward touches; when the head is to blame, every request of the batch

@@ -173,6 +173,12 @@ class ServiceSettings(BaseSettings):
         30000, ge=1, description="A batch pending this long with a dead worker is taken over (XAUTOCLAIM)."
     )
     rte_cache_mb: int = Field(512, ge=0, description="Memory for the worker's reward-token-embedding cache.")
+    embed_cache_mb: int = Field(
+        64,
+        ge=0,
+        description="Memory for a replica's cache of the RTEs /embed returned, so that the /score with local "
+        "read-outs that follows skips the backbone (a miss recomputes them: slower, same rewards).",
+    )
     worker_max_attempts: int = Field(
         3,
         ge=1,

@@ -15,6 +15,7 @@ from .config import ServiceSettings
 from .headcodec import SERVING_DTYPE
 from .model import HeadConfig, R2MHead
 from .precision import compute_dtype
+from .rtecache import RTECache
 
 __all__ = [
     "HeadVersion",
@@ -46,6 +47,9 @@ class PreparedItem:
     hidden: torch.Tensor | None
     w: float
     prefix: torch.Tensor | None = None
+    readout: torch.Tensor | None = None  # (D_rm,) float32: a read-out computed next to the policy (local feedback)
+    rte: torch.Tensor | None = None  # (D_rm,) float32 from the replica's RTE cache: the backbone is skipped
+    cache_key: bytes | None = None  # put the item's RTE into the replica's RTE cache under this key (/embed)
 
 
 AGGREGATIONS = ("mean", "uwo", "min")
@@ -73,6 +77,7 @@ class Scores:
     rewards: torch.Tensor
     uncertainty: torch.Tensor | None = None
     members: torch.Tensor | None = None
+    rte: torch.Tensor | None = None  # (N, D_rm) float32: the reward-token embeddings the rewards were computed from
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class HeadVersion:
     version: int
     head: R2MHead
     meta: dict = field(default_factory=dict)
+    swap_ms: dict[str, float] = field(default_factory=dict)  # how its swap went: HeadSync.load's phases
 
 
 class NonFiniteReward(Exception):
@@ -168,6 +174,7 @@ class ScoringEngine:
         init_scale: float = 0.1,
         aggregation: str = "uwo",
         uwo_lambda: float = 1.0,
+        rte_cache_bytes: int = 64 * 2**20,
     ) -> None:
         if head_config.rm_dim != backbone.rm_dim:
             raise ValueError(f"head rm_dim={head_config.rm_dim} but the backbone's width is {backbone.rm_dim}")
@@ -177,6 +184,7 @@ class ScoringEngine:
         self.head_config = head_config
         self.aggregation = aggregation
         self.uwo_lambda = uwo_lambda
+        self.rte_cache = RTECache(rte_cache_bytes)  # /embed's RTEs, for the /score with read-outs that follows
         self._init = (seed, init, init_scale)
         head = self.initial_head().to(backbone.device).eval().requires_grad_(False)
         with torch.no_grad():
@@ -231,9 +239,14 @@ class ScoringEngine:
     ) -> Scores:
         """`score`, with an ensemble's uncertainty and members' rewards."""
         head = head or self._current
-        rte = self.embed([it.encoded for it in items], max_batch_tokens)  # (N, D_rm)
+        rte = self.rtes(items, max_batch_tokens)  # (N, D_rm)
         out = score_rte(
-            head.head, rte, [it.hidden for it in items], [it.w for it in items], [it.prefix for it in items]
+            head.head,
+            rte,
+            [it.hidden for it in items],
+            [it.w for it in items],
+            [it.prefix for it in items],
+            [it.readout for it in items],
         )
         finite = torch.isfinite(out) if out.ndim == 1 else torch.isfinite(out).all(dim=1)
         if not bool(finite.all()):
@@ -242,9 +255,28 @@ class ScoringEngine:
             from_backbone = not bool(torch.isfinite(rte[bad]).all(dim=1).any())
             raise NonFiniteReward(head.version, bad.tolist(), from_backbone)
         if out.ndim == 1:
-            return Scores(out)
+            return Scores(out, rte=rte)
         rewards, std = aggregate(out, self.aggregation, self.uwo_lambda)
-        return Scores(rewards, std, out)
+        return Scores(rewards, std, out, rte)
+
+    def rtes(self, items: Sequence[PreparedItem], max_batch_tokens: int = 16384) -> torch.Tensor:
+        """RTEs `(N, D_rm)` float32: an item's cached one where it carries it, the backbone's for the others (which
+        go into the RTE cache when they carry a `cache_key`)."""
+        missing = [i for i, it in enumerate(items) if it.rte is None]
+        if len(missing) == len(items):
+            rte = self.embed([it.encoded for it in items], max_batch_tokens)
+        else:
+            rte = torch.empty((len(items), self.backbone.rm_dim), dtype=torch.float32, device=self.backbone.device)
+            for i, it in enumerate(items):
+                if it.rte is not None:
+                    rte[i] = it.rte
+            if missing:
+                rte[missing] = self.embed([items[i].encoded for i in missing], max_batch_tokens)
+        for i in missing:
+            key = items[i].cache_key
+            if key is not None:
+                self.rte_cache.put(key, rte[i].clone())
+        return rte
 
     def embed(self, encoded: Sequence[Encoded], max_batch_tokens: int = 16384) -> torch.Tensor:
         """RTEs `(N, D_rm)` float32, run through the backbone in length-sorted chunks of <= max_batch_tokens padded
@@ -280,17 +312,24 @@ def score_rte(
     hidden: Sequence[torch.Tensor | None],
     weights: Sequence[float],
     prefixes: Sequence[torch.Tensor | None] | None = None,
+    readouts: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Rewards `(N,)` from RTEs `(N, D_rm)`; items with hidden states and w < 1 go through the feedback attention.
 
     `prefixes[i]`, when given and not None, is item i's shared prefix (see `PreparedItem`); items that share one
-    pass the same tensor object, and it is read once for all of them.
+    pass the same tensor object, and it is read once for all of them. `readouts[i]`, when given and not None, is
+    item i's read-out computed next to the policy `(D_rm,)`: mixed in as the attention's would be.
     """
     device = rte.device
     w = torch.tensor(weights, dtype=torch.float32, device=device)
+    given = [a is not None and wi < 1.0 for a, wi in zip(readouts or [None] * len(hidden), weights)]
+    extra: dict = {}
+    if any(given):
+        rows = [a for a, g in zip(readouts or (), given) if g and a is not None]
+        extra = {"readout": torch.stack(rows).to(device), "with_readout": torch.tensor(given, device=device)}
     use = [h is not None and wi < 1.0 for h, wi in zip(hidden, weights)]
     if not any(use):
-        return head(rte, w)
+        return head(rte, w, **extra)
     selected = [h for h, u in zip(hidden, use) if u and h is not None]
     h_pad, mask = pad_hidden(selected, None, device)
     distinct: dict[int, int] = {}  # id(prefix tensor) -> its index in `shared`
@@ -308,7 +347,7 @@ def score_rte(
         index.append(distinct[id(p)])
     prefix_index = torch.tensor(index, dtype=torch.long, device=device) if shared else None
     sel = torch.tensor(use, device=device)
-    return head(rte, w, h_pad, mask, with_feedback=sel, prefixes=shared, prefix_index=prefix_index)
+    return head(rte, w, h_pad, mask, with_feedback=sel, prefixes=shared, prefix_index=prefix_index, **extra)
 
 
 def pad_hidden(
@@ -379,4 +418,5 @@ def build_engine(settings: ServiceSettings) -> ScoringEngine:
         settings.attn_init_scale,
         settings.aggregation,
         settings.uwo_lambda,
+        settings.embed_cache_mb * 2**20,
     )

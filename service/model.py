@@ -239,23 +239,32 @@ class R2MHead(nn.Module):
         with_feedback: torch.Tensor | None = None,
         prefixes: Sequence[torch.Tensor] = (),
         prefix_index: torch.Tensor | None = None,
+        readout: torch.Tensor | None = None,
+        with_readout: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rewards `(B,)` for RTEs `e` `(B, D_rm)` and per-item weights `w` `(B,)`; `(B, N)` for N members.
 
         `h` `(N, T, D_policy)` and `mask` `(N, T)` hold the hidden states of the N items selected by the boolean
         `with_feedback` `(B,)` (all items when it is None), in any float dtype; `prefixes` and `prefix_index` `(N,)`
-        give those items' shared leading rows (see `FeedbackAttention.forward`). Items without feedback, or with
-        `w == 1`, get exactly `phi(e)`: the plain reward model's reward.
+        give those items' shared leading rows (see `FeedbackAttention.forward`). `readout` `(M, D_rm)` holds read-outs
+        `a` already computed next to the policy for the M items selected by `with_readout` (docs/api.md, local
+        feedback), which then skip the attention. Items without feedback, or with `w == 1`, get exactly `phi(e)`:
+        the plain reward model's reward.
         """
         e = e.to(self.score.weight.dtype)
         f = e
-        if h is not None:
-            assert mask is not None, "hidden states need a mask"
-            sel = torch.ones(e.shape[0], dtype=torch.bool, device=e.device) if with_feedback is None else with_feedback
-            assert int(sel.sum()) == h.shape[0], (int(sel.sum()), h.shape)
+        for rows, sel in ((h, with_feedback), (readout, with_readout)):
+            if rows is None:
+                continue
+            sel = torch.ones(e.shape[0], dtype=torch.bool, device=e.device) if sel is None else sel
+            assert int(sel.sum()) == rows.shape[0], (int(sel.sum()), rows.shape)
             e_sel, w_sel = e[sel], w[sel].to(e.dtype)[:, None]
-            a = self.attention(e_sel, h, mask, prefixes, prefix_index)  # (N, D_rm)
-            f = e.clone()
+            if rows is h:
+                assert mask is not None, "hidden states need a mask"
+                a = self.attention(e_sel, h, mask, prefixes, prefix_index)  # (N, D_rm)
+            else:
+                a = rows.to(e.dtype)
+            f = e.clone() if f is e else f
             # w == 1 must give phi(e) bit for bit, so those rows keep e untouched.
             f[sel] = torch.where(w_sel == 1.0, e_sel, w_sel * e_sel + (1.0 - w_sel) * a)
         out = self.score(f)  # (B, N)

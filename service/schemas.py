@@ -19,6 +19,10 @@ __all__ = [
     "PreferencesRequest",
     "RollbackRequest",
     "DeadLetterInfo",
+    "EmbedItem",
+    "EmbedRequest",
+    "EmbedResponse",
+    "StaleHeadResponse",
     "DeadLetters",
     "ReplayRequest",
     "ReplayResult",
@@ -83,6 +87,12 @@ class ScoreItem(_Strict):
         description="Index into the request's `prefixes`: the item's hidden states are "
         "cat(prefixes[prefix], policy_hidden). Needs policy_hidden.",
     )
+    readout: TensorField | None = Field(
+        None,
+        description="Local feedback (docs/api.md): the attention read-out a = attention(e, h) computed next to the "
+        "policy with head `head_version`'s weights on the RTE /embed returned, shape (rm_dim,); instead of "
+        "policy_hidden. Needs the request's head_version.",
+    )
 
 
 class ScoreRequest(_Strict):
@@ -95,6 +105,23 @@ class ScoreRequest(_Strict):
     step: int = Field(0, ge=0, description="RL step t of the omega schedule.")
     total_steps: int = Field(1, ge=1, description="Total RL steps T of the omega schedule.")
     return_members: bool = Field(False, description="With an ensemble (R2M_ENSEMBLE > 1): also each member's reward.")
+    head_version: int | None = Field(
+        None,
+        ge=0,
+        description="The head version the items' read-outs were computed with; 409 when this replica serves "
+        "another (its version is in the answer). Required with read-outs.",
+    )
+
+    @model_validator(mode="after")
+    def _readouts_name_their_head(self) -> ScoreRequest:
+        for i, item in enumerate(self.items):
+            if item.readout is None:
+                continue
+            if item.policy_hidden is not None or item.prefix is not None:
+                raise ValueError(f"items[{i}]: send either policy_hidden (and prefix) or readout, not both")
+            if self.head_version is None:
+                raise ValueError(f"items[{i}].readout needs the request's head_version (the head it came from)")
+        return self
 
     @model_validator(mode="after")
     def _step_in_range(self) -> ScoreRequest:
@@ -209,6 +236,11 @@ class HeadInfo(BaseModel):
     )
     served_version: int = Field(description="The version this replica serves right now.")
     served_sha256: str | None = Field(None, description="Hash of the copy this replica serves (None: version 0).")
+    served_swap_ms: dict[str, float] | None = Field(
+        None,
+        description="How this replica's swap to the served version went, in ms per phase: notice (publication to "
+        "the load's start), fetch, hash, load (decode and checks), fused. None for a head it built itself.",
+    )
     kept_versions: list[int] = Field(default_factory=list)
     last_refusal: dict[str, Any] | None = Field(
         None, description="The last candidate head a worker refused to publish: reason, figures, batch ids, time."
@@ -253,6 +285,28 @@ class ScoreResponse(BaseModel):
     members: list[list[float]] | None = Field(
         None, description="With an ensemble and return_members: each item's members' rewards."
     )
+
+
+class EmbedItem(_Strict):
+    prompt: str = Field(min_length=1, description="The query x, plain text (not templated).")
+    response: str = Field(description="The response y, plain text; may be empty.")
+
+
+class EmbedRequest(_Strict):
+    items: list[EmbedItem] = Field(min_length=1, description="Items whose reward-token embeddings to return.")
+
+
+class EmbedResponse(BaseModel):
+    embeddings: dict[str, Any] = Field(
+        description="The items' reward-token embeddings e, one float32 tensor (N, rm_dim) in the wire's JSON form."
+    )
+    rewards: list[float] = Field(description="The plain reward model's rewards phi(e) (w = 1), one per item.")
+    head_version: int = Field(description="The head this replica serves: the one to compute read-outs with.")
+
+
+class StaleHeadResponse(BaseModel):
+    detail: str = Field(description="Which head the read-outs came from and which one this replica serves.")
+    head_version: int = Field(description="The head version this replica serves.")
 
 
 class ErrorResponse(BaseModel):

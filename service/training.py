@@ -11,7 +11,6 @@ import hashlib
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,45 +22,12 @@ from .engine import ScoringEngine, aggregate, head_is_finite, pad_hidden, score_
 from .guard import CanaryItem, CanarySet, GuardReport, guard_report
 from .headcodec import head_from_bytes, head_to_bytes, optimizer_from_bytes, optimizer_to_bytes, serving_bytes
 from .model import bt_loss, grebt_loss, omega
+from .rtecache import RTECache
 from .schemas import PreferencesRequest
 
-__all__ = ["HeadTrainer", "RTECache", "UpdateRefused", "UpdateStats"]
+__all__ = ["HeadTrainer", "UpdateRefused", "UpdateStats"]
 
 log = logging.getLogger("r2m.worker")
-
-
-class RTECache:
-    """Reward-token embeddings by text hash: the backbone is frozen, so a text's RTE never changes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._data: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(prompt: str, response: str) -> bytes:
-        return hashlib.sha256(f"{len(prompt)}:{prompt}{response}".encode()).digest()
-
-    def get(self, key: bytes) -> torch.Tensor | None:
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
-
-    def put(self, key: bytes, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes or key in self._data:
-            return
-        self._data[key] = value
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, old = self._data.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 class UpdateRefused(Exception):

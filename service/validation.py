@@ -17,6 +17,7 @@ from .config import ServiceSettings
 from .engine import PreparedItem, ScoringEngine
 from .errors import BadInput
 from .model import omega
+from .rtecache import RTECache
 from .schemas import PreferencesRequest, ScoreRequest, as_payload
 
 __all__ = [
@@ -24,8 +25,10 @@ __all__ = [
     "check_hidden",
     "check_hidden_values",
     "check_item_count",
+    "check_readout",
     "check_token_count",
     "max_tokens_of",
+    "prepare_embed_items",
     "prepare_preferences",
     "prepare_queries",
     "prepare_score_items",
@@ -140,7 +143,36 @@ def prepare_score_items(req: ScoreRequest, engine: ScoringEngine, settings: Serv
                 own = check_hidden(item.policy_hidden, path, settings, min_rows=0, prefix_rows=int(prefix.shape[0]))
                 hidden = own.clone()
         encoded = check_token_count(engine.backbone.encode(item.prompt, item.response), f"items[{i}]", limit)
+        if item.readout is not None:
+            readout = check_readout(item.readout, f"items[{i}].readout", engine.backbone.rm_dim, settings)
+            rte = engine.rte_cache.get(RTECache.key(item.prompt, item.response))
+            out.append(PreparedItem(encoded=encoded, hidden=None, w=w, readout=readout, rte=rte))
+            continue
         out.append(PreparedItem(encoded=encoded, hidden=hidden, w=w if hidden is not None else 1.0, prefix=prefix))
+    return out
+
+
+def check_readout(t: WireTensor, path: str, rm_dim: int, settings: ServiceSettings) -> torch.Tensor:
+    """A `(rm_dim,)` read-out as a float32 tensor; BadInput naming `path` for another shape or a non-finite or
+    out-of-bound value (R2M_MAX_HIDDEN_ABS, as for hidden states)."""
+    if tuple(t.shape) != (rm_dim,):
+        raise BadInput(f"{path}: expected shape ({rm_dim},) (the reward model's width), got {list(t.shape)}")
+    view = torch.frombuffer(t.data, dtype=torch.uint8).view(_TORCH_DTYPES[t.dtype]).view(1, rm_dim)
+    check_hidden_values(view, path, settings.max_hidden_abs)
+    return view[0].float()  # a copy: the request body is not kept
+
+
+def prepare_embed_items(
+    items: list[tuple[str, str]], engine: ScoringEngine, settings: ServiceSettings
+) -> list[PreparedItem]:
+    """Tokenize and check every /embed item; each RTE computed goes into the replica's RTE cache."""
+    check_item_count(len(items), "items", "items", settings)
+    limit = max_tokens_of(engine, settings)
+    out = []
+    for i, (prompt, response) in enumerate(items):
+        key = RTECache.key(prompt, response)
+        encoded = check_token_count(engine.backbone.encode(prompt, response), f"items[{i}]", limit)
+        out.append(PreparedItem(encoded=encoded, hidden=None, w=1.0, rte=engine.rte_cache.get(key), cache_key=key))
     return out
 
 

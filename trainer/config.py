@@ -117,6 +117,15 @@ class TrainConfig:
             "help": "With a judge mode: also post the groups for the in-group pseudo-labels (beside, not instead)."
         },
     )
+    local_feedback: str = field(
+        default="auto",
+        metadata={
+            "help": "Compute the feedback attention next to the policy (r2m.trainer.local: /score then carries "
+            "rm_dim numbers per response instead of T x D_policy hidden states): on, off, or auto (on when the "
+            "policy runs on a GPU, off on a CPU, where it would only move the server's work onto the trainer's "
+            "cores and add a round trip)."
+        },
+    )
     omega_steps: int = field(
         default=0,
         metadata={
@@ -195,6 +204,7 @@ class TrainConfig:
         need(self.reward_mode in REWARD_MODES, "reward_mode", f"choose one of {', '.join(REWARD_MODES)}")
         need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "choose float32, bfloat16 or float16")
         need(self.rollout in ("hf", "vllm"), "rollout", "choose hf or vllm")
+        need(self.local_feedback in ("auto", "on", "off"), "local_feedback", "choose auto, on or off")
         need(self.rollout != "vllm" or self.device != "cpu", "rollout", "vLLM rollouts need a CUDA device (device=cpu)")
         need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "must be in (0, 1)")
         need(

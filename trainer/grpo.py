@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig, load_pairs, load_prompts
 from .judge import choose_pairs, label_pairs, load_judge
+from .local import LocalFeedbackClient, local_feedback_default
 from .vllm_rollout import VLLMRollout, pack_responses, unpadded
 
 __all__ = ["GRPOTrainer", "Rollout", "group_advantages", "sequence_forward", "train"]
@@ -227,6 +228,9 @@ class GRPOTrainer:
 
             client = R2MClient(c.server_url, api_key=c.api_key or os.environ.get("R2M_API_KEY") or None)
         self.client = client
+        local = c.local_feedback == "on" or (c.local_feedback == "auto" and local_feedback_default(self.device))
+        # Scoring with hidden states goes through the local-feedback wrapper when on; everything else as it is.
+        self.feedback_client = LocalFeedbackClient(client, self.device) if local and c.sends_hidden else client
         self.batch: Rollout | None = None  # the latest step's rollout, for callers that inspect a step
 
     # ---------------------------------------------------------------------------------------------------- loop --
@@ -292,7 +296,7 @@ class GRPOTrainer:
             elif c.reward_mode == "r2m-noise":
                 score_hidden = _noise_like(hidden, noise_gen)
             w_step = min(t, c.schedule_steps)  # the omega schedule's t: past its T the floor Omega holds
-            result = self.client.score(
+            result = self.feedback_client.score(
                 batch.prompts, batch.responses, hidden=score_hidden, step=w_step, total_steps=c.schedule_steps
             )
             rewards = torch.tensor(result.rewards, dtype=torch.float32)  # (B,)

@@ -104,6 +104,8 @@ class R2MRewardFunction:
         send_hidden: False scores every item as the plain reward model would (no extra forward).
         forward_batch_size: sequences per no-grad policy forward (bounds its memory).
         chat_template_kwargs: extra `apply_chat_template` arguments, as `GRPOConfig.chat_template_kwargs`.
+        local_feedback: compute the feedback attention next to the policy (`r2m.trainer.local`): True, False, or
+            None (the default: on when the policy runs on a GPU, off on a CPU).
 
     Example:
         >>> reward = R2MRewardFunction(R2MClient("http://127.0.0.1:8000"))
@@ -121,6 +123,7 @@ class R2MRewardFunction:
         send_hidden: bool = True,
         forward_batch_size: int = 16,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        local_feedback: bool | None = None,
     ) -> None:
         if forward_batch_size < 1:
             raise ValueError(f"forward_batch_size must be >= 1, got {forward_batch_size}")
@@ -130,6 +133,8 @@ class R2MRewardFunction:
         self.send_hidden = send_hidden
         self.forward_batch_size = forward_batch_size
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.local_feedback = local_feedback
+        self._feedback_client: Any = None  # decided at the first scoring with hidden states
         self._scored: list[_Scored] = []
         # Set by R2MGRPOTrainer: it captures the hidden states from TRL's own forward and hands them over here.
         self.hidden_source: Any = None
@@ -162,6 +167,17 @@ class R2MRewardFunction:
             )
         return rewards
 
+    def _scoring_client(self) -> Any:
+        """The client that scores with hidden states: a `LocalFeedbackClient` on the policy's device when local
+        feedback is on (decided once, from `local_feedback` or the policy's device), else the client itself."""
+        if self._feedback_client is None:
+            from .local import LocalFeedbackClient, local_feedback_default
+
+            device = next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
+            on = local_feedback_default(device) if self.local_feedback is None else self.local_feedback
+            self._feedback_client = LocalFeedbackClient(self.client, device) if on else self.client
+        return self._feedback_client
+
     @property
     def pad_id(self) -> int:
         """The policy tokenizer's pad id (0 without one: padded positions are masked and sliced away anyway)."""
@@ -191,8 +207,9 @@ class R2MRewardFunction:
         self, prompts: list[str], responses: list[str], hidden: list[torch.Tensor] | None, step: int, total: int
     ) -> list[float | None]:
         """The service's rewards; None for each item it rejected or could not be reached for (logged)."""
+        client = self.client if hidden is None else self._scoring_client()
         try:
-            return list(self.client.score(prompts, responses, hidden=hidden, step=step, total_steps=total).rewards)
+            return list(client.score(prompts, responses, hidden=hidden, step=step, total_steps=total).rewards)
         except AuthenticationError:
             raise
         except InvalidRequest as exc:
@@ -204,7 +221,7 @@ class R2MRewardFunction:
         for i, (p, r) in enumerate(zip(prompts, responses)):
             h = None if hidden is None else [hidden[i]]
             try:
-                rewards.append(self.client.score([p], [r], hidden=h, step=step, total_steps=total).rewards[0])
+                rewards.append(client.score([p], [r], hidden=h, step=step, total_steps=total).rewards[0])
             except AuthenticationError:
                 raise
             except R2MError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, HTTPException, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -22,7 +24,12 @@ def _info(meta: dict, served: HeadVersion, kept: list[int], refusal: dict | None
     fields = {k: meta.get(k) for k in HeadInfo.model_fields if k in meta}
     served_sha = served.meta.get("serving_sha256", served.meta.get("sha256"))
     return HeadInfo(
-        **fields, served_version=served.version, served_sha256=served_sha, kept_versions=kept, last_refusal=refusal
+        **fields,
+        served_version=served.version,
+        served_sha256=served_sha,
+        served_swap_ms=served.swap_ms or None,
+        kept_versions=kept,
+        last_refusal=refusal,
     )
 
 
@@ -50,18 +57,24 @@ async def current(state: StateDep, engine: EngineDep) -> HeadInfo:
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
 )
-async def download(version: int, state: StateDep, engine: EngineDep) -> Response:
-    """A kept head version's weights as safetensors."""
+async def download(
+    version: int, state: StateDep, engine: EngineDep, copy: Literal["master", "serving"] = "master"
+) -> Response:
+    """A kept head version's weights as safetensors. `copy=serving`: the weights replicas score with (the float16
+    serving copy of the attention where the publisher made one), what a local-feedback client must compute with."""
     served = engine.current
     blob = None
     if state.store is not None:
         try:
-            blob = await run_in_threadpool(state.store.weights, version)
+            if copy == "serving":
+                blob = await run_in_threadpool(state.store.serving, version)
+            if blob is None:  # a replica serves the master when there is no serving copy
+                blob = await run_in_threadpool(state.store.weights, version)
         except StoreUnavailable as exc:
             if version != served.version:
                 raise _unavailable(exc) from exc
     if blob is None and version == served.version:
-        blob = await run_in_threadpool(head_to_bytes, served.head)
+        blob = await run_in_threadpool(head_to_bytes, served.head)  # exactly what this replica scores with
     if blob is None:
         raise HTTPException(404, f"head version {version} is not kept (see /heads/current for kept_versions)")
     headers = {

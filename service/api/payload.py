@@ -12,9 +12,16 @@ from pydantic import BaseModel, ValidationError
 from r2m.client.wire import BINARY_CONTENT_TYPE, WireError, decode_binary, unpack_request
 
 from ..errors import BadInput
-from ..schemas import ErrorResponse
+from ..schemas import ErrorResponse, StaleHeadResponse
 
-__all__ = ["ERROR_RESPONSES", "error_responses", "read_model", "read_model_and_body", "request_body_openapi"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "STALE_HEAD_RESPONSE",
+    "error_responses",
+    "read_model",
+    "read_model_and_body",
+    "request_body_openapi",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -36,6 +43,13 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 # What a route that reads a request body can answer besides 200.
 ERROR_RESPONSES = error_responses(400, 401, 413, 415, 422, 503)
+# /score with local read-outs of another head than the served one.
+STALE_HEAD_RESPONSE: dict[int | str, dict[str, Any]] = {
+    409: {
+        "model": StaleHeadResponse,
+        "description": "The read-outs came from another head version than this replica serves (`head_version`).",
+    }
+}
 
 
 def request_body_openapi(model: type[BaseModel]) -> dict[str, Any]:

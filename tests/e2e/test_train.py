@@ -63,10 +63,13 @@ class RecordingClient:
         self.scores: list[dict[str, Any]] = []
         self.posts: list[dict[str, Any]] = []
 
-    def score(self, prompts, responses, hidden=None, *, step, total_steps):
-        result = self.client.score(prompts, responses, hidden=hidden, step=step, total_steps=total_steps)
-        self.scores.append({"step": step, "responses": list(responses), "hidden": hidden, "result": result})
+    def score(self, prompts, responses, hidden=None, *, step, total_steps, **local: Any):
+        result = self.client.score(prompts, responses, hidden=hidden, step=step, total_steps=total_steps, **local)
+        self.scores.append({"step": step, "responses": list(responses), "hidden": hidden, "result": result, **local})
         return result
+
+    def __getattr__(self, name: str) -> Any:  # embed, head_weights (the local-feedback wrapper's calls)
+        return getattr(self.client, name)
 
     def post_preferences(self, groups=None, pairs=None, *, step, total_steps, batch_id=None):
         self.posts.append({"step": step, "groups": groups, "pairs": pairs, "batch_id": batch_id})
@@ -211,6 +214,25 @@ def test_r2m_frozen_sends_sampling_hidden_states_and_posts_nothing(policy_dir: P
             ids = batch.sequences[b][batch.attention_mask[b].bool()].unsqueeze(0)  # (1, T_b)
             alone = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]  # (T_b, D)
             assert sent.shape == (ids.shape[1], HIDDEN) and torch.allclose(sent, alone, atol=1e-4)
+
+
+def test_local_feedback_sends_readouts_and_gets_the_server_side_rewards(
+    policy_dir: Path, server: Process, tmp_path: Path
+):
+    run = run_mode("r2m-frozen", policy_dir, server, tmp_path, local_feedback="on")
+    check_common(run)
+    direct = R2MClient(server.url)
+    for t, call in enumerate(run["client"].scores):
+        # No hidden state crossed the wire: one rm_dim read-out per response, named by its head version.
+        assert call["hidden"] is None and call["head_version"] == call["result"].head_version
+        assert all(r.shape == (384,) for r in call["readouts"])
+        server_side = direct.score(
+            run["batches"][t].prompts, call["responses"], hidden=sampling_hidden(run, t),
+            step=call["step"], total_steps=run["config"].schedule_steps,
+        )  # fmt: skip
+        assert server_side.head_version == call["result"].head_version
+        assert max(abs(a - b) for a, b in zip(server_side.rewards, call["result"].rewards)) < 1e-4
+    assert run["trainer"].feedback_client.heads_fetched == 1
 
 
 def test_head_only_posts_groups_without_hidden_states(policy_dir: Path, server: Process, tmp_path: Path):

@@ -18,7 +18,7 @@ import pytest
 from .conftest import require_redis
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer", "ensemble")
+SECTIONS = ("codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer", "ensemble", "local")
 # What each section must report (dotted paths into its result), besides its table rows.
 EXPECTED = {
     "prefix": ["rows.0.ratio", "rows.3.ratio"],
@@ -31,6 +31,8 @@ EXPECTED = {
     "grebt": ["uncached_s", "cached_s", "speedup"],
     "swap": ["p50_ms", "p99_ms", "throughput.ratio", "throughput.quiet_seq_per_s", "throughput.swapping_seq_per_s"],
     "peer": ["r2m_seq_per_s", "serve_rm_seq_per_s", "throughput_ratio", "reward_pearson", "same_tokens"],
+    "local": ["bytes_t256.ratio", "bytes_t700.ratio", "bytes_t700.local.bytes_per_response", "c1.local_ratio",
+              "c8.server_ratio", "c8.local_p50_ms"],
 }  # fmt: skip
 PEER_DEPS = ("openrlhf", "deepspeed", "peft", "pylatexenc", "aiohttp")
 
@@ -86,6 +88,10 @@ def test_quick_bench_reports_every_section_with_finite_figures(quick_run: tuple[
     if peer["status"] == "ok":
         assert peer["same_tokens"] == 1.0
         assert peer["reward_pearson"] > 0.98, peer
+    # Local feedback: a 700-row bf16 response crosses as one rm_dim read-out plus its texts, e and reward.
+    local = results["sections"]["local"]
+    assert local["bytes_t700"]["ratio"] >= 100, local["bytes_t700"]
+    assert local["bytes_t700"]["local"]["bytes_per_response"] < 16_000, local["bytes_t700"]
 
 
 def test_report_writes_the_readme_block_and_plot_from_the_json(

@@ -26,8 +26,9 @@ from r2m.service.headcodec import head_from_bytes, head_to_bytes, optimizer_from
 from r2m.service.headstore import Conflict, MemoryHeadStore, rollback
 from r2m.service.model import HeadConfig, R2MHead
 from r2m.service.queue import MemoryPreferenceQueue
+from r2m.service.rtecache import RTECache
 from r2m.service.schemas import PreferencesRequest, as_payload
-from r2m.service.training import HeadTrainer, RTECache
+from r2m.service.training import HeadTrainer
 from r2m.service.worker import Worker, decode_batch
 
 P = 8  # policy width of these tests

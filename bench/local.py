@@ -1,0 +1,184 @@
+"""Section 10, feedback at the policy (docs/api.md, local feedback) against feedback on the server, on the same items.
+
+Bytes: every request and response body of one scored response, counted at the client's transport, for T = 256 and
+T = 700 rows of bf16 hidden states (D_policy wide): server-side feedback is one `/score` carrying h; local feedback
+is `/embed` (the texts; e back) then `/score` carrying the D_rm read-out. HTTP headers are left out (a few hundred
+bytes either way).
+
+Throughput: one server, closed loops of r2m's sync client in threads (one response per call), alternating rounds
+of vanilla (no hidden states), server-side feedback and local feedback (`r2m.trainer.local.LocalFeedbackClient`,
+its attention on this process's CPU). Every call scores a text never scored before: local feedback's /score finds
+e in the cache its /embed filled, as in RL, and nothing else hits a cache. The ratios are vanilla seq/s over each
+mode's, medians of the rounds. On a CPU-only machine the local attention shares the cores with the server: the
+figure a GPU policy node sees is the round trip's, not this one's compute.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from ._common import percentile, row, start_r2m, texts
+from .serve import server_env
+
+LENGTHS = (256, 700)
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """Counts request and response body bytes per path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        response.read()
+        path = request.url.path
+        self.bytes[path] = self.bytes.get(path, 0) + len(request.content) + len(response.content)
+        self.calls[path] = self.calls.get(path, 0) + 1
+        return response
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+
+def bytes_per_response(url: str, pairs: list[tuple[str, str]], rows: int, dim: int) -> dict[str, Any]:
+    """Body bytes of scoring `len(pairs)` responses one per call, each with (rows, dim) bf16 hidden states."""
+    from r2m.client import R2MClient
+    from r2m.trainer.local import LocalFeedbackClient
+
+    torch.manual_seed(rows)
+    hidden = [torch.randn(rows, dim).to(torch.bfloat16) for _ in pairs]
+    transport = CountingTransport()
+    with R2MClient(url, transport=transport) as client:
+        local = LocalFeedbackClient(client)
+        local.head(client.current_head()["version"])  # the head download: once per version, not per response
+        out: dict[str, Any] = {"rows": rows, "policy_dim": dim, "responses": len(pairs)}
+        for mode, scorer in (("server", client), ("local", local)):
+            transport.reset()
+            for (p, r), h in zip(pairs, hidden):
+                scorer.score(p, [r], hidden=[h], step=50, total_steps=100)
+            out[mode] = {
+                "bytes_per_response": sum(transport.bytes.values()) / len(pairs),
+                "per_route": {k: v / len(pairs) for k, v in transport.bytes.items()},
+            }
+    out["ratio"] = out["server"]["bytes_per_response"] / out["local"]["bytes_per_response"]
+    return out
+
+
+def drive(call: Callable[[int], None], concurrency: int, duration: float, offset: int) -> dict[str, float]:
+    """`concurrency` threads, each calling `call(i)` in a closed loop for `duration` seconds."""
+    lat: list[float] = []
+    done = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + duration
+
+    def loop(k: int) -> None:
+        i = offset + k
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            call(i)
+            with lock:
+                lat.append(time.perf_counter() - t)
+                done[0] += 1
+            i += concurrency
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return {"seq_per_s": done[0] / wall, "p50_ms": 1000 * percentile(lat, 50), "p99_ms": 1000 * percentile(lat, 99),
+            "requests": done[0]}  # fmt: skip
+
+
+def run(opts) -> dict:  # noqa: ANN001
+    from r2m.client import R2MClient
+    from r2m.trainer.local import LocalFeedbackClient
+
+    pairs = texts(32 if opts.quick else 512)
+    levels = [1, 8] if opts.quick else opts.overhead_levels
+    rounds = 1 if opts.quick else opts.rounds
+    duration = opts.duration if opts.quick else max(2.0, opts.duration / 2)
+    server = start_r2m(Path(opts.tmp), server_env(opts), "local")
+    out: dict[str, Any] = {"rounds": rounds, "duration_s": duration, "rows": []}
+    try:
+        for rows in LENGTHS:
+            b = bytes_per_response(server.url, pairs[: 4 if opts.quick else 16], rows, opts.policy_dim)
+            out[f"bytes_t{rows}"] = b
+            print(f"  bytes/response T={rows}: server-side {b['server']['bytes_per_response']:.0f}, local "
+                  f"{b['local']['bytes_per_response']:.0f} ({b['ratio']:.0f}x fewer)", flush=True)  # fmt: skip
+            out["rows"].append(
+                row(
+                    f"bytes/response T={rows} bf16 x {opts.policy_dim}: local vs server-side feedback (ratio: x fewer)",
+                    b["local"]["bytes_per_response"],
+                    "B",
+                    baseline=b["server"]["bytes_per_response"],
+                    ratio=b["ratio"],
+                    target=">= 100" if rows == 700 else None,
+                )
+            )
+        torch.manual_seed(0)
+        hidden = [torch.randn(LENGTHS[0], opts.policy_dim).to(torch.bfloat16) for _ in range(16)]
+        with R2MClient(server.url, max_retries=2, timeout=300) as client:
+            local = LocalFeedbackClient(client)
+
+            fresh = itertools.count()  # every call scores a new text, as in RL: no RTE-cache hit across calls
+
+            def call(scorer: Any, with_hidden: bool) -> Callable[[int], None]:
+                def one(i: int) -> None:
+                    p, r = pairs[i % len(pairs)]
+                    r = f"{r} ({next(fresh)})"
+                    h = [hidden[i % len(hidden)]] if with_hidden else None
+                    scorer.score(p, [r], hidden=h, step=50 if with_hidden else 0, total_steps=100)
+
+                return one
+
+            modes = {"vanilla": call(client, False), "server": call(client, True), "local": call(local, True)}
+            for fn in modes.values():
+                fn(0)  # warm: connections, the head download, the first attention call
+            for c in levels:
+                per = []
+                for k in range(rounds):
+                    per.append({m: drive(fn, c, duration, offset=k) for m, fn in modes.items()})
+                res: dict[str, Any] = {
+                    f"{m}_{key}": statistics.median(p[m][key] for p in per)
+                    for m in modes
+                    for key in ("seq_per_s", "p50_ms", "p99_ms")
+                }
+                for m in ("server", "local"):
+                    res[f"{m}_ratio"] = statistics.median(p["vanilla"]["seq_per_s"] / p[m]["seq_per_s"] for p in per)
+                out[f"c{c}"] = res
+                print(f"  c={c}: vanilla {res['vanilla_seq_per_s']:.1f} seq/s; server-side ratio "
+                      f"{res['server_ratio']:.3f}, local ratio {res['local_ratio']:.3f}; p50 vanilla "
+                      f"{res['vanilla_p50_ms']:.1f} ms, server-side {res['server_p50_ms']:.1f} ms, local "
+                      f"{res['local_p50_ms']:.1f} ms", flush=True)  # fmt: skip
+                for m, what in (("server", "server-side feedback"), ("local", "local feedback")):
+                    out["rows"].append(
+                        row(
+                            f"R2M overhead c={c}, T={LENGTHS[0]}: {what} vs vanilla, time ratio (threads, sync client)",
+                            res[f"{m}_seq_per_s"],
+                            "seq/s",
+                            baseline=res["vanilla_seq_per_s"],
+                            ratio=res[f"{m}_ratio"],
+                            target="<= 1.1" if m == "local" else None,
+                        )
+                    )
+            out["stale_retries"] = local.stale_retries
+    finally:
+        server.stop()
+    return out
