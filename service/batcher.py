@@ -125,6 +125,16 @@ class Batcher:
         return await fut
 
     def _take_batch(self) -> list[_Pending]:
+        if any(p.tokens == 0 for p in self._queue):
+            # Read-outs on cached RTEs (local feedback's /score) need no backbone: they go first, in a batch of
+            # their own that takes a millisecond, instead of waiting behind the backbone batches queued before them.
+            cheap = [p for p in self._queue if p.tokens == 0]
+            self._queue = deque(p for p in self._queue if p.tokens != 0)
+            ready = [p for p in cheap if not p.future.done()]
+            self._queued_items -= sum(len(p.items) for p in cheap)
+            self.metrics.queue_items.set(self._queued_items)
+            if ready:
+                return ready
         batch: list[_Pending] = []
         tokens = 0
         while self._queue:
@@ -147,7 +157,7 @@ class Batcher:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.batch_wait and len(self._queue) == 1 and self._queue[0].tokens < self.max_batch_tokens:
+            if self.batch_wait and len(self._queue) == 1 and 0 < self._queue[0].tokens < self.max_batch_tokens:
                 await asyncio.sleep(self.batch_wait)
             batch = self._take_batch()
             head = self.engine.current
