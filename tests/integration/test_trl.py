@@ -190,6 +190,28 @@ def test_item_the_service_rejects_gets_none(server: Process, policy_dir: Path, c
         assert R2MRewardFunction(down)(["hi"], ["yes"]) == [None]
 
 
+def test_reward_function_in_local_feedback_mode_gives_the_server_side_rewards(
+    fresh_server: Process, policy_dir: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r2m.trainer.local import LocalFeedbackClient
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    prompts = ["hello world", "please help me"]
+    completions = ["the answer is yes", "no idea"]
+    ids = [tok(c)["input_ids"] for c in completions]
+    state = type("State", (), {"global_step": 3, "max_steps": 10})()  # w(t) < 1: the feedback counts
+    with R2MClient(fresh_server.url) as client:
+        here = R2MRewardFunction(client, model=model, tokenizer=tok, local_feedback=True)
+        there = R2MRewardFunction(client, model=model, tokenizer=tok, local_feedback=False)
+        local, remote = here(prompts, completions, ids, state), there(prompts, completions, ids, state)
+        assert isinstance(here._scoring_client(), LocalFeedbackClient) and there._scoring_client() is client
+        assert here._scoring_client().heads_fetched == 1  # the read-outs were computed here, with the served head
+        assert local == pytest.approx(remote, abs=1e-4) and local != [None, None]
+
+
 def test_prompt_text_takes_the_last_user_message() -> None:
     chat = [
         {"role": "system", "content": "be kind"},
