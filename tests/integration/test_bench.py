@@ -25,7 +25,7 @@ EXPECTED = {
     "codec": ["bfloat16.binary_decode_GBps", "bfloat16.memcpy_GBps", "bfloat16.binary_vs_memcpy",
               "bfloat16.json_base64_decode_GBps", "float16.binary_vs_memcpy"],
     "attention": ["float32.attention_ms_per_item", "float32.attention_vs_read", "bfloat16.attention_vs_read",
-                  "bfloat16.read_sum_ms_per_item", "textbook_vs_folded"],
+                  "bfloat16.read_sum_ms_per_item", "textbook_vs_folded", "bf16_vs_fp32", "bf16_auto_vs_other"],
     "serve": ["c1.seq_per_s", "c1.ceiling_seq_per_s", "c1.vs_ceiling", "c1.p50_ms", "c1.p99_ms", "c8.vs_ceiling"],
     "overhead": ["c1.ratio", "c8.ratio", "c8.hidden_seq_per_s", "c8.vanilla_seq_per_s"],
     "grebt": ["uncached_s", "cached_s", "speedup"],
