@@ -117,7 +117,7 @@ class TrainConfig:
             "help": "With a judge mode: also post the groups for the in-group pseudo-labels (beside, not instead)."
         },
     )
-    local_feedback: str = field(
+    local_feedback: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
             "help": "Compute the feedback attention next to the policy (r2m.trainer.local: /score then carries "
