@@ -90,7 +90,8 @@ def run(opts) -> dict:  # noqa: ANN001
                     latencies.append(time.perf_counter() - t0)
                     breakdowns.append(dict(current.get("served_swap_ms") or {}))
             after = client.get("/metrics").text
-        order = sorted(range(len(latencies)), key=latencies.__getitem__)
+        timed = list(latencies)  # in publication order, as `breakdowns` (latencies is sorted below)
+        order = sorted(range(len(timed)), key=timed.__getitem__)
         slowest = order[-max(1, len(order) // 100) :]  # the swaps at or above the p99
 
         def where(idx: list[int]) -> dict[str, float]:
@@ -98,7 +99,7 @@ def run(opts) -> dict:  # noqa: ANN001
             publisher's Redis write, this poll's interval and its HTTP round trip)."""
             phases = sorted({k for i in idx for k in breakdowns[i]})
             mean = {k: statistics.fmean(breakdowns[i].get(k, 0.0) for i in idx) for k in phases}
-            total = statistics.fmean(1000 * latencies[i] for i in idx)
+            total = statistics.fmean(1000 * timed[i] for i in idx)
             return {**mean, "rest": total - sum(mean.values()), "end_to_end": total}
 
         latencies.sort()
