@@ -9,7 +9,8 @@ Throughput: one server, closed loops of r2m's sync client in threads (one respon
 of vanilla (no hidden states), server-side feedback and local feedback (`r2m.trainer.local.LocalFeedbackClient`,
 its attention on this process's CPU). Every call scores a text never scored before: local feedback's /score finds
 e in the cache its /embed filled, as in RL, and nothing else hits a cache. The ratios are vanilla seq/s over each
-mode's, medians of the rounds. On a CPU-only machine the local attention shares the cores with the server: the
+mode's, medians of the rounds; with the CPU the server process and this process (the client, local attention
+included) spent per scored response. On a CPU-only machine the local attention shares the cores with the server: the
 figure a GPU policy node sees is the round trip's, not this one's compute.
 """
 
@@ -26,10 +27,11 @@ from typing import Any
 import httpx
 import torch
 
-from ._common import percentile, row, start_r2m, texts
+from ._common import CpuMeter, percentile, row, start_r2m, texts
 from .serve import server_env
 
 LENGTHS = (256, 700)
+CPU_KEYS = ("server_cpu_ms_per_request", "client_cpu_ms_per_request")
 
 
 class CountingTransport(httpx.HTTPTransport):
@@ -134,6 +136,7 @@ def run(opts) -> dict:  # noqa: ANN001
             )
         torch.manual_seed(0)
         hidden = [torch.randn(LENGTHS[0], opts.policy_dim).to(torch.bfloat16) for _ in range(16)]
+        meter = CpuMeter(server.proc.pid)
         with R2MClient(server.url, max_retries=2, timeout=300) as client:
             local = LocalFeedbackClient(client)
 
@@ -154,11 +157,16 @@ def run(opts) -> dict:  # noqa: ANN001
             for c in levels:
                 per = []
                 for k in range(rounds):
-                    per.append({m: drive(fn, c, duration, offset=k) for m, fn in modes.items()})
+                    rnd = {}
+                    for m, fn in modes.items():
+                        meter.start()
+                        r = drive(fn, c, duration, offset=k)
+                        rnd[m] = {**r, **meter.stop(int(r["requests"]))}  # CPU ms per scored response
+                    per.append(rnd)
                 res: dict[str, Any] = {
                     f"{m}_{key}": statistics.median(p[m][key] for p in per)
                     for m in modes
-                    for key in ("seq_per_s", "p50_ms", "p99_ms")
+                    for key in ("seq_per_s", "p50_ms", "p99_ms", *CPU_KEYS)
                 }
                 for m in ("server", "local"):
                     res[f"{m}_ratio"] = statistics.median(p["vanilla"]["seq_per_s"] / p[m]["seq_per_s"] for p in per)
@@ -166,7 +174,11 @@ def run(opts) -> dict:  # noqa: ANN001
                 print(f"  c={c}: vanilla {res['vanilla_seq_per_s']:.1f} seq/s; server-side ratio "
                       f"{res['server_ratio']:.3f}, local ratio {res['local_ratio']:.3f}; p50 vanilla "
                       f"{res['vanilla_p50_ms']:.1f} ms, server-side {res['server_p50_ms']:.1f} ms, local "
-                      f"{res['local_p50_ms']:.1f} ms", flush=True)  # fmt: skip
+                      f"{res['local_p50_ms']:.1f} ms; server CPU per response vanilla "
+                      f"{res['vanilla_server_cpu_ms_per_request']:.1f} ms, server-side "
+                      f"{res['server_server_cpu_ms_per_request']:.1f} ms, local "
+                      f"{res['local_server_cpu_ms_per_request']:.1f} ms (client: "
+                      f"{res['local_client_cpu_ms_per_request']:.1f} ms)", flush=True)  # fmt: skip
                 for m, what in (("server", "server-side feedback"), ("local", "local feedback")):
                     out["rows"].append(
                         row(
@@ -178,6 +190,15 @@ def run(opts) -> dict:  # noqa: ANN001
                             target="<= 1.1" if m == "local" else None,
                         )
                     )
+                out["rows"].append(
+                    row(
+                        f"server CPU per response c={c}, T={LENGTHS[0]}: local feedback vs vanilla (ratio)",
+                        res["local_server_cpu_ms_per_request"],
+                        "ms",
+                        baseline=res["vanilla_server_cpu_ms_per_request"],
+                        ratio=res["local_server_cpu_ms_per_request"] / res["vanilla_server_cpu_ms_per_request"],
+                    )
+                )
             out["stale_retries"] = local.stale_retries
     finally:
         server.stop()
