@@ -23,7 +23,6 @@ rewards they got once every row is in: no forward of its own. One process (no mu
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,13 +31,10 @@ from typing import Any
 import torch
 from trl import GRPOTrainer, RLOOTrainer
 
-from r2m.client import R2MError
-
-from .trl import R2MRewardFunction, _steps, completion_text, prompt_text
+from .trl import R2MRewardFunction, _steps, completion_text, post_groups, prompt_text
 
 __all__ = ["R2MGRPOTrainer", "R2MRLOOTrainer"]
 
-logger = logging.getLogger("r2m.trainer.trl")
 
 INDEX = "r2m_index"  # the column that carries each row's index through TRL's shuffle and split
 
@@ -237,14 +233,9 @@ class _R2MTRL:
         if not groups:
             return
         step, total = batch["step"]
-        try:
-            result = self.r2m_reward.client.post_preferences(
-                groups, step=step, total_steps=total, batch_id=f"{self.r2m_run_id}-{step}"
-            )
-        except R2MError as exc:
-            logger.error("r2m: the preferences of step %d (%d groups) were not queued: %s", step, len(groups), exc)
-            return
-        self.r2m_posted.append({"step": step, "batch_ids": result.batch_ids, "groups": groups})
+        posted = post_groups(self.r2m_reward.client, groups, step, total, f"{self.r2m_run_id}-{step}")
+        if posted is not None:
+            self.r2m_posted.append(posted)
 
 
 class R2MGRPOTrainer(_R2MTRL, GRPOTrainer):  # type: ignore[misc]

@@ -287,14 +287,9 @@ class R2MPreferenceCallback(TrainerCallback):
             k += len(g)
             groups.append(group)
         step, total_steps = _steps(state)
-        try:
-            result = self.reward_fn.client.post_preferences(
-                groups, step=step, total_steps=total_steps, batch_id=f"{self.run_id}-{step}"
-            )
-        except R2MError as exc:
-            logger.error("r2m: the preferences of step %d (%d groups) were not queued: %s", step, len(groups), exc)
-            return
-        self.posted.append({"step": step, "batch_ids": result.batch_ids, "groups": groups})
+        posted = post_groups(self.reward_fn.client, groups, step, total_steps, f"{self.run_id}-{step}")
+        if posted is not None:
+            self.posted.append(posted)
 
 
 @torch.no_grad()
@@ -316,6 +311,17 @@ def policy_hidden(model: torch.nn.Module, ids: Sequence[Sequence[int]], pad_id: 
         last = res.hidden_states[-1]  # (B, L, D)
         out.extend(last[b, :n].detach().cpu() for b, n in enumerate(lengths))  # right padding: real tokens first
     return out
+
+
+def post_groups(client: Any, groups: list[dict], step: int, total_steps: int, batch_id: str) -> dict | None:
+    """Post one step's groups to /preferences; the record of what was queued, or None (logged) when it failed: a
+    failed post costs that step's update, never the RL run."""
+    try:
+        result = client.post_preferences(groups, step=step, total_steps=total_steps, batch_id=batch_id)
+    except R2MError as exc:
+        logger.error("r2m: the preferences of step %d (%d groups) were not queued: %s", step, len(groups), exc)
+        return None
+    return {"step": step, "batch_ids": result.batch_ids, "groups": groups}
 
 
 def _steps(state: Any) -> tuple[int, int]:
