@@ -106,7 +106,8 @@ class ServiceSettings(BaseSettings):
     cpu_half_hidden: Literal["auto", "native", "upcast"] = Field(
         "auto",
         description="How the feedback attention reads bfloat16/float16 hidden states on a CPU. native: as sent; "
-        "upcast: one float32 copy first (5-10x faster on a CPU without native half-precision matmuls); auto: "
+        "upcast: widened to float32 inside the attention, a block of rows at a time (5-10x faster on a CPU without "
+        "native half-precision matmuls); auto: "
         "upcast unless the CPU flags show avx512_bf16/amx_bf16 (bf16) or avx512_fp16/amx_fp16 (fp16), measured "
         "once where the flags are unreadable. The choice is logged at start. GPUs read half precision as sent.",
     )

@@ -14,7 +14,6 @@ from .backbone import Backbone, Encoded, attach_members, count_members, load_bac
 from .config import ServiceSettings
 from .headcodec import SERVING_DTYPE
 from .model import HeadConfig, R2MHead
-from .precision import compute_dtype
 from .rtecache import RTECache
 
 __all__ = [
@@ -355,14 +354,14 @@ def pad_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack `(T_i, D)` tensors into `(N, T_max, D)` zeros-padded, with a `(N, T_max)` mask of real rows.
 
-    `dtype=None` stacks them in their compute dtype (`precision.compute_dtype`): their own where the device reads
-    it natively (bfloat16 stays bfloat16), float32 for half precision on a CPU without native half matmuls (the
-    padded copy is then the one upcast); tensors of different dtypes, e.g. from two requests merged into one batch,
-    are stacked in float32. `T_max` may be 0 when every item's rows are all in its shared prefix.
+    `dtype=None` stacks them in the dtype they share, as sent (bfloat16 stays bfloat16, half the bytes of a float32
+    copy: where the CPU lacks native half matmuls the attention widens them a block of rows at a time, see
+    `model._blocks`); tensors of different dtypes, e.g. from two requests merged into one batch, are stacked in
+    float32. `T_max` may be 0 when every item's rows are all in its shared prefix.
     """
     if dtype is None:
         dtypes = {h.dtype for h in hidden}
-        dtype = compute_dtype(dtypes.pop(), device) if len(dtypes) == 1 else torch.float32
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     T = max(h.shape[0] for h in hidden)
     D = hidden[0].shape[1]
     out = torch.zeros((len(hidden), T, D), dtype=dtype, device=device)

@@ -8,7 +8,7 @@ real tokens. The reward is `phi(w * e + (1 - w) * a)` with `a` the cross-attenti
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,10 +75,11 @@ class FeedbackAttention(nn.Module):
     is read twice and never projected (T x D_policy instead of T x D_policy x d multiply-adds).
 
     `h` is read in its compute dtype (`precision.compute_dtype`): bfloat16/float16 as it came off the wire where
-    the device multiplies it natively (CUDA, a CPU with AVX512-BF16/AMX), else one float32 copy first (a CPU
-    without those runs half-precision GEMMs 3-6x slower than float32 ones). The folded query is cast to that dtype
-    for the scores `h u`, the softmax runs in float32 on the small `(B, H, T)` scores, the pooling `p h` runs in
-    that dtype again, and the small pooled vectors go back to float32 for `W_v` and `W_o`.
+    the device multiplies it natively (CUDA, a CPU with AVX512-BF16/AMX), else widened to float32 a block of rows at
+    a time (a CPU without those runs half-precision GEMMs 3-6x slower than float32 ones; `_blocks` says why not in
+    one copy). The folded query is cast to that dtype for the scores `h u`, the softmax runs in float32 on the small
+    `(B, H, T)` scores, the pooling `p h` runs in that dtype again, and the small pooled vectors go back to float32
+    for `W_v` and `W_o`.
 
     A sequence may also be split into a shared prefix and its own rows (docs/api.md, prompt-prefix sharing): item
     `b`'s hidden states are `cat(prefixes[prefix_index[b]], h[b][mask[b]])`. The scores and the pooling over a
@@ -115,7 +116,8 @@ class FeedbackAttention(nn.Module):
 
         Args:
             e: RTEs `(B, D_rm)`.
-            h: each item's own hidden-state rows, `(B, T, D_policy)` padded, any float dtype (read as it is).
+            h: each item's own hidden-state rows, `(B, T, D_policy)` padded, any float dtype (read in its compute
+                dtype).
             mask: `(B, T)`, True on real rows.
             prefixes: shared leading rows, each `(T_j, D_policy)` in any float dtype.
             prefix_index: `(B,)` long, the prefix item b continues, -1 for none (None: no item has one).
@@ -123,8 +125,6 @@ class FeedbackAttention(nn.Module):
         B, T, P = h.shape
         H = self.n_heads
         assert e.shape[0] == B and mask.shape == (B, T) and self.policy_dim == P, (e.shape, h.shape, mask.shape)
-        h = h.to(compute_dtype(h.dtype, h.device))  # a no-op unless half precision is slow here (and not padded yet)
-        prefixes = [p.to(compute_dtype(p.dtype, p.device)) for p in prefixes]
         if prefix_index is None or not prefixes:
             prefixes, prefix_index = (), None
         has_rows = mask.any(dim=1) if prefix_index is None else mask.any(dim=1) | (prefix_index >= 0)
@@ -193,31 +193,81 @@ class FeedbackAttention(nn.Module):
         return self.w_o(out.reshape(B, H * dh))
 
 
-# The four reads of h. Each matmul runs in h's dtype (bf16 GEMMs accumulate in float32 inside; torch 2.13 has no
-# float32-output bf16 matmul on CPU: `mm(..., out_dtype=)` is CUDA-only) and only its small output is widened, to
-# the dtype of the folded query `u` (float32, or float64 for float64 weights in tests).
+# The four reads of h. Each matmul runs in h's compute dtype (bf16 GEMMs accumulate in float32 inside; torch 2.13
+# has no float32-output bf16 matmul on CPU: `mm(..., out_dtype=)` is CUDA-only) and only its small output is
+# widened, to the dtype of the folded query `u` (float32, or float64 for float64 weights in tests).
+
+# Half-precision hidden states a CPU does not multiply natively are widened a block at a time, each block at most this
+# many bytes of float32 (whole items where they fit, else runs of one item's rows). One float32 copy of a whole batch
+# (183 MB at 16 x 700 x 4096) is a fresh memory mapping on every call, and its page faults cost 3-5x the two matmuls
+# over it; blocks of a few MB come from the allocator's heap and are read again while still in cache (bench
+# section 2: 4 MB blocks run the upcast path at about the float32 path's time; 1 MB or 16 MB are 2.5x slower).
+UPCAST_BLOCK_BYTES = 4 * 2**20
+
+
+def _widens(h: torch.Tensor) -> bool:
+    """Whether `h` is read in another dtype than its own here (`precision.compute_dtype`): half precision on a CPU
+    without native matmuls in it."""
+    return h.numel() > 0 and compute_dtype(h.dtype, h.device) != h.dtype
+
+
+def _blocks(h: torch.Tensor) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    """`(items, rows, block)` covering `h` (`(B, T, P)`, or `(T, P)`: items is then unused), each block widened to
+    its compute dtype and at most `UPCAST_BLOCK_BYTES` (one row at least): whole items where they fit."""
+    T, P = h.shape[-2:]
+    dtype = compute_dtype(h.dtype, h.device)
+    n = h.shape[0] if h.dim() == 3 else 1
+    row = P * dtype.itemsize
+    rows = max(1, min(T, UPCAST_BLOCK_BYTES // row))
+    items = max(1, UPCAST_BLOCK_BYTES // (T * row)) if rows == T else 1
+    for b0 in range(0, n, items):
+        for t0 in range(0, T, rows):
+            ib, tb = slice(b0, b0 + items), slice(t0, t0 + rows)
+            yield ib, tb, (h[ib, tb] if h.dim() == 3 else h[tb]).to(dtype)
 
 
 def _scores(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """`(B, T, P)` x `(B, H, P)` -> scores `(B, H, T)` in u's dtype."""
-    return torch.bmm(u.to(h.dtype), h.transpose(1, 2)).to(u.dtype)
+    if not _widens(h):
+        return torch.bmm(u.to(h.dtype), h.transpose(1, 2)).to(u.dtype)
+    out = u.new_empty(h.shape[0], u.shape[1], h.shape[1])
+    for ib, tb, x in _blocks(h):
+        out[ib, :, tb] = torch.bmm(u[ib].to(x.dtype), x.transpose(1, 2)).to(u.dtype)
+    return out
 
 
 def _pool(probs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """`(B, H, T)` x `(B, T, P)` -> pooled `(B, H, P)` in probs' dtype."""
-    return torch.bmm(probs.to(h.dtype), h).to(probs.dtype)
+    if not _widens(h):
+        return torch.bmm(probs.to(h.dtype), h).to(probs.dtype)
+    out = probs.new_zeros(h.shape[0], probs.shape[1], h.shape[2])
+    for ib, tb, x in _blocks(h):
+        out[ib] += torch.bmm(probs[ib, :, tb].to(x.dtype), x).to(probs.dtype)
+    return out
 
 
 def _scores_shared(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One prefix `(T_j, P)` against n items' folded queries `(n, H, P)` -> `(n, H, T_j)`, one matmul."""
+    """One prefix `(T_j, P)` against n items' folded queries `(n, H, P)` -> `(n, H, T_j)`, one matmul (a block)."""
     n, H, P = u.shape
-    return (u.reshape(n * H, P).to(p.dtype) @ p.T).to(u.dtype).view(n, H, -1)
+    q = u.reshape(n * H, P)
+    if not _widens(p):
+        return (q.to(p.dtype) @ p.T).to(u.dtype).view(n, H, -1)
+    out = u.new_empty(n * H, p.shape[0])
+    for _, tb, x in _blocks(p):
+        out[:, tb] = (q.to(x.dtype) @ x.T).to(u.dtype)
+    return out.view(n, H, -1)
 
 
 def _pool_shared(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """n items' weights over one prefix `(n, H, T_j)` -> their pooled prefix part `(n, H, P)`."""
     n, H, T = probs.shape
-    return (probs.reshape(n * H, T).to(p.dtype) @ p).to(probs.dtype).view(n, H, -1)
+    w = probs.reshape(n * H, T)
+    if not _widens(p):
+        return (w.to(p.dtype) @ p).to(probs.dtype).view(n, H, -1)
+    out = probs.new_zeros(n * H, p.shape[1])
+    for _, tb, x in _blocks(p):
+        out += (w[:, tb].to(x.dtype) @ x).to(probs.dtype)
+    return out.view(n, H, -1)
 
 
 class R2MHead(nn.Module):

@@ -2,10 +2,11 @@
 
 A CPU without native bfloat16 (or float16) matmul instructions runs torch's half-precision GEMMs through a slow
 emulation: on an AVX2 or plain AVX512 Xeon a bf16 matmul over the hidden states is 3-6x slower than the float32 one,
-so one float32 copy of `h` first (a read and a write, about the cost of one more pass) is 5-10x faster than reading it
-as it came. Where the instructions exist (AVX512-BF16 / AMX on x86, the BF16 / FP16 extensions on Arm) and on CUDA,
-half precision is read as it is. R2M_CPU_HALF_HIDDEN overrides the choice (`native`, `upcast`); `auto` decides once
-per process from the CPU flags in /proc/cpuinfo, or where those are unreadable from a one-time micro-measurement.
+so widening `h` to float32 first is 5-10x faster than reading it as it came (`model._blocks`: a block of rows at a
+time, each block still in cache when the matmul reads it). Where the instructions exist (AVX512-BF16 / AMX on x86,
+the BF16 / FP16 extensions on Arm) and on CUDA, half precision is read as it is. R2M_CPU_HALF_HIDDEN overrides the
+choice (`native`, `upcast`); `auto` decides once per process from the CPU flags in /proc/cpuinfo, or where those are
+unreadable from a one-time micro-measurement.
 """
 
 from __future__ import annotations
@@ -96,5 +97,5 @@ def describe() -> str:
             parts.append(f"{name} {'as sent' if _mode == 'native' else 'upcast to float32'} (R2M_CPU_HALF_HIDDEN)")
             continue
         native, why = native_half(dtype)
-        parts.append(f"{name} {'as sent' if native else 'upcast to float32 once'} ({why})")
+        parts.append(f"{name} {'as sent' if native else 'widened to float32 in blocks'} ({why})")
     return "; ".join(parts)

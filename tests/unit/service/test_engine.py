@@ -145,29 +145,66 @@ def test_bf16_hidden_states_are_read_without_a_float32_copy(monkeypatch: pytest.
     assert out.dtype == torch.float32 and dtypes == [(torch.bfloat16, torch.bfloat16)] * 2
 
 
-def test_without_native_bf16_hidden_states_are_upcast_once_and_score_as_their_float32_values(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _no_native_half(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, torch.dtype, int]]:
+    """A CPU without native half matmuls; returns the (dtypes, bytes of the second operand) of every bmm/matmul."""
     monkeypatch.setattr(precision, "_mode", "auto")
     monkeypatch.setattr(precision, "native_half", lambda dtype: (False, "test"))
-    dtypes = []
+    calls: list[tuple[torch.dtype, torch.dtype, int]] = []
     bmm = torch.bmm
 
     def spy(a, b, *args, **kwargs):
-        dtypes.append((a.dtype, b.dtype))
+        calls.append((a.dtype, b.dtype, b.numel() * b.element_size()))
         return bmm(a, b, *args, **kwargs)
 
+    monkeypatch.setattr(model_module.torch, "bmm", spy)
+    return calls
+
+
+def test_without_native_bf16_hidden_states_are_widened_in_the_attention_and_score_as_their_float32_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _no_native_half(monkeypatch)
     head = _head(1)
     rows = [torch.randn(6, P).bfloat16(), torch.randn(3, P).bfloat16()]
     h, mask = pad_hidden(rows, None, torch.device("cpu"))
-    assert h.dtype == torch.float32  # the padded copy is the one upcast
+    assert h.dtype == torch.bfloat16  # padded as sent: half the bytes of a float32 copy
     e, w = torch.randn(2, 8), torch.full((2,), 0.6)
-    monkeypatch.setattr(model_module.torch, "bmm", spy)
     with torch.no_grad():
-        got = head(e, w, rows[0][None].expand(2, -1, -1).contiguous(), torch.ones(2, 6, dtype=torch.bool))
-        ref = head(e, w, rows[0][None].expand(2, -1, -1).float(), torch.ones(2, 6, dtype=torch.bool))
+        got = head(e, w, h, mask)
+        assert all(c[:2] == (torch.float32, torch.float32) for c in calls) and len(calls) == 2  # one block each
+        ref = head(e, w, h.float(), mask)
     assert torch.equal(got, ref)  # bf16 values read in float32: exactly the float32 path
-    assert all(d == (torch.float32, torch.float32) for d in dtypes)
+
+
+@pytest.mark.parametrize(
+    ("block_rows", "bmm_calls"),
+    # the 6 items with own rows (11 at most, padded): runs of 4 of one item's rows (3 per item, 2 passes); two whole
+    # items per block (3 blocks, 2 passes). The prefixes (9 and 4 rows) go in runs of 4 rows / whole.
+    [(4, 2 * 6 * 3), (2 * 11, 2 * 3)],
+)
+def test_wide_batches_are_widened_a_block_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, block_rows: int, bmm_calls: int
+) -> None:
+    calls = _no_native_half(monkeypatch)
+    monkeypatch.setattr(model_module, "UPCAST_BLOCK_BYTES", block_rows * P * 4)
+    own, prefixes, _ = _mixed_batch(torch.bfloat16)
+    rte = torch.randn(8, 8, generator=torch.Generator().manual_seed(2))
+    weights = [0.6, 0.6, 0.7, 0.6, 0.8, 0.6, 1.0, 0.65]
+    rewards, grads = [], []
+    for widen in (False, True):
+        head = _head(3)
+        hidden = [None if h is None else h.float() if widen else h for h in own]
+        shared = [None if p is None else p.float() if widen else p for p in prefixes]
+        r = score_rte(head, rte, hidden, weights, shared)
+        if not widen:
+            blocks = list(calls)
+        r.pow(2).sum().backward()  # the update path (grad enabled) goes through the blocks too
+        rewards.append(r.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in head.attention.parameters()]))
+    torch.testing.assert_close(rewards[0], rewards[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert len(blocks) == bmm_calls
+    assert all(c[:2] == (torch.float32, torch.float32) and c[2] <= block_rows * P * 4 for c in blocks)
 
 
 def test_compute_dtype_follows_the_setting_the_cpu_flags_and_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
