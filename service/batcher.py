@@ -4,6 +4,10 @@ Requests queue up while the model thread is busy; each time it frees up, the bat
 arrival order until the token budget is full (a request larger than the budget runs alone, chunked inside the
 model), waits `batch_wait_ms` for company only when it would otherwise run a lone request, and scores them all with
 one head snapshot. Whole requests, never parts, go into a batch, so one request is never scored by two heads.
+
+Requests that need no backbone (every item's RTE cached: local feedback's /score with read-outs, a repeated /embed)
+go to a second lane with its own thread: they are scored at once, in batches of their own that take a millisecond,
+instead of waiting for the backbone batch that is running (tens to hundreds of ms) to end.
 """
 
 from __future__ import annotations
@@ -71,6 +75,17 @@ class _Pending:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+@dataclass
+class _Lane:
+    """A queue, the thread its batches run on and the task that feeds it."""
+
+    name: str
+    executor: ThreadPoolExecutor
+    queue: deque[_Pending] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
 class Batcher:
     def __init__(
         self,
@@ -86,28 +101,34 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_items = max_queue_items
         self.batch_wait = batch_wait_ms / 1000.0
-        self._queue: deque[_Pending] = deque()
         self._queued_items = 0
-        self._wakeup = asyncio.Event()
-        # One model thread: the backbone already uses every core through torch's intra-op threads.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r2m-model")
-        self._task: asyncio.Task[None] | None = None
+        # One model thread: the backbone already uses every core through torch's intra-op threads. The cached lane's
+        # batches are a few small matmuls (the head on cached RTEs and read-outs).
+        self._model = _Lane("model", ThreadPoolExecutor(max_workers=1, thread_name_prefix="r2m-model"))
+        self._cached = _Lane("cached", ThreadPoolExecutor(max_workers=1, thread_name_prefix="r2m-cached"))
+
+    @property
+    def _lanes(self) -> tuple[_Lane, _Lane]:
+        return self._model, self._cached
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="r2m-batcher")
+        loop = asyncio.get_running_loop()
+        for lane in self._lanes:
+            lane.task = loop.create_task(self._run(lane), name=f"r2m-batcher-{lane.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        for p in self._queue:
-            if not p.future.done():
-                p.future.set_exception(Overloaded("server is shutting down"))
-        self._queue.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for lane in self._lanes:
+            if lane.task is not None:
+                lane.task.cancel()
+                try:
+                    await lane.task
+                except asyncio.CancelledError:
+                    pass
+            for p in lane.queue:
+                if not p.future.done():
+                    p.future.set_exception(Overloaded("server is shutting down"))
+            lane.queue.clear()
+            lane.executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(
         self, items: list[PreparedItem], *, head_version: int | None = None, want_rte: bool = False
@@ -118,48 +139,40 @@ class Batcher:
             raise Overloaded(f"{self._queued_items} items are queued (R2M_MAX_QUEUE_ITEMS={self.max_queue_items})")
         fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         tokens = sum(len(it.encoded) for it in items if it.rte is None)  # a cached RTE costs no backbone tokens
-        self._queue.append(_Pending(items, fut, tokens, head_version, want_rte))
+        lane = self._model if tokens else self._cached
+        lane.queue.append(_Pending(items, fut, tokens, head_version, want_rte))
         self._queued_items += len(items)
         self.metrics.queue_items.set(self._queued_items)
-        self._wakeup.set()
+        lane.wakeup.set()
         return await fut
 
-    def _take_batch(self) -> list[_Pending]:
-        if any(p.tokens == 0 for p in self._queue):
-            # Read-outs on cached RTEs (local feedback's /score) need no backbone: they go first, in a batch of
-            # their own that takes a millisecond, instead of waiting behind the backbone batches queued before them.
-            cheap = [p for p in self._queue if p.tokens == 0]
-            self._queue = deque(p for p in self._queue if p.tokens != 0)
-            ready = [p for p in cheap if not p.future.done()]
-            self._queued_items -= sum(len(p.items) for p in cheap)
-            self.metrics.queue_items.set(self._queued_items)
-            if ready:
-                return ready
+    def _take_batch(self, lane: _Lane) -> list[_Pending]:
+        """Whole requests in arrival order: up to the token budget on the model lane, all of them on the cached."""
         batch: list[_Pending] = []
         tokens = 0
-        while self._queue:
-            p = self._queue[0]
+        while lane.queue:
+            p = lane.queue[0]
             if p.future.done():  # the client went away while waiting
-                self._queue.popleft()
+                lane.queue.popleft()
                 self._queued_items -= len(p.items)
                 continue
             if batch and tokens + p.tokens > self.max_batch_tokens:
                 break
-            batch.append(self._queue.popleft())
+            batch.append(lane.queue.popleft())
             self._queued_items -= len(p.items)
             tokens += p.tokens
         self.metrics.queue_items.set(self._queued_items)
         return batch
 
-    async def _run(self) -> None:
+    async def _run(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self.batch_wait and len(self._queue) == 1 and 0 < self._queue[0].tokens < self.max_batch_tokens:
+            if not lane.queue:
+                lane.wakeup.clear()
+                await lane.wakeup.wait()
+            if self.batch_wait and len(lane.queue) == 1 and 0 < lane.queue[0].tokens < self.max_batch_tokens:
                 await asyncio.sleep(self.batch_wait)
-            batch = self._take_batch()
+            batch = self._take_batch(lane)
             head = self.engine.current
             batch = self._drop_stale(batch, head.version)
             if not batch:
@@ -170,10 +183,10 @@ class Batcher:
                 self.metrics.queue_wait.observe(started - p.enqueued)
             try:
                 scores = await loop.run_in_executor(
-                    self._executor, self.engine.score_all, items, head, self.max_batch_tokens
+                    lane.executor, self.engine.score_all, items, head, self.max_batch_tokens
                 )
             except NonFiniteReward as exc:
-                self._non_finite(batch, exc)
+                self._non_finite(lane, batch, exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
                 log.exception("scoring a batch of %d requests / %d items failed", len(batch), len(items))
@@ -217,7 +230,7 @@ class Batcher:
                 keep.append(p)
         return keep
 
-    def _non_finite(self, batch: list[_Pending], exc: NonFiniteReward) -> None:
+    def _non_finite(self, lane: _Lane, batch: list[_Pending], exc: NonFiniteReward) -> None:
         """Fail the requests a non-finite reward touches; when the head is to blame, every request of the batch
         (all were scored by it) and the replica goes back to its last good head."""
         self.metrics.non_finite_rewards.inc(len(exc.items))
@@ -232,7 +245,7 @@ class Batcher:
                     p.future.set_exception(BadReward(detail, retry=False))
             # The other requests are scored again next round, by themselves.
             rest = [p for p in batch if not p.future.done()]
-            self._queue.extendleft(reversed(rest))
+            lane.queue.extendleft(reversed(rest))
             self._queued_items += sum(len(p.items) for p in rest)
             return
         now = self.engine.revert(exc.version)

@@ -63,24 +63,31 @@ def test_a_non_finite_embedding_fails_its_own_request_and_no_other(
     assert metrics.registry.get_sample_value("r2m_non_finite_rewards_total") == 1
 
 
-def test_requests_on_cached_rtes_skip_the_queue_behind_backbone_batches(tiny_neox_rm: Path) -> None:
-    """Local feedback's /score (every RTE cached) is taken before the backbone work queued ahead of it, in a batch
-    of its own, and gets the same rewards as the backbone would."""
+def test_requests_on_cached_rtes_are_batched_apart_with_the_backbones_rewards(
+    tiny_neox_rm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local feedback's /score (every RTE cached) is never merged into the backbone's batches queued beside it and
+    gets the same rewards as the backbone would."""
     model = build_engine(ServiceSettings(model=str(tiny_neox_rm), policy_dim=8, attn_dim=8, device="cpu"))
     texts = ["one", "two", "three", "four"]
     encoded = [model.backbone.encode("hello", t) for t in texts]
     with torch.inference_mode():
         rte = model.embed(encoded)
-    order: list[int] = []
     metrics = ServiceMetrics()
+    batches: list[list[bool]] = []  # per scored batch: which items carried a cached RTE
+    score_all = model.score_all
+
+    def spy(items, *args):  # noqa: ANN001, ANN202
+        batches.append([it.rte is not None for it in items])
+        return score_all(items, *args)
+
+    monkeypatch.setattr(model, "score_all", spy)
 
     async def run() -> list:
         batcher = Batcher(model, metrics, max_batch_tokens=4096, max_queue_items=100, batch_wait_ms=0)
         slow = [batcher.submit([PreparedItem(encoded=e, hidden=None, w=1.0)]) for e in encoded]
         cached = batcher.submit([PreparedItem(encoded=e, hidden=None, w=1.0, rte=r) for e, r in zip(encoded, rte)])
         tasks = [asyncio.ensure_future(c) for c in [*slow, cached]]
-        for i, t in enumerate(tasks):
-            t.add_done_callback(lambda _, i=i: order.append(i))
         await asyncio.sleep(0)  # all five queued before the batcher's loop starts
         batcher.max_batch_tokens = len(encoded[0]) + 1  # one backbone request per batch
         batcher.start()
@@ -90,6 +97,48 @@ def test_requests_on_cached_rtes_skip_the_queue_behind_backbone_batches(tiny_neo
             await batcher.stop()
 
     results = asyncio.run(run())
-    assert order[0] == 4, order  # queued last, answered first
     assert results[4].rewards == pytest.approx([r.rewards[0] for r in results[:4]], abs=1e-5)
-    assert metrics.registry.get_sample_value("r2m_batch_requests_count") >= 2
+    assert [True] * 4 in batches, "the cached request's four items were one batch"
+    assert all(all(b) or not any(b) for b in batches), batches  # never mixed with backbone work
+
+
+def test_a_request_on_cached_rtes_is_answered_while_a_backbone_batch_runs(
+    tiny_neox_rm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached lane has its own thread: a read-out request does not wait for the running backbone batch."""
+    import threading
+
+    model = build_engine(ServiceSettings(model=str(tiny_neox_rm), policy_dim=8, attn_dim=8, device="cpu"))
+    encoded = model.backbone.encode("hello", "one")
+    with torch.inference_mode():
+        rte = model.embed([encoded])[0]
+    entered, release = threading.Event(), threading.Event()
+    real_embed = model.backbone.embed
+
+    def embed(batch):  # noqa: ANN001, ANN202 - a backbone batch that runs until the test lets it end
+        entered.set()
+        release.wait(timeout=30)
+        return real_embed(batch)
+
+    monkeypatch.setattr(model.backbone, "embed", embed)
+
+    async def run() -> tuple:
+        batcher = Batcher(model, ServiceMetrics(), max_batch_tokens=4096, max_queue_items=100, batch_wait_ms=0)
+        batcher.start()
+        try:
+            slow = asyncio.ensure_future(batcher.submit([PreparedItem(encoded=encoded, hidden=None, w=1.0)]))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+            cached = await asyncio.wait_for(
+                batcher.submit([PreparedItem(encoded=encoded, hidden=None, w=1.0, rte=rte)]), timeout=10
+            )
+            still_running = not slow.done()
+            release.set()
+            return cached, await slow, still_running
+        finally:
+            release.set()
+            await batcher.stop()
+
+    cached, slow, still_running = asyncio.run(run())
+    assert still_running, "the cached request was answered while the backbone batch was still running"
+    assert cached.rewards == pytest.approx(slow.rewards, abs=1e-5)
