@@ -11,7 +11,10 @@ its attention on this process's CPU). Every call scores a text never scored befo
 e in the cache its /embed filled, as in RL, and nothing else hits a cache. The ratios are vanilla seq/s over each
 mode's, medians of the rounds; with the CPU the server process and this process (the client, local attention
 included) spent per scored response. On a CPU-only machine the local attention shares the cores with the server: the
-figure a GPU policy node sees is the round trip's, not this one's compute.
+figure a GPU policy node sees is the round trip's, not this one's compute. This process stands in for the policy
+node, so its torch runs one intra-op thread while the section runs (every mode alike): with two, OpenMP's workers
+spin-wait after each 0.2 ms attention call and burn ~7 ms of the server's CPU per call (10.7 against 3.0 ms of
+client CPU per call, one call in flight, measured 2026-12-01).
 """
 
 from __future__ import annotations
@@ -117,7 +120,9 @@ def run(opts) -> dict:  # noqa: ANN001
     rounds = 1 if opts.quick else opts.rounds
     duration = opts.duration if opts.quick else max(2.0, opts.duration / 2)
     server = start_r2m(Path(opts.tmp), server_env(opts), "local")
-    out: dict[str, Any] = {"rounds": rounds, "duration_s": duration, "rows": []}
+    out: dict[str, Any] = {"rounds": rounds, "duration_s": duration, "client_threads": 1, "rows": []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for rows in LENGTHS:
             b = bytes_per_response(server.url, pairs[: 4 if opts.quick else 16], rows, opts.policy_dim)
@@ -201,5 +206,6 @@ def run(opts) -> dict:  # noqa: ANN001
                 )
             out["stale_retries"] = local.stale_retries
     finally:
+        torch.set_num_threads(threads)
         server.stop()
     return out
