@@ -8,6 +8,7 @@ real tokens. The reward is `phi(w * e + (1 - w) * a)` with `a` the cross-attenti
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
@@ -198,11 +199,23 @@ class FeedbackAttention(nn.Module):
 # widened, to the dtype of the folded query `u` (float32, or float64 for float64 weights in tests).
 
 # Half-precision hidden states a CPU does not multiply natively are widened a block at a time, each block at most this
-# many bytes of float32 (whole items where they fit, else runs of one item's rows). One float32 copy of a whole batch
-# (183 MB at 16 x 700 x 4096) is a fresh memory mapping on every call, and its page faults cost 3-5x the two matmuls
-# over it; blocks of a few MB come from the allocator's heap and are read again while still in cache (bench
-# section 2: 4 MB blocks run the upcast path at about the float32 path's time; 1 MB or 16 MB are 2.5x slower).
+# many bytes of float32 (whole items where they fit, else runs of one item's rows), into one buffer per thread that
+# is kept: one float32 copy of a whole batch (183 MB at 16 x 700 x 4096), or a fresh tensor per block, is memory the
+# allocator maps anew, and its page faults cost 2-5x the two matmuls (bench section 2). Under autograd (the worker's
+# update) every block is its own tensor: the matmuls keep them for the backward pass.
 UPCAST_BLOCK_BYTES = 4 * 2**20
+_scratch = threading.local()
+
+
+def _scratch_block(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`like` copied into this thread's widening buffer as `dtype` (grown when too small; never an inference
+    tensor, so that it can be written inside and outside inference mode)."""
+    buf: torch.Tensor | None = getattr(_scratch, "buffer", None)
+    if buf is None or buf.numel() < like.numel() or buf.dtype != dtype or buf.device != like.device:
+        with torch.inference_mode(False):
+            buf = torch.empty(max(like.numel(), UPCAST_BLOCK_BYTES // dtype.itemsize), dtype=dtype, device=like.device)
+        _scratch.buffer = buf
+    return buf[: like.numel()].view(like.shape).copy_(like)
 
 
 def _widens(h: torch.Tensor) -> bool:
@@ -213,17 +226,20 @@ def _widens(h: torch.Tensor) -> bool:
 
 def _blocks(h: torch.Tensor) -> Iterator[tuple[slice, slice, torch.Tensor]]:
     """`(items, rows, block)` covering `h` (`(B, T, P)`, or `(T, P)`: items is then unused), each block widened to
-    its compute dtype and at most `UPCAST_BLOCK_BYTES` (one row at least): whole items where they fit."""
+    its compute dtype and at most `UPCAST_BLOCK_BYTES` (one row at least): whole items where they fit. Without
+    autograd a block is valid until the next one is taken (the thread's buffer)."""
     T, P = h.shape[-2:]
     dtype = compute_dtype(h.dtype, h.device)
     n = h.shape[0] if h.dim() == 3 else 1
     row = P * dtype.itemsize
     rows = max(1, min(T, UPCAST_BLOCK_BYTES // row))
     items = max(1, UPCAST_BLOCK_BYTES // (T * row)) if rows == T else 1
+    reuse = not torch.is_grad_enabled()
     for b0 in range(0, n, items):
         for t0 in range(0, T, rows):
             ib, tb = slice(b0, b0 + items), slice(t0, t0 + rows)
-            yield ib, tb, (h[ib, tb] if h.dim() == 3 else h[tb]).to(dtype)
+            block = h[ib, tb] if h.dim() == 3 else h[tb]
+            yield ib, tb, _scratch_block(block, dtype) if reuse else block.to(dtype)
 
 
 def _scores(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
