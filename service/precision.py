@@ -6,13 +6,15 @@ so widening `h` to float32 first is 5-10x faster than reading it as it came (`mo
 time, each block still in cache when the matmul reads it). Where the instructions exist (AVX512-BF16 / AMX on x86,
 the BF16 / FP16 extensions on Arm) and on CUDA, half precision is read as it is. R2M_CPU_HALF_HIDDEN overrides the
 choice (`native`, `upcast`); `auto` decides once per process from the CPU flags in /proc/cpuinfo, or where those are
-unreadable from a one-time micro-measurement.
+unreadable, or where oneDNN's instruction set is capped below them (ONEDNN_MAX_CPU_ISA), from a one-time
+micro-measurement.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -68,13 +70,25 @@ def _measured_native(dtype: torch.dtype) -> bool:
     return best(a.to(dtype), b.to(dtype)) <= 1.5 * best(a, b)
 
 
+def _isa_cap() -> str | None:
+    """oneDNN's instruction-set cap (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) when one is set: torch's CPU
+    matmuls then may not use what the flags show (with `AVX2` a bf16 matmul runs ~100x slower than float32 on a CPU
+    with AVX512-BF16)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap if cap and cap.upper() not in ("ALL", "DEFAULT") else None
+
+
 @functools.cache
 def native_half(dtype: torch.dtype) -> tuple[bool, str]:
     """(whether this CPU multiplies `dtype` natively, how that was decided), once per process."""
     flags = _cpu_flags()
     if flags is not None:
         found = [f for f in _NATIVE_FLAGS[dtype] if f in flags]
-        return bool(found), f"cpu flags: {', '.join(found) or 'none of ' + '/'.join(_NATIVE_FLAGS[dtype])}"
+        why = f"cpu flags: {', '.join(found) or 'none of ' + '/'.join(_NATIVE_FLAGS[dtype])}"
+        cap = _isa_cap()
+        if not found or cap is None:
+            return bool(found), why
+        return _measured_native(dtype), f"measured once: {why}, but ONEDNN_MAX_CPU_ISA={cap}"
     return _measured_native(dtype), "measured once"
 
 

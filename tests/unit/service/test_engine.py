@@ -231,6 +231,24 @@ def test_compute_dtype_follows_the_setting_the_cpu_flags_and_the_device(monkeypa
         precision.configure("fast")
 
 
+def test_a_capped_instruction_set_is_measured_instead_of_read_from_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONEDNN_MAX_CPU_ISA=AVX2 on a CPU with AVX512-BF16: torch's bf16 matmuls are emulated, whatever the flags."""
+    monkeypatch.setattr(precision, "_mode", "auto")
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(precision, "_measured_native", lambda dtype: False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    precision.native_half.cache_clear()
+    try:
+        native, why = precision.native_half(torch.bfloat16)
+        assert not native and "ONEDNN_MAX_CPU_ISA=AVX2" in why
+        assert precision.compute_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")  # no cap: the flags decide
+        precision.native_half.cache_clear()
+        assert precision.native_half(torch.bfloat16) == (True, "cpu flags: avx512_bf16")
+    finally:
+        precision.native_half.cache_clear()
+
+
 def test_bf16_rewards_are_within_the_documented_tolerance_of_float32(native_half) -> None:
     torch.manual_seed(0)
     head = R2MHead(HeadConfig(rm_dim=64, policy_dim=256, attn_dim=256, n_heads=1))
