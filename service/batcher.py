@@ -7,7 +7,9 @@ one head snapshot. Whole requests, never parts, go into a batch, so one request 
 
 Requests that need no backbone (every item's RTE cached: local feedback's /score with read-outs, a repeated /embed)
 go to a second lane with its own thread: they are scored at once, in batches of their own that take a millisecond,
-instead of waiting for the backbone batch that is running (tens to hundreds of ms) to end.
+instead of waiting for the backbone batch that is running (tens to hundreds of ms) to end. On CUDA both lanes
+queue kernels on the device's one stream, so a cached batch still waits for the kernels already queued there (not
+for the rest of the backbone batch); results come back to the host on the lane's thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import NonFiniteReward, PreparedItem, ScoringEngine
+from .engine import HeadVersion, NonFiniteReward, PreparedItem, ScoringEngine
 from .metrics import ServiceMetrics
 
 __all__ = ["Batcher", "BadReward", "BatchResult", "Overloaded", "StaleHead"]
@@ -181,9 +183,10 @@ class Batcher:
             started = time.perf_counter()
             for p in batch:
                 self.metrics.queue_wait.observe(started - p.enqueued)
+            want_rte = any(p.want_rte for p in batch)
             try:
-                scores = await loop.run_in_executor(
-                    lane.executor, self.engine.score_all, items, head, self.max_batch_tokens
+                values, std, members, rte = await loop.run_in_executor(
+                    lane.executor, self._score, items, head, want_rte
                 )
             except NonFiniteReward as exc:
                 self._non_finite(lane, batch, exc)
@@ -195,10 +198,6 @@ class Batcher:
                         p.future.set_exception(exc)
                 continue
             self._observe(batch, items, time.perf_counter() - started)
-            values = scores.rewards.tolist()
-            std = scores.uncertainty.tolist() if scores.uncertainty is not None else None
-            members = scores.members.tolist() if scores.members is not None else None
-            rte = scores.rte.cpu() if scores.rte is not None and any(p.want_rte for p in batch) else None
             if std is not None:
                 for u in std:
                     self.metrics.reward_uncertainty.observe(u)
@@ -217,6 +216,19 @@ class Batcher:
                         )
                     )
                 offset += n
+
+    def _score(
+        self, items: list[PreparedItem], head: HeadVersion, want_rte: bool
+    ) -> tuple[list[float], list[float] | None, list[list[float]] | None, torch.Tensor | None]:
+        """`engine.score_all` on the lane's thread, its results already on the host: reading a CUDA tensor on the
+        event loop would wait for every kernel queued on the device, the other lane's backbone batch included."""
+        scores = self.engine.score_all(items, head, self.max_batch_tokens)
+        return (
+            scores.rewards.tolist(),
+            scores.uncertainty.tolist() if scores.uncertainty is not None else None,
+            scores.members.tolist() if scores.members is not None else None,
+            scores.rte.cpu() if scores.rte is not None and want_rte else None,
+        )
 
     def _drop_stale(self, batch: list[_Pending], served: int) -> list[_Pending]:
         """Refuse the requests whose read-outs came from another head than the one this batch is scored by."""

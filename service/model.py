@@ -128,6 +128,11 @@ class FeedbackAttention(nn.Module):
         assert e.shape[0] == B and mask.shape == (B, T) and self.policy_dim == P, (e.shape, h.shape, mask.shape)
         if prefix_index is None or not prefixes:
             prefixes, prefix_index = (), None
+        if torch.is_grad_enabled():
+            # Under autograd (the worker's update) both reads keep what they read for the backward pass: one widened
+            # copy shared by the scores and the pooling costs less memory than blocks kept by each (`_blocks`).
+            h = h.to(compute_dtype(h.dtype, h.device))
+            prefixes = [p.to(compute_dtype(p.dtype, p.device)) for p in prefixes]
         has_rows = mask.any(dim=1) if prefix_index is None else mask.any(dim=1) | (prefix_index >= 0)
         assert bool(has_rows.all()), "every item needs at least one unmasked hidden state"
         # Scores, softmax and pooled sums in float32 at least, also for a half-precision (serving) copy of the head.
@@ -202,7 +207,7 @@ class FeedbackAttention(nn.Module):
 # many bytes of float32 (whole items where they fit, else runs of one item's rows), into one buffer per thread that
 # is kept: one float32 copy of a whole batch (183 MB at 16 x 700 x 4096), or a fresh tensor per block, is memory the
 # allocator maps anew, and its page faults cost 2-5x the two matmuls (bench section 2). Under autograd (the worker's
-# update) every block is its own tensor: the matmuls keep them for the backward pass.
+# update) `FeedbackAttention.forward` widens once instead, and no block is ever taken.
 UPCAST_BLOCK_BYTES = 4 * 2**20
 _scratch = threading.local()
 
@@ -226,20 +231,19 @@ def _widens(h: torch.Tensor) -> bool:
 
 def _blocks(h: torch.Tensor) -> Iterator[tuple[slice, slice, torch.Tensor]]:
     """`(items, rows, block)` covering `h` (`(B, T, P)`, or `(T, P)`: items is then unused), each block widened to
-    its compute dtype and at most `UPCAST_BLOCK_BYTES` (one row at least): whole items where they fit. Without
-    autograd a block is valid until the next one is taken (the thread's buffer)."""
+    its compute dtype and at most `UPCAST_BLOCK_BYTES` (one row at least): whole items where they fit. A block is
+    valid until the next one is taken (the thread's buffer); autograd off only."""
     T, P = h.shape[-2:]
     dtype = compute_dtype(h.dtype, h.device)
     n = h.shape[0] if h.dim() == 3 else 1
     row = P * dtype.itemsize
     rows = max(1, min(T, UPCAST_BLOCK_BYTES // row))
     items = max(1, UPCAST_BLOCK_BYTES // (T * row)) if rows == T else 1
-    reuse = not torch.is_grad_enabled()
+    assert not torch.is_grad_enabled(), "under autograd, forward widens h once: a kept block would be overwritten"
     for b0 in range(0, n, items):
         for t0 in range(0, T, rows):
             ib, tb = slice(b0, b0 + items), slice(t0, t0 + rows)
-            block = h[ib, tb] if h.dim() == 3 else h[tb]
-            yield ib, tb, _scratch_block(block, dtype) if reuse else block.to(dtype)
+            yield ib, tb, _scratch_block(h[ib, tb] if h.dim() == 3 else h[tb], dtype)
 
 
 def _scores(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -190,21 +190,38 @@ def test_wide_batches_are_widened_a_block_at_a_time(
     own, prefixes, _ = _mixed_batch(torch.bfloat16)
     rte = torch.randn(8, 8, generator=torch.Generator().manual_seed(2))
     weights = [0.6, 0.6, 0.7, 0.6, 0.8, 0.6, 1.0, 0.65]
-    rewards, grads = [], []
-    for widen in (False, True):
-        head = _head(3)
-        hidden = [None if h is None else h.float() if widen else h for h in own]
-        shared = [None if p is None else p.float() if widen else p for p in prefixes]
-        r = score_rte(head, rte, hidden, weights, shared)
-        if not widen:
-            blocks = list(calls)
-        r.pow(2).sum().backward()  # the update path (grad enabled) goes through the blocks too
-        rewards.append(r.detach())
-        grads.append(torch.cat([p.grad.flatten() for p in head.attention.parameters()]))
-    torch.testing.assert_close(rewards[0], rewards[1], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        got = score_rte(_head(3), rte, own, weights, prefixes)
+        blocks = list(calls)
+        hidden32, prefixes32 = _widened(own, prefixes)
+        ref = score_rte(_head(3), rte, hidden32, weights, prefixes32)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     assert len(blocks) == bmm_calls
     assert all(c[:2] == (torch.float32, torch.float32) and c[2] <= block_rows * P * 4 for c in blocks)
+
+
+def _widened(own, prefixes):  # noqa: ANN001, ANN202
+    return [None if h is None else h.float() for h in own], [None if p is None else p.float() for p in prefixes]
+
+
+def test_under_autograd_half_hidden_states_are_widened_once_and_give_the_float32_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's update: one float32 copy shared by the scores and the pooling (blocks would each be kept for the
+    backward pass), and the gradients of the float32 values."""
+    calls = _no_native_half(monkeypatch)
+    monkeypatch.setattr(model_module, "UPCAST_BLOCK_BYTES", 4 * P * 4)  # would cut blocks, were blocks taken
+    own, prefixes, _ = _mixed_batch(torch.bfloat16)
+    rte = torch.randn(8, 8, generator=torch.Generator().manual_seed(2))
+    weights = [0.6, 0.6, 0.7, 0.6, 0.8, 0.6, 1.0, 0.65]
+    grads = []
+    for hidden, shared in ((own, prefixes), _widened(own, prefixes)):
+        head = _head(3)
+        score_rte(head, rte, hidden, weights, shared).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in head.attention.parameters()]))
+        if hidden is own:
+            assert len(calls) == 2 and calls[0][2] == calls[1][2], "two reads of one widened h"
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 def test_compute_dtype_follows_the_setting_the_cpu_flags_and_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
