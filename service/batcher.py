@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -126,9 +127,7 @@ class Batcher:
                     await lane.task
                 except asyncio.CancelledError:
                     pass
-            for p in lane.queue:
-                if not p.future.done():
-                    p.future.set_exception(Overloaded("server is shutting down"))
+            self._shutting_down(lane.queue)
             lane.queue.clear()
             lane.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -188,6 +187,9 @@ class Batcher:
                 values, std, members, rte = await loop.run_in_executor(
                     lane.executor, self._score, items, head, want_rte
                 )
+            except asyncio.CancelledError:  # stop() while the batch runs: nobody will hear about it otherwise
+                self._shutting_down(batch)
+                raise
             except NonFiniteReward as exc:
                 self._non_finite(lane, batch, exc)
                 continue
@@ -229,6 +231,12 @@ class Batcher:
             scores.members.tolist() if scores.members is not None else None,
             scores.rte.cpu() if scores.rte is not None and want_rte else None,
         )
+
+    @staticmethod
+    def _shutting_down(pending: Iterable[_Pending]) -> None:
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(Overloaded("server is shutting down"))
 
     def _drop_stale(self, batch: list[_Pending], served: int) -> list[_Pending]:
         """Refuse the requests whose read-outs came from another head than the one this batch is scored by."""

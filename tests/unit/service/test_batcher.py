@@ -142,3 +142,43 @@ def test_a_request_on_cached_rtes_is_answered_while_a_backbone_batch_runs(
     cached, slow, still_running = asyncio.run(run())
     assert still_running, "the cached request was answered while the backbone batch was still running"
     assert cached.rewards == pytest.approx(slow.rewards, abs=1e-5)
+
+
+def test_stopping_answers_the_requests_of_the_batch_being_scored(
+    tiny_neox_rm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown while a backbone batch runs: its requests hear Overloaded (503) at once instead of hanging."""
+    import threading
+
+    from r2m.service.batcher import Overloaded
+
+    model = build_engine(ServiceSettings(model=str(tiny_neox_rm), policy_dim=8, attn_dim=8, device="cpu"))
+    encoded = model.backbone.encode("hello", "one")
+    entered, release = threading.Event(), threading.Event()
+    real_embed = model.backbone.embed
+
+    def embed(batch):  # noqa: ANN001, ANN202 - a backbone batch that runs until the test lets it end
+        entered.set()
+        release.wait(timeout=30)
+        return real_embed(batch)
+
+    monkeypatch.setattr(model.backbone, "embed", embed)
+
+    async def run() -> tuple:
+        batcher = Batcher(model, ServiceMetrics(), max_batch_tokens=4096, max_queue_items=100, batch_wait_ms=0)
+        batcher.start()
+        try:
+            running = asyncio.ensure_future(batcher.submit([PreparedItem(encoded=encoded, hidden=None, w=1.0)]))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+            queued = asyncio.ensure_future(batcher.submit([PreparedItem(encoded=encoded, hidden=None, w=1.0)]))
+            await asyncio.sleep(0)
+            await batcher.stop()
+            done, _ = await asyncio.wait([running, queued], timeout=5)
+            return running, queued, done
+        finally:
+            release.set()
+
+    running, queued, done = asyncio.run(run())
+    assert running in done and queued in done, "both requests were answered"
+    assert isinstance(running.exception(), Overloaded) and isinstance(queued.exception(), Overloaded)
