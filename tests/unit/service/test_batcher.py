@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from r2m.service.batcher import BadReward, Batcher
+from r2m.service.batcher import BadReward, Batcher, Overloaded
 from r2m.service.config import ServiceSettings
 from r2m.service.engine import PreparedItem, build_engine
 from r2m.service.metrics import ServiceMetrics
@@ -102,25 +103,29 @@ def test_requests_on_cached_rtes_are_batched_apart_with_the_backbones_rewards(
     assert all(all(b) or not any(b) for b in batches), batches  # never mixed with backbone work
 
 
-def test_a_request_on_cached_rtes_is_answered_while_a_backbone_batch_runs(
-    tiny_neox_rm: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The cached lane has its own thread: a read-out request does not wait for the running backbone batch."""
-    import threading
-
-    model = build_engine(ServiceSettings(model=str(tiny_neox_rm), policy_dim=8, attn_dim=8, device="cpu"))
-    encoded = model.backbone.encode("hello", "one")
-    with torch.inference_mode():
-        rte = model.embed([encoded])[0]
+def _hold_backbone(model, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:  # noqa: ANN001
+    """From now on the engine's backbone batches run until `release` is set; `entered` says one has started."""
     entered, release = threading.Event(), threading.Event()
     real_embed = model.backbone.embed
 
-    def embed(batch):  # noqa: ANN001, ANN202 - a backbone batch that runs until the test lets it end
+    def embed(batch):  # noqa: ANN001, ANN202
         entered.set()
         release.wait(timeout=30)
         return real_embed(batch)
 
     monkeypatch.setattr(model.backbone, "embed", embed)
+    return entered, release
+
+
+def test_a_request_on_cached_rtes_is_answered_while_a_backbone_batch_runs(
+    tiny_neox_rm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached lane has its own thread: a read-out request does not wait for the running backbone batch."""
+    model = build_engine(ServiceSettings(model=str(tiny_neox_rm), policy_dim=8, attn_dim=8, device="cpu"))
+    encoded = model.backbone.encode("hello", "one")
+    with torch.inference_mode():
+        rte = model.embed([encoded])[0]
+    entered, release = _hold_backbone(model, monkeypatch)
 
     async def run() -> tuple:
         batcher = Batcher(model, ServiceMetrics(), max_batch_tokens=4096, max_queue_items=100, batch_wait_ms=0)
@@ -148,21 +153,9 @@ def test_stopping_answers_the_requests_of_the_batch_being_scored(
     tiny_neox_rm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A shutdown while a backbone batch runs: its requests hear Overloaded (503) at once instead of hanging."""
-    import threading
-
-    from r2m.service.batcher import Overloaded
-
     model = build_engine(ServiceSettings(model=str(tiny_neox_rm), policy_dim=8, attn_dim=8, device="cpu"))
     encoded = model.backbone.encode("hello", "one")
-    entered, release = threading.Event(), threading.Event()
-    real_embed = model.backbone.embed
-
-    def embed(batch):  # noqa: ANN001, ANN202 - a backbone batch that runs until the test lets it end
-        entered.set()
-        release.wait(timeout=30)
-        return real_embed(batch)
-
-    monkeypatch.setattr(model.backbone, "embed", embed)
+    entered, release = _hold_backbone(model, monkeypatch)
 
     async def run() -> tuple:
         batcher = Batcher(model, ServiceMetrics(), max_batch_tokens=4096, max_queue_items=100, batch_wait_ms=0)
