@@ -230,20 +230,19 @@ def _widens(h: torch.Tensor) -> bool:
 
 
 def _blocks(h: torch.Tensor) -> Iterator[tuple[slice, slice, torch.Tensor]]:
-    """`(items, rows, block)` covering `h` (`(B, T, P)`, or `(T, P)`: items is then unused), each block widened to
-    its compute dtype and at most `UPCAST_BLOCK_BYTES` (one row at least): whole items where they fit. A block is
-    valid until the next one is taken (the thread's buffer); autograd off only."""
-    T, P = h.shape[-2:]
+    """`(items, rows, block)` covering `h` `(B, T, P)`, each block widened to its compute dtype and at most
+    `UPCAST_BLOCK_BYTES` (one row at least): whole items where they fit. A block is valid until the next one is
+    taken (the thread's buffer); autograd off only."""
+    B, T, P = h.shape
     dtype = compute_dtype(h.dtype, h.device)
-    n = h.shape[0] if h.dim() == 3 else 1
     row = P * dtype.itemsize
     rows = max(1, min(T, UPCAST_BLOCK_BYTES // row))
     items = max(1, UPCAST_BLOCK_BYTES // (T * row)) if rows == T else 1
     assert not torch.is_grad_enabled(), "under autograd, forward widens h once: a kept block would be overwritten"
-    for b0 in range(0, n, items):
+    for b0 in range(0, B, items):
         for t0 in range(0, T, rows):
             ib, tb = slice(b0, b0 + items), slice(t0, t0 + rows)
-            yield ib, tb, _scratch_block(h[ib, tb] if h.dim() == 3 else h[tb], dtype)
+            yield ib, tb, _scratch_block(h[ib, tb], dtype)
 
 
 def _scores(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -267,27 +266,16 @@ def _pool(probs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def _scores_shared(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One prefix `(T_j, P)` against n items' folded queries `(n, H, P)` -> `(n, H, T_j)`, one matmul (a block)."""
+    """One prefix `(T_j, P)` against n items' folded queries `(n, H, P)` -> `(n, H, T_j)`: `_scores` of a batch of
+    one whose n * H query rows all read the prefix, one matmul (per block)."""
     n, H, P = u.shape
-    q = u.reshape(n * H, P)
-    if not _widens(p):
-        return (q.to(p.dtype) @ p.T).to(u.dtype).view(n, H, -1)
-    out = u.new_empty(n * H, p.shape[0])
-    for _, tb, x in _blocks(p):
-        out[:, tb] = (q.to(x.dtype) @ x.T).to(u.dtype)
-    return out.view(n, H, -1)
+    return _scores(p[None], u.reshape(1, n * H, P)).view(n, H, -1)
 
 
 def _pool_shared(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """n items' weights over one prefix `(n, H, T_j)` -> their pooled prefix part `(n, H, P)`."""
+    """n items' weights over one prefix `(n, H, T_j)` -> their pooled prefix part `(n, H, P)` (`_pool`, likewise)."""
     n, H, T = probs.shape
-    w = probs.reshape(n * H, T)
-    if not _widens(p):
-        return (w.to(p.dtype) @ p).to(probs.dtype).view(n, H, -1)
-    out = probs.new_zeros(n * H, p.shape[1])
-    for _, tb, x in _blocks(p):
-        out += (w[:, tb].to(x.dtype) @ x).to(probs.dtype)
-    return out.view(n, H, -1)
+    return _pool(probs.reshape(1, n * H, T), p[None]).view(n, H, -1)
 
 
 class R2MHead(nn.Module):
