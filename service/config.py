@@ -107,9 +107,9 @@ class ServiceSettings(BaseSettings):
         "auto",
         description="How the feedback attention reads bfloat16/float16 hidden states on a CPU. native: as sent; "
         "upcast: widened to float32 inside the attention, a block of rows at a time (5-10x faster on a CPU without "
-        "native half-precision matmuls); auto: "
-        "upcast unless the CPU flags show avx512_bf16/amx_bf16 (bf16) or avx512_fp16/amx_fp16 (fp16), measured "
-        "once where the flags are unreadable. The choice is logged at start. GPUs read half precision as sent.",
+        "native half-precision matmuls); auto: upcast unless the CPU flags show avx512_bf16/amx_bf16 (bf16) or "
+        "avx512_fp16/amx_fp16 (fp16), measured once where the flags are unreadable or ONEDNN_MAX_CPU_ISA caps the "
+        "instruction set. The choice is logged at start. GPUs read half precision as sent.",
     )
     max_items_per_request: int = Field(1024, ge=1, description="Most items in one /score request.")
     max_batch_tokens: int = Field(16384, ge=1, description="Token budget (padded) of one backbone forward.")
