@@ -1,8 +1,8 @@
 """Shared request dependencies as `Annotated` aliases.
 
 All of them are `async def`: they only read app state, and FastAPI runs a plain `def` dependency in its thread pool,
-one hop per dependency per request (the five here cost ~0.5 ms of CPU per request, as much as the rest of a /score
-with read-outs)."""
+one hop per dependency per request (the five here cost ~0.35 ms of server CPU per request, measured one request at
+a time: a /score with read-outs went from 1.23 to 0.87 ms)."""
 
 from __future__ import annotations
 
