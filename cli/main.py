@@ -51,6 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from r2m.service.app import create_app
+    from r2m.service.drain import DrainingServer
 
     settings = _settings_from(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,19 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
 
-    class DrainingServer(uvicorn.Server):
-        """On SIGTERM/SIGINT: /readyz says 503 "draining" at once; uvicorn stops accepting, lets the requests it
-        accepted finish (at most R2M_DRAIN_TIMEOUT_S), then the app shuts down."""
-
-        def handle_exit(self, sig: int, frame: object) -> None:
-            if not app.state.r2m.draining:
-                logging.getLogger("r2m.service").info(
-                    "signal %d: draining (at most %.0f s)", sig, settings.drain_timeout_s
-                )
-            app.state.r2m.draining = True
-            super().handle_exit(sig, frame)  # type: ignore[arg-type]
-
-    DrainingServer(config).run()
+    DrainingServer(config, app.state.r2m, settings.drain_timeout_s).run()
     return 0
 
 

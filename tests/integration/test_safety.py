@@ -299,7 +299,9 @@ def test_sigterm_during_a_burst_answers_every_request_the_server_accepted(tmp_pa
             await asyncio.sleep(0.5)  # the first requests are being scored, the others queued
             sent = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
-            tasks += [asyncio.create_task(one(client, 100 + k)) for k in range(8)]  # after the signal
+            for k in range(40):  # after the signal, a connection every 5 ms: across the moment the listener closes
+                tasks.append(asyncio.create_task(one(client, 100 + k)))
+                await asyncio.sleep(0.005)
             await asyncio.gather(*tasks)
             return sent
 

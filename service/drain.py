@@ -1,0 +1,91 @@
+"""`r2m serve`'s graceful stop: on SIGTERM (or SIGINT) no request that reached the server is lost.
+
+    DrainingServer(uvicorn.Config(app, ...), app.state.r2m, drain_timeout_s=30).run()
+
+Order, once the signal arrives:
+1. `/readyz` answers 503 "draining" at once (load balancers stop routing here).
+2. The listener stops completing new handshakes (Linux: a socket filter that drops every packet), so a new client
+   is refused after its SYN retry instead of connecting; the connections already in the kernel's accept queue are
+   accepted. Closing a listener outright resets that queue: those clients had connected, sent a request, and lost
+   it with a ReadError.
+3. The listener closes; connections accepted a moment before get ACCEPTED_GRACE_S to deliver their request, since
+   uvicorn closes every connection that has none in progress.
+4. uvicorn lets the requests in progress finish (at most the drain timeout), then the app shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import socket
+import struct
+import sys
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger("r2m.service")
+
+ACCEPTED_GRACE_S = 0.5  # for a connection accepted just before the listener closed to deliver its request
+ACCEPT_QUEUE_WAIT_S = 1.0  # at most, for the event loop to accept what the kernel had queued
+
+_SO_ATTACH_FILTER = 26  # Linux, asm-generic/socket.h
+_BPF_RET_K = 0x06  # classic BPF "return constant": 0 keeps no byte of the packet, i.e. drops it
+_DROP_ALL = ctypes.create_string_buffer(struct.pack("HBBI", _BPF_RET_K, 0, 0, 0))  # one sock_filter
+_TCPI_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: a listener's accept-queue length
+
+
+def stop_handshakes(sock: Any) -> bool:
+    """Make a listening TCP socket drop every packet it gets: new SYNs (the client retries, then finds the port
+    closed) and nothing else, since accepted connections have their own sockets. False where not supported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    program = struct.pack("HP", 1, ctypes.addressof(_DROP_ALL))  # struct sock_fprog {len; filter*}
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, program)
+    except OSError as exc:
+        log.warning("could not stop new handshakes before closing the listener: %s", exc)
+        return False
+    return True
+
+
+def accept_queue_length(sock: Any) -> int:
+    """Connections the kernel has completed for a listening socket that the server has not accepted yet."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("I", info, _TCPI_UNACKED)[0])
+
+
+def between_requests(connection: object) -> bool:
+    """A uvicorn HTTP connection with no request in progress: none received yet, or the last one answered."""
+    cycle = getattr(connection, "cycle", False)  # False: not an HTTP/1.1 protocol uvicorn knows; nothing to wait for
+    return cycle is None or bool(getattr(cycle, "response_complete", False))
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with the stop order of this module's docstring; `state.draining` feeds `/readyz`."""
+
+    def __init__(self, config: uvicorn.Config, state: Any, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self._state = state
+        self._drain_timeout_s = drain_timeout_s
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self._state.draining:
+            log.info("signal %d: draining (at most %.0f s)", sig, self._drain_timeout_s)
+        self._state.draining = True
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        listeners = [s for server in self.servers for s in server.sockets if s.type == socket.SOCK_STREAM]
+        stopped = [s for s in listeners if stop_handshakes(s)]
+        deadline = loop.time() + ACCEPT_QUEUE_WAIT_S
+        while stopped and loop.time() < deadline and any(accept_queue_length(s) for s in stopped):
+            await asyncio.sleep(0.005)
+        for server in self.servers:
+            server.close()
+        deadline = loop.time() + ACCEPTED_GRACE_S
+        while loop.time() < deadline and any(between_requests(c) for c in self.server_state.connections):
+            await asyncio.sleep(0.01)
+        await super().shutdown(sockets)
