@@ -152,6 +152,26 @@ def prepare_score_items(req: ScoreRequest, engine: ScoringEngine, settings: Serv
     return out
 
 
+def prepare_cached_readouts(
+    req: ScoreRequest, engine: ScoringEngine, settings: ServiceSettings
+) -> list[PreparedItem] | None:
+    """`prepare_score_items` for a request whose every item carries a read-out (and no hidden states) of a text
+    whose RTE this replica has cached, else None. Nothing is tokenized: the text was tokenized and its length
+    checked when /embed cached its RTE, and the backbone will not read it."""
+    if req.prefixes or any(it.readout is None or it.policy_hidden is not None for it in req.items):
+        return None
+    check_item_count(len(req.items), "items", "items", settings)
+    w = omega(req.step, req.total_steps, settings.omega_floor)
+    out = []
+    for i, item in enumerate(req.items):
+        rte = engine.rte_cache.get(RTECache.key(item.prompt, item.response))
+        if rte is None or item.readout is None:
+            return None
+        readout = check_readout(item.readout, f"items[{i}].readout", engine.backbone.rm_dim, settings)
+        out.append(PreparedItem(encoded=Encoded(input_ids=[]), hidden=None, w=w, readout=readout, rte=rte))
+    return out
+
+
 def check_readout(t: WireTensor, path: str, rm_dim: int, settings: ServiceSettings) -> torch.Tensor:
     """A `(rm_dim,)` read-out as a float32 tensor; BadInput naming `path` for another shape or a non-finite or
     out-of-bound value (R2M_MAX_HIDDEN_ABS, as for hidden states)."""

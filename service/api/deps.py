@@ -2,7 +2,9 @@
 
 All of them are `async def`: they only read app state, and FastAPI runs a plain `def` dependency in its thread pool,
 one hop per dependency per request (the five here cost ~0.35 ms of server CPU per request, measured one request at
-a time: a /score with read-outs went from 1.23 to 0.87 ms)."""
+a time: a /score with read-outs went from 1.23 to 0.87 ms). The scoring routes take one `ServingDep` and the auth
+check reads the state itself: FastAPI walks every node of a route's dependency tree on every request (ten calls of
+`solve_dependencies` per /score with engine, batcher, settings and auth each depending on the state)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,16 @@ from ..headstore import HeadStore
 from ..metrics import ServiceMetrics
 from ..queue import PreferenceQueue
 
-__all__ = ["AuthDep", "BatcherDep", "EngineDep", "ServiceState", "SettingsDep", "StateDep", "require_api_key"]
+__all__ = [
+    "AuthDep",
+    "EngineDep",
+    "Serving",
+    "ServingDep",
+    "ServiceState",
+    "SettingsDep",
+    "StateDep",
+    "require_api_key",
+]
 
 
 @dataclass
@@ -67,22 +78,32 @@ async def get_engine(state: StateDep) -> ScoringEngine:
 EngineDep = Annotated[ScoringEngine, Depends(get_engine)]
 
 
-async def get_batcher(state: StateDep) -> Batcher:
-    if state.batcher is None:
+@dataclass(frozen=True)
+class Serving:
+    """What a scoring route needs, once the model has loaded."""
+
+    engine: ScoringEngine
+    batcher: Batcher
+    settings: ServiceSettings
+
+
+async def get_serving(request: Request) -> Serving:
+    state: ServiceState = request.app.state.r2m
+    if state.engine is None or state.batcher is None:
         raise _not_ready(state)
-    return state.batcher
+    return Serving(state.engine, state.batcher, state.settings)
 
 
-BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+ServingDep = Annotated[Serving, Depends(get_serving)]
 
 _bearer = HTTPBearer(auto_error=False, description="Set R2M_API_KEY on the server to require it.")
 
 
 async def require_api_key(
-    state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """401 unless auth is off or the request carries `Authorization: Bearer <R2M_API_KEY>`."""
-    key = state.settings.api_key
+    key = request.app.state.r2m.settings.api_key
     if key is None:
         return
     if credentials is None:

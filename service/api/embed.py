@@ -14,15 +14,16 @@ from r2m.client.wire import tensor_to_json
 
 from ..schemas import EmbedRequest, EmbedResponse
 from ..validation import prepare_embed_items
-from .deps import AuthDep, BatcherDep, EngineDep, SettingsDep
+from .deps import AuthDep, ServingDep
 from .payload import ERROR_RESPONSES, read_model
 
 router = APIRouter(tags=["scoring"], dependencies=[AuthDep])
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES)
-async def embed(request: Request, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep) -> EmbedResponse:
+async def embed(request: Request, serving: ServingDep) -> EmbedResponse:
     """Reward-token embeddings (float32, N x rm_dim), the plain rewards, and the head version this replica serves."""
+    engine, batcher, settings = serving.engine, serving.batcher, serving.settings
     req = await read_model(request, EmbedRequest)
     items = await run_in_threadpool(
         prepare_embed_items, [(it.prompt, it.response) for it in req.items], engine, settings

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..validation import prepare_queries
-from .deps import AuthDep, BatcherDep, EngineDep, SettingsDep
+from .deps import AuthDep, ServingDep
 from .payload import ERROR_RESPONSES
 
 __all__ = ["GetRewardRequest", "GetRewardResponse", "router"]
@@ -42,10 +42,9 @@ class GetRewardResponse(BaseModel):
 
 
 @router.post("/get_reward", response_model=GetRewardResponse, responses=ERROR_RESPONSES)
-async def get_reward(
-    req: GetRewardRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep
-) -> GetRewardResponse:
+async def get_reward(req: GetRewardRequest, serving: ServingDep) -> GetRewardResponse:
     """OpenRLHF remote reward model: rewards for full templated texts (plain RM, no hidden states)."""
+    engine, batcher, settings = serving.engine, serving.batcher, serving.settings
     logs: dict[str, list[float]] = {"head_version": []}
     if not req.query:
         if settings.ensemble > 1:

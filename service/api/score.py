@@ -8,8 +8,8 @@ from starlette.concurrency import run_in_threadpool
 from ..batcher import StaleHead
 from ..model import omega
 from ..schemas import ScoreRequest, ScoreResponse
-from ..validation import prepare_score_items
-from .deps import AuthDep, BatcherDep, EngineDep, SettingsDep
+from ..validation import prepare_cached_readouts, prepare_score_items
+from .deps import AuthDep, ServingDep
 from .payload import ERROR_RESPONSES, STALE_HEAD_RESPONSE, read_model, request_body_openapi
 
 router = APIRouter(tags=["scoring"], dependencies=[AuthDep])
@@ -22,15 +22,19 @@ router = APIRouter(tags=["scoring"], dependencies=[AuthDep])
     responses={**ERROR_RESPONSES, **STALE_HEAD_RESPONSE},
     openapi_extra=request_body_openapi(ScoreRequest),
 )
-async def score(request: Request, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep) -> ScoreResponse:
+async def score(request: Request, serving: ServingDep) -> ScoreResponse:
     """Score a batch of items; JSON or binary (application/vnd.r2m+safetensors) body. Items carry the policy's
     hidden states, or read-outs computed next to the policy (local feedback, with the request's head_version)."""
+    engine, batcher, settings = serving.engine, serving.batcher, serving.settings
     req = await read_model(request, ScoreRequest)
     if req.head_version is not None and req.head_version != engine.current.version:
         batcher.metrics.stale_head_requests.inc()
         raise StaleHead(req.head_version, engine.current.version)  # before any work; the batcher checks again
-    # Tokenizing and the finiteness scan of the hidden states are CPU work: keep them off the event loop.
-    items = await run_in_threadpool(prepare_score_items, req, engine, settings)
+    # Local feedback's read-outs on RTEs this replica cached need neither tokenizing nor a hidden-state scan: cheap
+    # enough for the event loop. Anything else is CPU work: off the event loop.
+    items = prepare_cached_readouts(req, engine, settings)
+    if items is None:
+        items = await run_in_threadpool(prepare_score_items, req, engine, settings)
     local = [it for it in items if it.readout is not None]
     if local:
         hits = sum(it.rte is not None for it in local)

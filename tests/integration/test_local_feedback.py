@@ -163,3 +163,20 @@ def test_embed_returns_the_plain_rewards_and_caches_what_score_reuses(server: Pr
         LocalFeedbackClient(rm).score(PROMPT, RESPONSES, hidden=_hidden(len(RESPONSES), torch.float32, 5), step=1,
                                       total_steps=4)  # fmt: skip
         assert hits() - before == len(RESPONSES)  # /score with read-outs ran no backbone forward for them
+
+
+def test_read_outs_of_texts_the_replica_has_not_embedded_get_the_rewards_of_cached_ones(server: Process) -> None:
+    """/score with read-outs takes a path without tokenizing when every RTE is cached; a text /embed never saw (a
+    replica behind a load balancer that did not get the /embed) is tokenized and run through the backbone."""
+    with R2MClient(server.url) as rm:
+        responses = [f"{r} (not embedded before)" for r in RESPONSES]
+        rng = np.random.default_rng(7)
+        readouts = [rng.standard_normal(rm.info()["rm_dim"]).astype(np.float32) for _ in responses]
+        version = rm.current_head()["served_version"]
+        kw = {"readouts": readouts, "head_version": version, "step": 1, "total_steps": 4}
+        missed = rm.score(PROMPT, responses, **kw)
+        rm.embed(PROMPT, responses)
+        cached = rm.score(PROMPT, responses, **kw)
+    assert missed.head_version == cached.head_version == version
+    np.testing.assert_allclose(missed.rewards, cached.rewards, rtol=0, atol=TOLERANCE)
+    assert len(set(np.round(cached.rewards, 4))) == len(responses)  # the read-outs and texts matter
