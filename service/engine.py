@@ -364,6 +364,10 @@ def pad_hidden(
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     T = max(h.shape[0] for h in hidden)
     D = hidden[0].shape[1]
+    if all(h.shape[0] == T for h in hidden):  # nothing to pad: no zeros to write (one item: a view, no copy at all)
+        rows = [h.to(device=device, dtype=dtype) for h in hidden]
+        out = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+        return out, torch.ones((len(hidden), T), dtype=torch.bool, device=device)
     out = torch.zeros((len(hidden), T, D), dtype=dtype, device=device)
     mask = torch.zeros((len(hidden), T), dtype=torch.bool, device=device)
     for i, h in enumerate(hidden):

@@ -390,3 +390,18 @@ def test_the_zero_init_scores_w_times_the_plain_reward(tiny_llama_rm) -> None:  
     fed = engine.score([PreparedItem(enc, torch.randn(7, 16), 0.6)]).item()
     bias = float(engine.current.head.score.bias) if engine.current.head.score.bias is not None else 0.0
     assert fed == pytest.approx(0.6 * (plain - bias) + bias, rel=1e-5, abs=1e-6)
+
+
+def test_pad_hidden_of_equal_lengths_writes_no_padding_and_one_item_is_not_copied() -> None:
+    cpu = torch.device("cpu")
+    same = [torch.randn(5, 8).bfloat16() for _ in range(3)]
+    h, mask = pad_hidden(same, None, cpu)
+    assert h.dtype == torch.bfloat16 and h.shape == (3, 5, 8) and bool(mask.all()) and mask.shape == (3, 5)
+    assert all(torch.equal(h[i], same[i]) for i in range(3))
+    one, mask1 = pad_hidden(same[:1], None, cpu)
+    assert one.data_ptr() == same[0].data_ptr() and one.shape == (1, 5, 8) and bool(mask1.all())
+    widened, _ = pad_hidden(same[:1], torch.float32, cpu)  # another dtype: a converted copy
+    assert widened.dtype == torch.float32 and torch.equal(widened[0], same[0].float())
+    ragged, mask2 = pad_hidden([same[0], torch.randn(2, 8).bfloat16()], None, cpu)
+    assert ragged.shape == (2, 5, 8) and mask2.tolist()[1] == [True, True, False, False, False]
+    assert not bool(ragged[1, 2:].any())
