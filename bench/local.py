@@ -2,13 +2,14 @@
 
 Bytes: every request and response body of one scored response, counted at the client's transport, for T = 256 and
 T = 700 rows of bf16 hidden states (D_policy wide): server-side feedback is one `/score` carrying h; local feedback
-is `/embed` (the texts; e back) then `/score` carrying the D_rm read-out. HTTP headers are left out (a few hundred
-bytes either way).
+is `/embed` (the texts; e back), the rewards computed at the policy; with `rewards_on="server"` it is `/embed` then
+`/score` carrying the D_rm read-out. HTTP headers are left out (a few hundred bytes either way).
 
 Throughput: one server, closed loops of r2m's sync client in threads (one response per call), alternating rounds
-of vanilla (no hidden states), server-side feedback and local feedback (`r2m.trainer.local.LocalFeedbackClient`,
-its attention on this process's CPU). Every call scores a text never scored before: local feedback's /score finds
-e in the cache its /embed filled, as in RL, and nothing else hits a cache. The ratios are vanilla seq/s over each
+of vanilla (no hidden states), server-side feedback, local feedback (`r2m.trainer.local.LocalFeedbackClient`, its
+attention on this process's CPU) and local read-outs with the rewards on the server. Every call scores a text never
+scored before: the second round trip's /score finds e in the cache its /embed filled, as in RL, and nothing else
+hits a cache. The ratios are vanilla seq/s over each
 mode's, medians of the rounds; with the CPU the server process and this process (the client, local attention
 included) spent per scored response. On a CPU-only machine the local attention shares the cores with the server: the
 figure a GPU policy node sees is the round trip's, not this one's compute. This process stands in for the policy
@@ -70,7 +71,9 @@ def bytes_per_response(url: str, pairs: list[tuple[str, str]], rows: int, dim: i
         local = LocalFeedbackClient(client)
         local.head(client.current_head()["version"])  # the head download: once per version, not per response
         out: dict[str, Any] = {"rows": rows, "policy_dim": dim, "responses": len(pairs)}
-        for mode, scorer in (("server", client), ("local", local)):
+        both = LocalFeedbackClient(client, rewards_on="server")
+        both.head(client.current_head()["version"])
+        for mode, scorer in (("server", client), ("local", local), ("local_server", both)):
             transport.reset()
             for (p, r), h in zip(pairs, hidden):
                 scorer.score(p, [r], hidden=[h], step=50, total_steps=100)
@@ -128,7 +131,8 @@ def run(opts) -> dict:  # noqa: ANN001
             b = bytes_per_response(server.url, pairs[: 4 if opts.quick else 16], rows, opts.policy_dim)
             out[f"bytes_t{rows}"] = b
             print(f"  bytes/response T={rows}: server-side {b['server']['bytes_per_response']:.0f}, local "
-                  f"{b['local']['bytes_per_response']:.0f} ({b['ratio']:.0f}x fewer)", flush=True)  # fmt: skip
+                  f"{b['local']['bytes_per_response']:.0f} ({b['ratio']:.0f}x fewer); rewards on the server "
+                  f"{b['local_server']['bytes_per_response']:.0f}", flush=True)  # fmt: skip
             out["rows"].append(
                 row(
                     f"bytes/response T={rows} bf16 x {opts.policy_dim}: local vs server-side feedback (ratio: x fewer)",
@@ -156,7 +160,9 @@ def run(opts) -> dict:  # noqa: ANN001
 
                 return one
 
-            modes = {"vanilla": call(client, False), "server": call(client, True), "local": call(local, True)}
+            local_server = LocalFeedbackClient(client, rewards_on="server")
+            modes = {"vanilla": call(client, False), "server": call(client, True), "local": call(local, True),
+                     "local_server": call(local_server, True)}  # fmt: skip
             for fn in modes.values():
                 fn(0)  # warm: connections, the head download, the first attention call
             for c in levels:
@@ -173,18 +179,21 @@ def run(opts) -> dict:  # noqa: ANN001
                     for m in modes
                     for key in ("seq_per_s", "p50_ms", "p99_ms", *CPU_KEYS)
                 }
-                for m in ("server", "local"):
+                for m in ("server", "local", "local_server"):
                     res[f"{m}_ratio"] = statistics.median(p["vanilla"]["seq_per_s"] / p[m]["seq_per_s"] for p in per)
                 out[f"c{c}"] = res
                 print(f"  c={c}: vanilla {res['vanilla_seq_per_s']:.1f} seq/s; server-side ratio "
                       f"{res['server_ratio']:.3f}, local ratio {res['local_ratio']:.3f}; p50 vanilla "
                       f"{res['vanilla_p50_ms']:.1f} ms, server-side {res['server_p50_ms']:.1f} ms, local "
-                      f"{res['local_p50_ms']:.1f} ms; server CPU per response vanilla "
+                      f"{res['local_p50_ms']:.1f} ms; local, the server finishing, ratio "
+                      f"{res['local_server_ratio']:.3f}, p50 {res['local_server_p50_ms']:.1f} ms; server CPU per "
+                      "response vanilla "
                       f"{res['vanilla_server_cpu_ms_per_request']:.1f} ms, server-side "
                       f"{res['server_server_cpu_ms_per_request']:.1f} ms, local "
                       f"{res['local_server_cpu_ms_per_request']:.1f} ms (client: "
                       f"{res['local_client_cpu_ms_per_request']:.1f} ms)", flush=True)  # fmt: skip
-                for m, what in (("server", "server-side feedback"), ("local", "local feedback")):
+                for m, what in (("server", "server-side feedback"), ("local", "local feedback"),
+                                ("local_server", "local read-outs, rewards on the server")):  # fmt: skip
                     out["rows"].append(
                         row(
                             f"R2M overhead c={c}, T={LENGTHS[0]}: {what} vs vanilla, time ratio (threads, sync client)",

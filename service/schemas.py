@@ -331,6 +331,9 @@ class InfoResponse(BaseModel):
     attn_dim: int
     attn_heads: int
     omega_floor: float
+    ensemble: int = Field(description="Members of the served head (R2M_ENSEMBLE); 1: a single score layer.")
+    aggregation: str = Field(description="How an ensemble's members' rewards become one (R2M_AGGREGATION).")
+    uwo_lambda: float = Field(description="With aggregation `uwo`: the weight of the members' variance.")
     device: str
     dtype: str
     max_tokens: int

@@ -1,5 +1,5 @@
-"""Feedback at the policy (the R2M paper's section 6.1): the feedback attention runs next to the policy, so `/score`
-carries rm_dim numbers per response instead of the policy's T x D_policy hidden states.
+"""Feedback at the policy (the R2M paper's section 6.1): the feedback attention runs next to the policy, so no
+hidden states cross the network: the scoring path carries texts out and rm_dim numbers back.
 
     from r2m.client import R2MClient
     from r2m.trainer.local import LocalFeedbackClient
@@ -7,13 +7,16 @@ carries rm_dim numbers per response instead of the policy's T x D_policy hidden 
     rm = LocalFeedbackClient(R2MClient("http://rm-host:8000"), device="cuda")
     result = rm.score(prompts, responses, hidden=hidden, step=t, total_steps=T)   # as R2MClient.score
 
-One scored batch is two round trips: `POST /embed` returns the reward model's embeddings e (and the head version
-the replica serves), this class computes the read-outs `a = attention(e, h)` with that version's weights (fetched
-once per version from `GET /heads/{v}?copy=serving`, the copy replicas score with) on `device`, and `POST /score`
-sends them with that version. A replica that serves another version by then answers 409; the client fetches that
-version and recomputes the read-outs from the same e and h, so every reward is computed by one head. Everything
-else (`post_preferences`, `current_head`, ...) goes to the wrapped client as it is: the update path still needs the
-refreshed hidden states.
+`POST /embed` returns the reward model's embeddings e and the head version v the replica serves. This class
+computes the read-outs `a = attention(e, h)` with v's weights (fetched once per version from
+`GET /heads/{v}?copy=serving`, the copy replicas score with) on `device`, then, by default (`rewards_on="policy"`),
+the rewards with v's score layer: the server's own function (`engine.score_rte`, an ensemble aggregated as `/info`
+says), so one scored batch is one round trip and every reward is computed by one head. Where that cannot finish
+(v no longer kept, or a reward that is not finite), and always with `rewards_on="server"`, `POST /score` gets the
+read-outs with v: a replica that serves another version by then answers 409, and the client fetches that version
+and recomputes the read-outs from the same e and h; a non-finite reward gets the server's handling (the previous
+head). Everything else (`post_preferences`, `current_head`, ...) goes to the wrapped client as it is: the update
+path still needs the refreshed hidden states.
 """
 
 from __future__ import annotations
@@ -23,15 +26,15 @@ import logging
 import struct
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from r2m.client import R2MClient, ScoreResult, StaleHead
+from r2m.client import InvalidRequest, R2MClient, ScoreResult, StaleHead
 from r2m.service import precision
-from r2m.service.engine import pad_hidden
+from r2m.service.engine import aggregate, pad_hidden, score_rte
 from r2m.service.headcodec import head_from_bytes
-from r2m.service.model import HeadConfig, R2MHead
+from r2m.service.model import HeadConfig, R2MHead, omega
 
 __all__ = ["LocalFeedbackClient", "local_feedback_default"]
 
@@ -41,7 +44,7 @@ log = logging.getLogger("r2m.trainer.local")
 def local_feedback_default(policy_device: torch.device | str) -> bool:
     """The default of the trainers' local-feedback setting: on where the policy runs on a GPU (the attention is a
     rounding error next to its forward there, and the network is what is scarce); off on a CPU, where the
-    trainer's cores would do the server's work and one request becomes two."""
+    trainer's cores would do the server's work."""
     return torch.device(policy_device).type == "cuda"
 
 
@@ -59,17 +62,29 @@ class LocalFeedbackClient:
         device: where the read-outs are computed (the policy's device).
         max_stale_retries: how many 409s one call may meet (swaps in a row) before it raises `StaleHead`.
         chunk_rows: items per attention call (bounds the padded hidden-state batch on the device).
+        rewards_on: "policy": rewards computed here from e and the read-outs (one round trip); "server": the
+            read-outs go to `/score` (two round trips; the server computes every reward).
     """
 
     def __init__(
-        self, client: R2MClient, device: torch.device | str = "cpu", max_stale_retries: int = 5, chunk_rows: int = 64
+        self,
+        client: R2MClient,
+        device: torch.device | str = "cpu",
+        max_stale_retries: int = 5,
+        chunk_rows: int = 64,
+        rewards_on: Literal["policy", "server"] = "policy",
     ) -> None:
+        if rewards_on not in ("policy", "server"):
+            raise ValueError(f"rewards_on must be 'policy' or 'server', got {rewards_on!r}")
         self.client = client
         self.device = torch.device(device)
         self.max_stale_retries = max_stale_retries
         self.chunk_rows = chunk_rows
+        self.rewards_on = rewards_on
         self.stale_retries = 0  # 409s met so far (each a swap between /embed and /score, or across replicas)
         self.heads_fetched = 0
+        self.server_finished = 0  # calls rewards_on="policy" handed to /score (head gone, or a non-finite reward)
+        self._scoring: dict[str, Any] | None = None  # omega_floor, aggregation, uwo_lambda from /info, per head
         self._heads: dict[int, R2MHead] = {}
         self._lock = threading.Lock()
         log.info("local feedback on %s; hidden states on the CPU: %s", self.device, precision.describe())
@@ -96,6 +111,7 @@ class LocalFeedbackClient:
             for old in sorted(self._heads)[:-2]:
                 del self._heads[old]
             self.heads_fetched += 1
+            self._scoring = None  # read /info again with the new head (a redeployed server may set them anew)
         return head
 
     @torch.inference_mode()
@@ -131,6 +147,11 @@ class LocalFeedbackClient:
         emb = self.client.embed(prompts, responses)
         e = torch.from_numpy(emb.embeddings)
         version = emb.head_version
+        if self.rewards_on == "policy":
+            done = self._finish_here(version, e, list(hidden), step, total_steps, return_members)
+            if done is not None:
+                return done
+            self.server_finished += 1
         for attempt in range(self.max_stale_retries + 1):
             readouts = self.readouts(version, e, list(hidden))
             try:
@@ -143,3 +164,41 @@ class LocalFeedbackClient:
                 log.info("head moved from %d to %d between /embed and /score; recomputing", version, exc.head_version)
                 version = exc.head_version
         raise AssertionError("unreachable")
+
+    def _scoring_settings(self) -> dict[str, Any]:
+        if self._scoring is None:
+            info = self.client.info()
+            self._scoring = {k: info[k] for k in ("omega_floor", "aggregation", "uwo_lambda")}
+        return self._scoring
+
+    @torch.inference_mode()
+    def _finish_here(
+        self, version: int, e: torch.Tensor, hidden: list, step: int, total_steps: int, return_members: bool
+    ) -> ScoreResult | None:
+        """The rewards of head `version` computed here as a replica computes them, or None where the server must
+        (the version is no longer kept, or a reward is not finite: the server then answers with its previous head)."""
+        try:
+            head = self.head(version)
+        except InvalidRequest as exc:
+            if exc.status_code != 404:
+                raise
+            # The version went out of the store between /embed and here (heads moving faster than R2M_HEAD_KEEP).
+            log.info("head %d could not be fetched (%s); the server finishes this call", version, exc)
+            return None
+        scoring = self._scoring_settings()
+        w = omega(step, total_steps, scoring["omega_floor"])
+        readouts = self.readouts(version, e, hidden)
+        n = len(hidden)
+        weights = [w if a is not None else 1.0 for a in readouts]
+        rows = [torch.from_numpy(a) if a is not None else None for a in readouts]
+        out = score_rte(head, e.to(self.device), [None] * n, weights, readouts=rows).float().cpu()
+        if not bool(torch.isfinite(out).all()):  # every member's, as the replica checks before aggregating
+            log.warning("head %d gave a non-finite reward here; the server finishes this call", version)
+            return None
+        uncertainty = members = None
+        if out.ndim == 2:
+            members = out.tolist() if return_members else None
+            out, std = aggregate(out, scoring["aggregation"], scoring["uwo_lambda"])
+            uncertainty = std.tolist()
+        rewards = out.tolist()
+        return ScoreResult(rewards, version, [version] * n, w, uncertainty, members)

@@ -61,6 +61,7 @@ class RecordingClient:
     def __init__(self, client: R2MClient) -> None:
         self.client = client
         self.scores: list[dict[str, Any]] = []
+        self.embeds: list[dict[str, Any]] = []
         self.posts: list[dict[str, Any]] = []
 
     def score(self, prompts, responses, hidden=None, *, step, total_steps, **local: Any):
@@ -68,7 +69,12 @@ class RecordingClient:
         self.scores.append({"step": step, "responses": list(responses), "hidden": hidden, "result": result, **local})
         return result
 
-    def __getattr__(self, name: str) -> Any:  # embed, head_weights (the local-feedback wrapper's calls)
+    def embed(self, prompts, responses):
+        result = self.client.embed(prompts, responses)
+        self.embeds.append({"prompts": prompts, "responses": list(responses), "result": result})
+        return result
+
+    def __getattr__(self, name: str) -> Any:  # head_weights, info (the local-feedback wrapper's calls)
         return getattr(self.client, name)
 
     def post_preferences(self, groups=None, pairs=None, *, step, total_steps, batch_id=None):
@@ -216,23 +222,27 @@ def test_r2m_frozen_sends_sampling_hidden_states_and_posts_nothing(policy_dir: P
             assert sent.shape == (ids.shape[1], HIDDEN) and torch.allclose(sent, alone, atol=1e-4)
 
 
-def test_local_feedback_sends_readouts_and_gets_the_server_side_rewards(
+def test_local_feedback_sends_no_hidden_states_and_gets_the_server_side_rewards(
     policy_dir: Path, server: Process, tmp_path: Path
 ):
     run = run_mode("r2m-frozen", policy_dir, server, tmp_path, local_feedback="on")
-    check_common(run)
+    metrics, client, config = run["metrics"], run["client"], run["config"]
+    assert [m["step"] for m in metrics] == list(range(STEPS))
+    # One round trip per step: /embed (texts out, rm_dim embeddings back); the rewards are finished at the policy.
+    assert client.scores == [] and len(client.embeds) == STEPS
     direct = R2MClient(server.url)
-    for t, call in enumerate(run["client"].scores):
-        # No hidden state crossed the wire: one rm_dim read-out per response, named by its head version.
-        assert call["hidden"] is None and call["head_version"] == call["result"].head_version
-        assert all(r.shape == (384,) for r in call["readouts"])
+    for t, (m, call) in enumerate(zip(metrics, client.embeds)):
+        assert call["responses"] == list(run["batches"][t].responses) and len(m["rewards"]) == PROMPTS * K
         server_side = direct.score(
             run["batches"][t].prompts, call["responses"], hidden=sampling_hidden(run, t),
-            step=call["step"], total_steps=run["config"].schedule_steps,
+            step=min(t, config.schedule_steps), total_steps=config.schedule_steps,
         )  # fmt: skip
-        assert server_side.head_version == call["result"].head_version
-        assert max(abs(a - b) for a, b in zip(server_side.rewards, call["result"].rewards)) < 1e-4
-    assert run["trainer"].feedback_client.heads_fetched == 1
+        assert server_side.head_version == m["head_version"] == call["result"].head_version
+        assert max(abs(a - b) for a, b in zip(server_side.rewards, m["rewards"])) < 1e-4
+    feedback = run["trainer"].feedback_client
+    assert feedback.heads_fetched == 1 and feedback.server_finished == 0
+    params = dict(run["trainer"].policy.named_parameters())
+    assert any(not torch.equal(v, params[k]) for k, v in run["initial"].items()), "the policy did not change"
 
 
 def test_head_only_posts_groups_without_hidden_states(policy_dir: Path, server: Process, tmp_path: Path):

@@ -6,6 +6,7 @@ publish new head versions that the replica swaps to while the tests score.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from r2m.client import R2MClient, StaleHead
+from r2m.client import InvalidRequest, R2MClient, StaleHead
 from r2m.client.wire import tensor_to_json
 from r2m.trainer.local import LocalFeedbackClient
 
@@ -52,14 +53,25 @@ def _advance(rm: R2MClient, seed: int) -> int:
     return rm.current_head()["served_version"]
 
 
+def _score_requests(server: Process) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith("r2m_http_requests_total{") and
+               'route="/score"' in x)  # fmt: skip
+
+
+@pytest.mark.parametrize("rewards_on", ["policy", "server"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_local_read_outs_give_the_rewards_of_server_side_feedback(server: Process, dtype: torch.dtype) -> None:
+def test_local_read_outs_give_the_rewards_of_server_side_feedback(
+    server: Process, dtype: torch.dtype, rewards_on: str
+) -> None:
     with R2MClient(server.url) as rm:
-        local = LocalFeedbackClient(rm)
+        local = LocalFeedbackClient(rm, rewards_on=rewards_on)  # type: ignore[arg-type]
         for round_ in range(2):  # version 0, then a trained head
             hidden = _hidden(len(RESPONSES), dtype, seed=round_)
             served = rm.score(PROMPT, RESPONSES, hidden=hidden, step=2, total_steps=4, share_prefix=False)
+            before = _score_requests(server)
             mine = local.score(PROMPT, RESPONSES, hidden=hidden, step=2, total_steps=4)
+            assert _score_requests(server) - before == (0 if rewards_on == "policy" else 1)  # one round trip or two
             assert mine.head_version == served.head_version
             assert mine.omega == served.omega < 1
             np.testing.assert_allclose(mine.rewards, served.rewards, rtol=0, atol=TOLERANCE)
@@ -67,7 +79,7 @@ def test_local_read_outs_give_the_rewards_of_server_side_feedback(server: Proces
             assert not np.allclose(mine.rewards, plain.rewards, atol=1e-3), "the feedback really moved the rewards"
             if round_ == 0:
                 _advance(rm, seed=10)
-        assert local.heads_fetched == 2
+        assert local.heads_fetched == 2 and local.server_finished == 0
 
 
 def test_a_stale_head_version_gets_409_and_the_client_retry_lands_on_the_new_one(server: Process) -> None:
@@ -75,7 +87,7 @@ def test_a_stale_head_version_gets_409_and_the_client_retry_lands_on_the_new_one
         hidden = _hidden(len(RESPONSES), torch.float32, seed=3)
         emb = rm.embed(PROMPT, RESPONSES)
         old = emb.head_version
-        local = LocalFeedbackClient(rm)
+        local = LocalFeedbackClient(rm, rewards_on="server")
         readouts = local.readouts(old, torch.from_numpy(emb.embeddings), hidden)
         new = _advance(rm, seed=11)
         with pytest.raises(StaleHead) as info:
@@ -95,7 +107,8 @@ def test_a_stale_head_version_gets_409_and_the_client_retry_lands_on_the_new_one
         np.testing.assert_allclose(result.rewards, served.rewards, rtol=0, atol=TOLERANCE)
 
 
-def test_swaps_during_a_stream_of_local_requests_fail_none(server: Process) -> None:
+@pytest.mark.parametrize("rewards_on", ["policy", "server"])
+def test_swaps_during_a_stream_of_local_requests_fail_none(server: Process, rewards_on: str) -> None:
     stop = threading.Event()
     published: list[int] = []
 
@@ -107,7 +120,7 @@ def test_swaps_during_a_stream_of_local_requests_fail_none(server: Process) -> N
                 seed += 1
 
     with R2MClient(server.url) as rm:
-        local = LocalFeedbackClient(rm)
+        local = LocalFeedbackClient(rm, rewards_on=rewards_on)  # type: ignore[arg-type]
         start = rm.current_head()["served_version"]
         publisher = threading.Thread(target=keep_publishing, daemon=True)
         publisher.start()
@@ -160,8 +173,8 @@ def test_embed_returns_the_plain_rewards_and_caches_what_score_reuses(server: Pr
             return float(line.split()[-1])
 
         before = hits()
-        LocalFeedbackClient(rm).score(PROMPT, RESPONSES, hidden=_hidden(len(RESPONSES), torch.float32, 5), step=1,
-                                      total_steps=4)  # fmt: skip
+        LocalFeedbackClient(rm, rewards_on="server").score(PROMPT, RESPONSES, hidden=_hidden(len(RESPONSES),
+                                                           torch.float32, 5), step=1, total_steps=4)  # fmt: skip
         assert hits() - before == len(RESPONSES)  # /score with read-outs ran no backbone forward for them
 
 
@@ -180,3 +193,34 @@ def test_read_outs_of_texts_the_replica_has_not_embedded_get_the_rewards_of_cach
     assert missed.head_version == cached.head_version == version
     np.testing.assert_allclose(missed.rewards, cached.rewards, rtol=0, atol=TOLERANCE)
     assert len(set(np.round(cached.rewards, 4))) == len(responses)  # the read-outs and texts matter
+
+
+def test_where_the_policy_side_cannot_finish_the_server_does(server: Process) -> None:
+    """A head version gone from the store (404) or a reward that is not finite at the policy: the call goes to
+    /score with the read-outs, and its rewards are the server's."""
+    hidden = _hidden(len(RESPONSES), torch.float32, seed=21)
+    with R2MClient(server.url) as rm:
+        served = rm.score(PROMPT, RESPONSES, hidden=hidden, step=2, total_steps=4, share_prefix=False)
+        local = LocalFeedbackClient(rm)
+        head = local.head(served.head_version)
+        broken = copy.deepcopy(head)
+        broken.score.weight.data.fill_(float("inf"))
+        local._heads[served.head_version] = broken  # what a head gone bad at the policy would give
+        before = _score_requests(server)
+        result = local.score(PROMPT, RESPONSES, hidden=hidden, step=2, total_steps=4)
+        assert local.server_finished == 1 and _score_requests(server) - before == 1
+        np.testing.assert_allclose(result.rewards, served.rewards, rtol=0, atol=TOLERANCE)
+
+        gone = LocalFeedbackClient(rm)
+        real = rm.head_weights
+
+        def not_kept(version: int, copy: str = "serving") -> bytes:
+            raise InvalidRequest(f"head {version} is not kept", status_code=404)
+
+        rm.head_weights = not_kept  # type: ignore[method-assign]
+        try:
+            with pytest.raises(InvalidRequest):  # the server path needs the weights too: the 404 reaches the caller
+                gone.score(PROMPT, RESPONSES, hidden=hidden, step=2, total_steps=4)
+        finally:
+            rm.head_weights = real  # type: ignore[method-assign]
+        assert gone.server_finished == 1
