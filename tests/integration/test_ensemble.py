@@ -72,3 +72,30 @@ def test_an_ensemble_without_members_fails_at_start_naming_the_setting(tiny_llam
     done = subprocess.run([*r2m_command("serve")], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "R2M_ENSEMBLE=3" in done.stderr and "r2m fit-rm" in done.stderr, done.stderr
+
+
+def test_local_feedback_finishes_an_ensembles_rewards_as_the_server_does(tmp_path: Path) -> None:
+    """Rewards, uncertainties and members computed at the policy (one /embed, no /score) equal the server-side
+    path's, with the aggregation /info names (uwo, lambda 0.5, not the default)."""
+    import torch
+
+    from r2m.trainer.local import LocalFeedbackClient
+
+    env = {**ENV, "R2M_AGGREGATION": "uwo", "R2M_UWO_LAMBDA": "0.5", "R2M_EMBEDDED_WORKER": "false"}
+    g = torch.Generator().manual_seed(3)
+    hidden = [torch.randn(6 + k, POLICY_DIM, generator=g) for k in range(4)]
+    with start_server(tmp_path, env) as server, R2MClient(server.url) as rm:
+        served = rm.score(PROMPT, RESPONSES, hidden, step=30, total_steps=60, return_members=True, share_prefix=False)
+        local = LocalFeedbackClient(rm)
+        mine = local.score(PROMPT, RESPONSES, hidden, step=30, total_steps=60, return_members=True)
+        routes = httpx.get(f"{server.url}/metrics").text
+    assert local.server_finished == 0
+    assert mine.head_version == served.head_version and mine.omega == served.omega < 1
+    assert served.members is not None and mine.members is not None and served.uncertainty is not None
+    np.testing.assert_allclose(mine.members, served.members, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(mine.rewards, served.rewards, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(mine.uncertainty or [], served.uncertainty, rtol=0, atol=1e-5)
+    mean = np.array(served.members).mean(axis=1)
+    assert np.abs(np.array(mine.rewards) - mean).max() > 1e-4, "uwo, not the mean: the aggregation was read"
+    score_calls = [x for x in routes.splitlines() if x.startswith("r2m_http_requests_total{") and '"/score"' in x]
+    assert sum(float(x.split()[-1]) for x in score_calls) == 1  # the server-side call only
