@@ -52,7 +52,10 @@ def stop_handshakes(sock: Any) -> bool:
 
 def accept_queue_length(sock: Any) -> int:
     """Connections the kernel has completed for a listening socket that the server has not accepted yet."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:  # not a TCP socket, or no TCP_INFO here: nothing to wait for
+        return 0
     return int(struct.unpack_from("I", info, _TCPI_UNACKED)[0])
 
 
@@ -78,7 +81,8 @@ class DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        listeners = [s for server in self.servers for s in server.sockets if s.type == socket.SOCK_STREAM]
+        tcp = (socket.AF_INET, socket.AF_INET6)
+        listeners = [s for server in self.servers for s in server.sockets if s.family in tcp]
         stopped = [s for s in listeners if stop_handshakes(s)]
         deadline = loop.time() + ACCEPT_QUEUE_WAIT_S
         while stopped and loop.time() < deadline and any(accept_queue_length(s) for s in stopped):

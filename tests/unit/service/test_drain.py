@@ -61,3 +61,9 @@ def test_only_connections_with_no_request_in_progress_are_between_requests() -> 
     assert between_requests(Conn(Cycle(done=True)))  # keep-alive, the last response sent
     assert not between_requests(Conn(Cycle(done=False)))  # a request in progress: uvicorn finishes it anyway
     assert not between_requests(object())  # not an HTTP/1.1 connection uvicorn knows
+
+
+def test_a_socket_without_tcp_info_has_nothing_queued() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        assert accept_queue_length(a) == 0
