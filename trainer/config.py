@@ -120,10 +120,10 @@ class TrainConfig:
     local_feedback: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
-            "help": "Compute the feedback attention next to the policy (r2m.trainer.local: /score then carries "
-            "rm_dim numbers per response instead of T x D_policy hidden states): on, off, or auto (on when the "
-            "policy runs on a GPU, off on a CPU, where it would only move the server's work onto the trainer's "
-            "cores and add a round trip)."
+            "help": "Compute the feedback attention and the rewards next to the policy (r2m.trainer.local: "
+            "scoring then moves rm_dim numbers per response instead of T x D_policy hidden states, in one round "
+            "trip): on, off, or auto (on when the policy runs on a GPU, off on a CPU, where it would only move the "
+            "server's work onto the trainer's cores)."
         },
     )
     omega_steps: int = field(
