@@ -4,10 +4,10 @@
 
 Order, once the signal arrives:
 1. `/readyz` answers 503 "draining" at once (load balancers stop routing here).
-2. The listener stops completing new handshakes (Linux: a socket filter that drops every packet), so a new client
-   is refused after its SYN retry instead of connecting; the connections already in the kernel's accept queue are
-   accepted. Closing a listener outright resets that queue: those clients had connected, sent a request, and lost
-   it with a ReadError.
+2. The listener stops starting new handshakes (Linux: a socket filter that drops SYNs), so a new client is
+   refused after its SYN retry instead of connecting; the handshakes under way complete and the connections in
+   the kernel's accept queue are accepted. Closing a listener outright resets that queue: those clients had
+   connected, sent a request, and lost it with a ReadError.
 3. The listener closes; connections accepted a moment before get ACCEPTED_GRACE_S to deliver their request, since
    uvicorn closes every connection that has none in progress.
 4. uvicorn lets the requests in progress finish (at most the drain timeout), then the app shuts down.
@@ -31,17 +31,29 @@ ACCEPTED_GRACE_S = 0.5  # for a connection accepted just before the listener clo
 ACCEPT_QUEUE_WAIT_S = 1.0  # at most, for the event loop to accept what the kernel had queued
 
 _SO_ATTACH_FILTER = 26  # Linux, asm-generic/socket.h
-_BPF_RET_K = 0x06  # classic BPF "return constant": 0 keeps no byte of the packet, i.e. drops it
-_DROP_ALL = ctypes.create_string_buffer(struct.pack("HBBI", _BPF_RET_K, 0, 0, 0))  # one sock_filter
+# Classic BPF over the TCP segment (the filter sees it from the TCP header on; byte 13 holds the flags): drop a
+# segment with SYN and without ACK, a new handshake; keep every other, so the handshakes already under way
+# complete (their final ACK passes) and reach the accept queue. A child socket inherits its listener's filter,
+# and this one lets all of an established connection's segments through.
+_LDB_ABS, _JSET_K, _RET_K = 0x30, 0x45, 0x06
+_SYN, _ACK = 0x02, 0x10
+_PROGRAM = [
+    (_LDB_ABS, 0, 0, 13),  # A = TCP flags
+    (_JSET_K, 2, 0, _ACK),  # ACK set: keep (to 4)
+    (_JSET_K, 0, 1, _SYN),  # SYN set: drop (to 3); else keep (to 4)
+    (_RET_K, 0, 0, 0),  # drop
+    (_RET_K, 0, 0, 0xFFFFFFFF),  # keep the whole segment
+]
+_NO_NEW_HANDSHAKES = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in _PROGRAM))
 _TCPI_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: a listener's accept-queue length
 
 
 def stop_handshakes(sock: Any) -> bool:
-    """Make a listening TCP socket drop every packet it gets: new SYNs (the client retries, then finds the port
-    closed) and nothing else, since accepted connections have their own sockets. False where not supported."""
+    """Make a listening TCP socket ignore new SYNs (the client retries, then finds the port closed: refused) while
+    the handshakes under way complete. False where not supported."""
     if not sys.platform.startswith("linux"):
         return False
-    program = struct.pack("HP", 1, ctypes.addressof(_DROP_ALL))  # struct sock_fprog {len; filter*}
+    program = struct.pack("HP", len(_PROGRAM), ctypes.addressof(_NO_NEW_HANDSHAKES))  # struct sock_fprog
     try:
         sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, program)
     except OSError as exc:
