@@ -115,9 +115,12 @@ class LocalFeedbackClient:
         return head
 
     @torch.inference_mode()
-    def readouts(self, version: int, e: torch.Tensor, hidden: Sequence[torch.Tensor | None]) -> list:
-        """Read-outs `(rm_dim,)` float32 numpy arrays (None where `hidden` is None) of head `version`."""
-        attention = self.head(version).attention
+    def readouts(
+        self, version: int, e: torch.Tensor, hidden: Sequence[torch.Tensor | None], head: R2MHead | None = None
+    ) -> list:
+        """Read-outs `(rm_dim,)` float32 numpy arrays (None where `hidden` is None) of head `version` (`head`, when
+        the caller holds it already)."""
+        attention = (head or self.head(version)).attention
         out: list = [None] * len(hidden)
         rows = [i for i, h in enumerate(hidden) if h is not None]
         for start in range(0, len(rows), self.chunk_rows):
@@ -144,14 +147,27 @@ class LocalFeedbackClient:
         if hidden is None or all(h is None for h in hidden):
             return self.client.score(prompts, responses, step=step, total_steps=total_steps,
                                      return_members=return_members)  # fmt: skip
+        try:
+            omega(step, total_steps, 0.0)  # a bad step is the caller's error, before any request
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         emb = self.client.embed(prompts, responses)
         e = torch.from_numpy(emb.embeddings)
         version = emb.head_version
         if self.rewards_on == "policy":
-            done = self._finish_here(version, e, list(hidden), step, total_steps, return_members)
+            try:
+                done = self._finish_here(version, e, list(hidden), step, total_steps, return_members)
+            except InvalidRequest as exc:
+                if exc.status_code != 404:
+                    raise
+                # Version v left the store between /embed and the download (heads moving faster than
+                # R2M_HEAD_KEEP): the server finishes with the version it serves now (a 409 there is retried below).
+                log.info("head %d could not be fetched (%s); the server finishes this call", version, exc)
+                version, done = int(self.client.current_head()["served_version"]), None
             if done is not None:
                 return done
-            self.server_finished += 1
+            with self._lock:
+                self.server_finished += 1
         for attempt in range(self.max_stale_retries + 1):
             readouts = self.readouts(version, e, list(hidden))
             try:
@@ -160,34 +176,37 @@ class LocalFeedbackClient:
             except StaleHead as exc:
                 if attempt == self.max_stale_retries:
                     raise
-                self.stale_retries += 1
+                with self._lock:
+                    self.stale_retries += 1
                 log.info("head moved from %d to %d between /embed and /score; recomputing", version, exc.head_version)
                 version = exc.head_version
         raise AssertionError("unreachable")
 
-    def _scoring_settings(self) -> dict[str, Any]:
-        if self._scoring is None:
+    def _scoring_settings(self) -> dict[str, Any] | None:
+        """/info's omega_floor, aggregation and uwo_lambda; None from a server too old to name them."""
+        scoring = self._scoring  # read once: head() may reset it from another thread
+        if scoring is None:
             info = self.client.info()
-            self._scoring = {k: info[k] for k in ("omega_floor", "aggregation", "uwo_lambda")}
-        return self._scoring
+            keys = ("omega_floor", "aggregation", "uwo_lambda")
+            if any(k not in info for k in keys):
+                return None
+            scoring = self._scoring = {k: info[k] for k in keys}
+        return scoring
 
     @torch.inference_mode()
     def _finish_here(
         self, version: int, e: torch.Tensor, hidden: list, step: int, total_steps: int, return_members: bool
     ) -> ScoreResult | None:
-        """The rewards of head `version` computed here as a replica computes them, or None where the server must
-        (the version is no longer kept, or a reward is not finite: the server then answers with its previous head)."""
-        try:
-            head = self.head(version)
-        except InvalidRequest as exc:
-            if exc.status_code != 404:
-                raise
-            # The version went out of the store between /embed and here (heads moving faster than R2M_HEAD_KEEP).
-            log.info("head %d could not be fetched (%s); the server finishes this call", version, exc)
-            return None
+        """The rewards of head `version` computed here as a replica computes them, or None where the server must: a
+        reward that is not finite (the server answers with its previous head), or a server whose /info does not say
+        how it aggregates. InvalidRequest (404) when the version is no longer kept."""
+        head = self.head(version)
         scoring = self._scoring_settings()
+        if scoring is None:
+            log.info("the server's /info names no aggregation (an older r2m); the server finishes this call")
+            return None
         w = omega(step, total_steps, scoring["omega_floor"])
-        readouts = self.readouts(version, e, hidden)
+        readouts = self.readouts(version, e, hidden, head)
         n = len(hidden)
         weights = [w if a is not None else 1.0 for a in readouts]
         rows = [torch.from_numpy(a) if a is not None else None for a in readouts]
@@ -200,5 +219,4 @@ class LocalFeedbackClient:
             members = out.tolist() if return_members else None
             out, std = aggregate(out, scoring["aggregation"], scoring["uwo_lambda"])
             uncertainty = std.tolist()
-        rewards = out.tolist()
-        return ScoreResult(rewards, version, [version] * n, w, uncertainty, members)
+        return ScoreResult(out.tolist(), version, [version] * n, w, uncertainty, members)

@@ -7,6 +7,7 @@ publish new head versions that the replica swaps to while the tests score.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -196,7 +197,7 @@ def test_read_outs_of_texts_the_replica_has_not_embedded_get_the_rewards_of_cach
 
 
 def test_where_the_policy_side_cannot_finish_the_server_does(server: Process) -> None:
-    """A head version gone from the store (404) or a reward that is not finite at the policy: the call goes to
+    """A reward that is not finite at the policy, or a head version gone from the store (404): the call goes to
     /score with the read-outs, and its rewards are the server's."""
     hidden = _hidden(len(RESPONSES), torch.float32, seed=21)
     with R2MClient(server.url) as rm:
@@ -211,16 +212,17 @@ def test_where_the_policy_side_cannot_finish_the_server_does(server: Process) ->
         assert local.server_finished == 1 and _score_requests(server) - before == 1
         np.testing.assert_allclose(result.rewards, served.rewards, rtol=0, atol=TOLERANCE)
 
+        # /embed named a version the store no longer keeps (heads moving faster than R2M_HEAD_KEEP): its download
+        # is a real 404, and the server finishes with the version it serves.
         gone = LocalFeedbackClient(rm)
-        real = rm.head_weights
-
-        def not_kept(version: int, copy: str = "serving") -> bytes:
-            raise InvalidRequest(f"head {version} is not kept", status_code=404)
-
-        rm.head_weights = not_kept  # type: ignore[method-assign]
+        real_embed = rm.embed
+        rm.embed = lambda *a, **k: dataclasses.replace(real_embed(*a, **k), head_version=10**6)  # type: ignore[method-assign]
         try:
-            with pytest.raises(InvalidRequest):  # the server path needs the weights too: the 404 reaches the caller
-                gone.score(PROMPT, RESPONSES, hidden=hidden, step=2, total_steps=4)
+            result = gone.score(PROMPT, RESPONSES, hidden=hidden, step=2, total_steps=4)
         finally:
-            rm.head_weights = real  # type: ignore[method-assign]
+            del rm.embed
+        assert result.head_version == served.head_version
+        np.testing.assert_allclose(result.rewards, served.rewards, rtol=0, atol=TOLERANCE)
         assert gone.server_finished == 1
+        with pytest.raises(InvalidRequest, match="step"):  # the caller's error, named before any request
+            gone.score(PROMPT, RESPONSES, hidden=hidden, step=5, total_steps=4)
