@@ -67,7 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
 
-    DrainingServer(config, app.state.r2m, settings.drain_timeout_s).run()
+    DrainingServer(config, app.state.r2m).run()
     return 0
 
 

@@ -225,12 +225,7 @@ class Batcher:
         """`engine.score_all` on the lane's thread, its results already on the host: reading a CUDA tensor on the
         event loop would wait for every kernel queued on the device, the other lane's backbone batch included."""
         scores = self.engine.score_all(items, head, self.max_batch_tokens)
-        return (
-            scores.rewards.tolist(),
-            scores.uncertainty.tolist() if scores.uncertainty is not None else None,
-            scores.members.tolist() if scores.members is not None else None,
-            scores.rte.cpu() if scores.rte is not None and want_rte else None,
-        )
+        return (*scores.lists(), scores.rte.cpu() if scores.rte is not None and want_rte else None)
 
     @staticmethod
     def _shutting_down(pending: Iterable[_Pending]) -> None:

@@ -1,6 +1,6 @@
 """`r2m serve`'s graceful stop: on SIGTERM (or SIGINT) no request that reached the server is lost.
 
-    DrainingServer(uvicorn.Config(app, ...), app.state.r2m, drain_timeout_s=30).run()
+    DrainingServer(uvicorn.Config(app, ..., timeout_graceful_shutdown=30), app.state.r2m).run()
 
 Order, once the signal arrives:
 1. `/readyz` answers 503 "draining" at once (load balancers stop routing here).
@@ -80,14 +80,13 @@ def between_requests(connection: object) -> bool:
 class DrainingServer(uvicorn.Server):
     """uvicorn's server with the stop order of this module's docstring; `state.draining` feeds `/readyz`."""
 
-    def __init__(self, config: uvicorn.Config, state: Any, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: Any) -> None:
         super().__init__(config)
         self._state = state
-        self._drain_timeout_s = drain_timeout_s
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if not self._state.draining:
-            log.info("signal %d: draining (at most %.0f s)", sig, self._drain_timeout_s)
+            log.info("signal %d: draining (at most %.0f s)", sig, self.config.timeout_graceful_shutdown)
         self._state.draining = True
         super().handle_exit(sig, frame)
 

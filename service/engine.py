@@ -78,6 +78,22 @@ class Scores:
     members: torch.Tensor | None = None
     rte: torch.Tensor | None = None  # (N, D_rm) float32: the reward-token embeddings the rewards were computed from
 
+    @classmethod
+    def of(cls, out: torch.Tensor, aggregation: str, uwo_lambda: float, rte: torch.Tensor | None = None) -> Scores:
+        """From `score_rte`'s finite output: `(N,)` rewards as they are; an ensemble's `(N, M)` aggregated."""
+        if out.ndim == 1:
+            return cls(out, rte=rte)
+        rewards, std = aggregate(out, aggregation, uwo_lambda)
+        return cls(rewards, std, out, rte)
+
+    def lists(self) -> tuple[list[float], list[float] | None, list[list[float]] | None]:
+        """Rewards, uncertainties and members as Python lists (on the host)."""
+        return (
+            self.rewards.tolist(),
+            self.uncertainty.tolist() if self.uncertainty is not None else None,
+            self.members.tolist() if self.members is not None else None,
+        )
+
 
 @dataclass(frozen=True)
 class HeadVersion:
@@ -253,10 +269,7 @@ class ScoringEngine:
             # The head is to blame unless every bad item's embedding was already non-finite.
             from_backbone = not bool(torch.isfinite(rte[bad]).all(dim=1).any())
             raise NonFiniteReward(head.version, bad.tolist(), from_backbone)
-        if out.ndim == 1:
-            return Scores(out, rte=rte)
-        rewards, std = aggregate(out, self.aggregation, self.uwo_lambda)
-        return Scores(rewards, std, out, rte)
+        return Scores.of(out, self.aggregation, self.uwo_lambda, rte)
 
     def rtes(self, items: Sequence[PreparedItem], max_batch_tokens: int = 16384) -> torch.Tensor:
         """RTEs `(N, D_rm)` float32: an item's cached one where it carries it, the backbone's for the others (which

@@ -10,13 +10,13 @@ hidden states cross the network: the scoring path carries texts out and rm_dim n
 `POST /embed` returns the reward model's embeddings e and the head version v the replica serves. This class
 computes the read-outs `a = attention(e, h)` with v's weights (fetched once per version from
 `GET /heads/{v}?copy=serving`, the copy replicas score with) on `device`, then, by default (`rewards_on="policy"`),
-the rewards with v's score layer: the server's own function (`engine.score_rte`, an ensemble aggregated as `/info`
-says), so one scored batch is one round trip and every reward is computed by one head. Where that cannot finish
-(v no longer kept, or a reward that is not finite), and always with `rewards_on="server"`, `POST /score` gets the
-read-outs with v: a replica that serves another version by then answers 409, and the client fetches that version
-and recomputes the read-outs from the same e and h; a non-finite reward gets the server's handling (the previous
-head). Everything else (`post_preferences`, `current_head`, ...) goes to the wrapped client as it is: the update
-path still needs the refreshed hidden states.
+the rewards with v's score layer: the server's own functions (`engine.score_rte`, and `engine.Scores.of` for an
+ensemble, aggregated as `/info` says), so one scored batch is one round trip and every reward is computed by one
+head. Where that cannot finish (v no longer kept, or a reward that is not finite), and always with
+`rewards_on="server"`, `POST /score` gets the read-outs with v: a replica that serves another version by then
+answers 409, and the client fetches that version and recomputes the read-outs from the same e and h; a non-finite
+reward gets the server's handling (the previous head). Everything else (`post_preferences`, `current_head`, ...)
+goes to the wrapped client as it is: the update path still needs the refreshed hidden states.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from r2m.client import InvalidRequest, R2MClient, ScoreResult, StaleHead
 from r2m.service import precision
-from r2m.service.engine import aggregate, pad_hidden, score_rte
+from r2m.service.engine import Scores, pad_hidden, score_rte
 from r2m.service.headcodec import head_from_bytes
 from r2m.service.model import HeadConfig, R2MHead, omega
 
@@ -187,11 +187,8 @@ class LocalFeedbackClient:
         scoring = self._scoring  # read once: head() may reset it from another thread
         if scoring is None:
             info = self.client.info()
-            keys = ("omega_floor", "aggregation", "uwo_lambda")
-            if any(k not in info for k in keys):
-                return None
-            scoring = self._scoring = {k: info[k] for k in keys}
-        return scoring
+            scoring = self._scoring = {k: info.get(k) for k in ("omega_floor", "aggregation", "uwo_lambda")}
+        return None if None in scoring.values() else scoring
 
     @torch.inference_mode()
     def _finish_here(
@@ -214,9 +211,5 @@ class LocalFeedbackClient:
         if not bool(torch.isfinite(out).all()):  # every member's, as the replica checks before aggregating
             log.warning("head %d gave a non-finite reward here; the server finishes this call", version)
             return None
-        uncertainty = members = None
-        if out.ndim == 2:
-            members = out.tolist() if return_members else None
-            out, std = aggregate(out, scoring["aggregation"], scoring["uwo_lambda"])
-            uncertainty = std.tolist()
-        return ScoreResult(out.tolist(), version, [version] * n, w, uncertainty, members)
+        rewards, uncertainty, members = Scores.of(out, scoring["aggregation"], scoring["uwo_lambda"]).lists()
+        return ScoreResult(rewards, version, [version] * n, w, uncertainty, members if return_members else None)

@@ -224,5 +224,16 @@ def test_where_the_policy_side_cannot_finish_the_server_does(server: Process) ->
         assert result.head_version == served.head_version
         np.testing.assert_allclose(result.rewards, served.rewards, rtol=0, atol=TOLERANCE)
         assert gone.server_finished == 1
+        # A server from before /info named its aggregation: the server finishes, and /info is asked once.
+        older = LocalFeedbackClient(rm)
+        asked = []
+        real_info = rm.info
+        rm.info = lambda: asked.append(1) or {k: v for k, v in real_info().items() if k != "aggregation"}  # type: ignore[method-assign]
+        try:
+            results = [older.score(PROMPT, RESPONSES, hidden=hidden, step=2, total_steps=4) for _ in range(2)]
+        finally:
+            del rm.info
+        assert older.server_finished == 2 and len(asked) == 1
+        np.testing.assert_allclose(results[1].rewards, served.rewards, rtol=0, atol=TOLERANCE)
         with pytest.raises(InvalidRequest, match="step"):  # the caller's error, named before any request
             gone.score(PROMPT, RESPONSES, hidden=hidden, step=5, total_steps=4)
