@@ -78,9 +78,10 @@ class FeedbackAttention(nn.Module):
     `h` is read in its compute dtype (`precision.compute_dtype`): bfloat16/float16 as it came off the wire where
     the device multiplies it natively (CUDA, a CPU with AVX512-BF16/AMX), else widened to float32 a block of rows at
     a time (a CPU without those runs half-precision GEMMs 3-6x slower than float32 ones; `_blocks` says why not in
-    one copy). The folded query is cast to that dtype for the scores `h u`, the softmax runs in float32 on the small
-    `(B, H, T)` scores, the pooling `p h` runs in that dtype again, and the small pooled vectors go back to float32
-    for `W_v` and `W_o`.
+    one copy), each block read by the scores and the pooling right after its widening (`_attend_blocks`). The folded
+    query is cast to that dtype for the scores `h u`, the softmax runs in float32 on the small `(B, H, T)` scores,
+    the pooling `p h` runs in that dtype again, and the small pooled vectors go back to float32 for `W_v` and
+    `W_o`.
 
     A sequence may also be split into a shared prefix and its own rows (docs/api.md, prompt-prefix sharing): item
     `b`'s hidden states are `cat(prefixes[prefix_index[b]], h[b][mask[b]])`. The scores and the pooling over a
@@ -139,10 +140,13 @@ class FeedbackAttention(nn.Module):
         fused = self._fused() if not (self.training or torch.is_grad_enabled()) else None
         u = self.fold_query(e) if fused is None else torch.einsum("br,hrp->bhp", e.to(fused[0].dtype), fused[0])
         u = u.to(torch.promote_types(u.dtype, torch.float32))  # (B, H, P)
-        scores = _scores(h, u).masked_fill(~mask[:, None, :], float("-inf"))  # (B, H, T), u's dtype
-        if prefix_index is None:
+        if prefix_index is None and _widens(h):
+            pooled = _attend_blocks(h, u, mask)  # (B, H, P): each block widened once, read by both matmuls
+        elif prefix_index is None:
+            scores = _scores(h, u).masked_fill(~mask[:, None, :], float("-inf"))  # (B, H, T), u's dtype
             pooled = _pool(scores.softmax(dim=-1), h)  # (B, H, P)
         else:
+            scores = _scores(h, u).masked_fill(~mask[:, None, :], float("-inf"))
             assert prefix_index.shape == (B,), prefix_index.shape
             groups = [(p, (prefix_index == j).nonzero().squeeze(1)) for j, p in enumerate(prefixes)]
             groups = [(p, idx) for p, idx in groups if idx.numel()]
@@ -206,9 +210,12 @@ class FeedbackAttention(nn.Module):
 # Half-precision hidden states a CPU does not multiply natively are widened a block at a time, each block at most this
 # many bytes of float32 (whole items where they fit, else runs of one item's rows), into one buffer per thread that
 # is kept: one float32 copy of a whole batch (183 MB at 16 x 700 x 4096), or a fresh tensor per block, is memory the
-# allocator maps anew, and its page faults cost 2-5x the two matmuls (bench section 2). Under autograd (the worker's
-# update) `FeedbackAttention.forward` widens once instead, and no block is ever taken.
-UPCAST_BLOCK_BYTES = 4 * 2**20
+# allocator maps anew, and its page faults cost 2-5x the two matmuls (bench section 2). Without prefixes both matmuls
+# read a block right after its widening (`_attend_blocks`), so a block is sized to stay in a core's L2 cache (2 MB on
+# recent Xeons; a 1 MB block there measured 5% slower per call in section 2 with AVX2 kernels, a 4 MB one equal to
+# 2 MB but twice the traffic to L3). Under autograd (the worker's update) `FeedbackAttention.forward` widens once
+# instead, and no block is ever taken.
+UPCAST_BLOCK_BYTES = 2 * 2**20
 _scratch = threading.local()
 
 
@@ -263,6 +270,55 @@ def _pool(probs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     for ib, tb, x in _blocks(h):
         out[ib] += torch.bmm(probs[ib, :, tb].to(x.dtype), x).to(probs.dtype)
     return out
+
+
+def _attend_blocks(h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`softmax(u h^T) h` over the unmasked rows, `(B, H, P)` in u's dtype, for `h` widened a block at a time, in
+    one pass: each block is widened once and read by the scores and the pooling while it is still in cache (two
+    passes widen `h` twice, and on a CPU without native bf16 the widening is what costs: bench section 2). Blocks
+    of whole items take the softmax as `_scores` and `_pool` do (the same numbers); a longer item is read in runs
+    of rows (`_attend_runs`)."""
+    B, T, P = h.shape
+    out = u.new_empty(B, u.shape[1], P)
+    dtype = compute_dtype(h.dtype, h.device)
+    rows = max(1, min(T, UPCAST_BLOCK_BYTES // (P * dtype.itemsize)))
+    if rows < T:
+        for b in range(B):
+            out[b] = _attend_runs(h[b], u[b], mask[b], rows, dtype)
+        return out
+    for ib, _, x in _blocks(h):
+        s = torch.bmm(u[ib].to(x.dtype), x.transpose(1, 2)).to(u.dtype).masked_fill_(~mask[ib, None, :], -math.inf)
+        out[ib] = torch.bmm(s.softmax(dim=-1).to(x.dtype), x).to(u.dtype)
+    return out
+
+
+def _attend_runs(h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """One item's `softmax(u h^T) h` `(H, P)` from `h` `(T, P)` read in runs of `rows` rows, each widened once: per run
+    its max score, its sum of `exp(score - max)` and its pooled rows, combined at the end (the online softmax of flash
+    attention, without rescaling per run). A mask of real rows then padding (`pad_hidden`'s) is read as a length:
+    the padding is never widened or multiplied."""
+    n = int(mask.sum())
+    masked = not bool(mask[:n].all())
+    starts = range(0, h.shape[0] if masked else n, rows)
+    H, P = u.shape
+    top = u.new_full((len(starts), H, 1), -math.inf)  # per run: the max score
+    total = u.new_zeros(len(starts), H, 1)  # the sum of exp(score - max)
+    pooled = torch.zeros(len(starts), H, P, dtype=dtype, device=h.device)  # exp(score - max) h
+    q = u.to(dtype)
+    for k, t0 in enumerate(starts):
+        t1 = min(t0 + rows, h.shape[0] if masked else n)
+        if masked and not bool(mask[t0:t1].any()):
+            continue  # a run of padding only: it adds nothing
+        x = _scratch_block(h[t0:t1], dtype)
+        s = torch.mm(q, x.T).to(u.dtype)  # (H, rows)
+        if masked:
+            s.masked_fill_(~mask[t0:t1], -math.inf)
+        torch.amax(s, dim=1, keepdim=True, out=top[k])
+        p = s.sub_(top[k]).exp_()
+        torch.sum(p, dim=1, keepdim=True, out=total[k])
+        torch.mm(p.to(dtype), x, out=pooled[k])
+    scale = (top - top.amax(dim=0)).exp_()  # (runs, H, 1); a skipped run's -inf gives 0
+    return (scale * pooled.to(u.dtype)).sum(dim=0) / (scale * total).sum(dim=0)
 
 
 def _scores_shared(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

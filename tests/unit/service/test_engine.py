@@ -201,6 +201,41 @@ def test_wide_batches_are_widened_a_block_at_a_time(
     assert all(c[:2] == (torch.float32, torch.float32) and c[2] <= block_rows * P * 4 for c in blocks)
 
 
+@pytest.mark.parametrize("holes", [False, True])
+def test_items_longer_than_a_block_are_read_in_runs_each_widened_once(
+    monkeypatch: pytest.MonkeyPatch, holes: bool
+) -> None:
+    """Without native bf16 an item longer than a block is read in runs of rows, each widened once and read by the
+    scores and the pooling while in cache: the read-outs of the float32 values, and padding after the real rows is
+    never widened or multiplied (a mask with holes is read as a mask, a run of only padding skipped)."""
+    _no_native_half(monkeypatch)
+    runs: list[tuple[torch.dtype, int]] = []
+    mm = torch.mm
+
+    def spy(a, b, *args, **kwargs):
+        runs.append((b.dtype, b.shape[0] if b.shape[0] != P else b.shape[1]))  # rows of the run, either operand
+        return mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.torch, "mm", spy)
+    monkeypatch.setattr(model_module, "UPCAST_BLOCK_BYTES", 4 * P * 4)  # runs of 4 rows
+    g = torch.Generator().manual_seed(3)
+    h, mask = pad_hidden([torch.randn(n, P, generator=g).bfloat16() for n in (11, 5, 1)], None, torch.device("cpu"))
+    if holes:
+        mask[0, 2] = False
+        mask[0, 4:8] = False  # the second run of item 0 is padding only
+    head = _head(3).eval()
+    e, w = torch.randn(3, 8, generator=g), torch.full((3,), 0.4)
+    with torch.no_grad():
+        got = head(e, w, h, mask)
+        read = list(runs)
+        ref = head(e, w, h.float(), mask)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    # item 0: runs of 4, 4, 3 rows (with holes: the padding-only run skipped); item 1: 4 and 1 (not 11 padded
+    # rows); item 2: 1. Two matmuls per run, both over the same widened float32 run.
+    sizes = ([4, 3] if holes else [4, 4, 3]) + [4, 1, 1]
+    assert read == [(torch.float32, n) for n in sizes for _ in range(2)]
+
+
 def _widened(own, prefixes):  # noqa: ANN001, ANN202
     return [None if h is None else h.float() for h in own], [None if p is None else p.float() for p in prefixes]
 
