@@ -32,7 +32,7 @@ EXPECTED = {
     "swap": ["p50_ms", "p99_ms", "throughput.ratio", "throughput.quiet_seq_per_s", "throughput.swapping_seq_per_s"],
     "peer": ["r2m_seq_per_s", "serve_rm_seq_per_s", "throughput_ratio", "reward_pearson", "same_tokens"],
     "local": ["bytes_t256.ratio", "bytes_t700.ratio", "bytes_t700.local.bytes_per_response", "c1.local_ratio",
-              "c8.server_ratio", "c8.local_p50_ms"],
+              "c8.server_ratio", "c8.local_p50_ms", "split.c8.local_ratio"],
 }  # fmt: skip
 PEER_DEPS = ("openrlhf", "deepspeed", "peft", "pylatexenc", "aiohttp")
 
