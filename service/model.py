@@ -313,7 +313,8 @@ def _attend_runs(h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, rows: int
         s = torch.mm(q, x.T).to(u.dtype)  # (H, rows)
         if masked:
             s.masked_fill_(~mask[t0:t1], -math.inf)
-        torch.amax(s, dim=1, keepdim=True, out=top[k])
+        # A finite floor: a run whose real scores all overflowed to -inf adds nothing (-inf - -inf would be NaN).
+        torch.amax(s, dim=1, keepdim=True, out=top[k]).clamp_(min=torch.finfo(s.dtype).min)
         p = s.sub_(top[k]).exp_()
         torch.sum(p, dim=1, keepdim=True, out=total[k])
         torch.mm(p.to(dtype), x, out=pooled[k])

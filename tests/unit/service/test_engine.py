@@ -223,17 +223,38 @@ def test_items_longer_than_a_block_are_read_in_runs_each_widened_once(
     if holes:
         mask[0, 2] = False
         mask[0, 4:8] = False  # the second run of item 0 is padding only
+    ref_h = h.float()
+    h[1, 5:] = h[2, 1:] = float("nan")  # trailing padding that is read would make the item's read-out NaN
     head = _head(3).eval()
     e, w = torch.randn(3, 8, generator=g), torch.full((3,), 0.4)
     with torch.no_grad():
         got = head(e, w, h, mask)
         read = list(runs)
-        ref = head(e, w, h.float(), mask)
+        ref = head(e, w, ref_h, mask)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     # item 0: runs of 4, 4, 3 rows (with holes: the padding-only run skipped); item 1: 4 and 1 (not 11 padded
     # rows); item 2: 1. Two matmuls per run, both over the same widened float32 run.
     sizes = ([4, 3] if holes else [4, 4, 3]) + [4, 1, 1]
     assert read == [(torch.float32, n) for n in sizes for _ in range(2)]
+
+
+def test_a_run_whose_scores_all_overflow_adds_nothing_instead_of_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of rows whose real scores are all -inf in float32 (huge activations against the query): zero weight, as
+    in the float32 path's one softmax, not a NaN for the whole item (review finding)."""
+    _no_native_half(monkeypatch)
+    monkeypatch.setattr(model_module, "UPCAST_BLOCK_BYTES", 4 * P * 4)  # runs of 4 rows
+    torch.manual_seed(0)
+    attn = FeedbackAttention(8, P, 12, 1).eval()
+    e = torch.randn(1, 8) * 100
+    with torch.no_grad():
+        u = attn.fold_query(e)
+        h = torch.randn(1, 8, P)
+        h[0, :4] = -3e37 * u[0, 0].sign()  # the first run's scores: -inf
+        h = h.bfloat16()
+        mask = torch.ones(1, 8, dtype=torch.bool)
+        got, ref = attn(e, h, mask), attn(e, h.float(), mask)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # scores of ~1e3: a peaked softmax, run by run
 
 
 def _widened(own, prefixes):  # noqa: ANN001, ANN202
