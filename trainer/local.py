@@ -114,22 +114,28 @@ class LocalFeedbackClient:
             self._scoring = None  # read /info again with the new head (a redeployed server may set them anew)
         return head
 
-    @torch.inference_mode()
     def readouts(
         self, version: int, e: torch.Tensor, hidden: Sequence[torch.Tensor | None], head: R2MHead | None = None
     ) -> list:
         """Read-outs `(rm_dim,)` float32 numpy arrays (None where `hidden` is None) of head `version` (`head`, when
         the caller holds it already)."""
-        attention = (head or self.head(version)).attention
+        rows, a = self._attend(head or self.head(version), e, hidden)
         out: list = [None] * len(hidden)
+        for i, row in zip(rows, a.cpu().numpy()):
+            out[i] = row
+        return out
+
+    @torch.inference_mode()
+    def _attend(self, head: R2MHead, e: torch.Tensor, hidden: Sequence[Any | None]) -> tuple[list[int], torch.Tensor]:
+        """The items with hidden states and their read-outs `(n, rm_dim)`, float32 on `device`, `chunk_rows` items
+        per attention call."""
         rows = [i for i, h in enumerate(hidden) if h is not None]
+        parts = [torch.empty(0, e.shape[1], device=self.device)]
         for start in range(0, len(rows), self.chunk_rows):
             idx = rows[start : start + self.chunk_rows]
             h, mask = pad_hidden([torch.as_tensor(hidden[i]).to(self.device) for i in idx], None, self.device)
-            a = attention(e[idx].to(self.device), h, mask).float().cpu().numpy()
-            for j, i in enumerate(idx):
-                out[i] = a[j]
-        return out
+            parts.append(head.attention(e[idx].to(self.device), h, mask).float())
+        return rows, torch.cat(parts)
 
     def score(
         self,
@@ -203,11 +209,13 @@ class LocalFeedbackClient:
             log.info("the server's /info names no aggregation (an older r2m); the server finishes this call")
             return None
         w = omega(step, total_steps, scoring["omega_floor"])
-        readouts = self.readouts(version, e, hidden, head)
         n = len(hidden)
-        weights = [w if a is not None else 1.0 for a in readouts]
-        rows = [torch.from_numpy(a) if a is not None else None for a in readouts]
-        out = score_rte(head, e.to(self.device), [None] * n, weights, readouts=rows).float().cpu()
+        rows, a = self._attend(head, e, hidden)  # kept on `device`: the rewards are computed there too
+        readouts: list[torch.Tensor | None] = [None] * n
+        for j, i in enumerate(rows):
+            readouts[i] = a[j]
+        weights = [w if r is not None else 1.0 for r in readouts]
+        out = score_rte(head, e.to(self.device), [None] * n, weights, readouts=readouts).float().cpu()
         if not bool(torch.isfinite(out).all()):  # every member's, as the replica checks before aggregating
             log.warning("head %d gave a non-finite reward here; the server finishes this call", version)
             return None
