@@ -7,7 +7,7 @@ import torch
 
 from r2m.service import model as model_module
 from r2m.service import precision
-from r2m.service.engine import pad_hidden, score_rte
+from r2m.service.engine import head_is_finite, pad_hidden, score_rte
 from r2m.service.model import FeedbackAttention, HeadConfig, R2MHead
 
 P = 24
@@ -255,6 +255,26 @@ def test_a_run_whose_scores_all_overflow_adds_nothing_instead_of_nan(monkeypatch
         got, ref = attn(e, h, mask), attn(e, h.float(), mask)
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # scores of ~1e3: a peaked softmax, run by run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_head_is_finite_finds_one_bad_weight_anywhere(dtype: torch.dtype, bad: float) -> None:
+    """One NaN or Inf at the first, the last or a random position of any weight (vectorised bodies and scalar tails
+    alike) makes the head non-finite; a replica refuses it and the worker does not publish it."""
+    torch.manual_seed(0)
+    head = R2MHead(HeadConfig(rm_dim=40, policy_dim=203, attn_dim=3 * 43, n_heads=3, score_bias=True)).to(dtype)
+    assert head_is_finite(head)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, w in head.named_parameters():
+            flat = w.view(-1)
+            for i in {0, flat.numel() - 1, *torch.randint(flat.numel(), (4,), generator=g).tolist()}:
+                kept = flat[i].clone()
+                flat[i] = bad
+                assert not head_is_finite(head), (name, i)
+                flat[i] = kept
+    assert head_is_finite(head)
 
 
 def _widened(own, prefixes):  # noqa: ANN001, ANN202
