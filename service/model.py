@@ -212,9 +212,8 @@ class FeedbackAttention(nn.Module):
 # is kept: one float32 copy of a whole batch (183 MB at 16 x 700 x 4096), or a fresh tensor per block, is memory the
 # allocator maps anew, and its page faults cost 2-5x the two matmuls (bench section 2). Without prefixes both matmuls
 # read a block right after its widening (`_attend_blocks`), so a block is sized to stay in a core's L2 cache (2 MB on
-# recent Xeons; a 1 MB block there measured 5% slower per call in section 2 with AVX2 kernels, a 4 MB one equal to
-# 2 MB but twice the traffic to L3). Under autograd (the worker's update) `FeedbackAttention.forward` widens once
-# instead, and no block is ever taken.
+# recent Xeons; with AVX2 kernels there section 2 measured a 1 MB block 5% slower per call, a 4 MB one no faster).
+# Under autograd (the worker's update) `FeedbackAttention.forward` widens once instead, and no block is ever taken.
 UPCAST_BLOCK_BYTES = 2 * 2**20
 _scratch = threading.local()
 
