@@ -142,27 +142,40 @@ class FeedbackAttention(nn.Module):
         u = u.to(torch.promote_types(u.dtype, torch.float32))  # (B, H, P)
         if prefix_index is None and _widens(h):
             pooled = _attend_blocks(h, u, mask)  # (B, H, P): each block widened once, read by both matmuls
-        elif prefix_index is None:
-            scores = _scores(h, u).masked_fill(~mask[:, None, :], float("-inf"))  # (B, H, T), u's dtype
-            pooled = _pool(scores.softmax(dim=-1), h)  # (B, H, P)
         else:
-            scores = _scores(h, u).masked_fill(~mask[:, None, :], float("-inf"))
-            assert prefix_index.shape == (B,), prefix_index.shape
-            groups = [(p, (prefix_index == j).nonzero().squeeze(1)) for j, p in enumerate(prefixes)]
-            groups = [(p, idx) for p, idx in groups if idx.numel()]
-            Tp = max(p.shape[0] for p, _ in groups)
-            front = scores.new_full((B, H, Tp), float("-inf"))  # (B, H, Tp): scores over each item's prefix
-            for p, idx in groups:
-                s = _scores_shared(p, u[idx])  # (n, H, T_j): one matmul for the n items sharing p
-                front = front.index_put((idx,), F.pad(s, (0, Tp - p.shape[0]), value=float("-inf")))
-            probs = torch.cat([front, scores], dim=-1).softmax(dim=-1)  # one softmax over prefix + own rows
-            pooled = _pool(probs[..., Tp:], h)
-            for p, idx in groups:
-                pooled = pooled.index_add(0, idx, _pool_shared(probs[idx, :, : p.shape[0]], p))
+            pooled = self._attend_two_passes(h, u, mask, prefixes, prefix_index)
         if fused is not None:
             return torch.einsum("bhp,hpr->br", pooled.to(fused[1].dtype), fused[1])  # (B, D_rm)
         v = torch.einsum("bhp,hep->bhe", pooled.to(self.w_v.weight.dtype), self.w_v.weight.view(H, self.head_dim, P))
         return self.w_o(v.reshape(B, H * self.head_dim))  # (B, D_rm)
+
+    @staticmethod
+    def _attend_two_passes(
+        h: torch.Tensor,
+        u: torch.Tensor,
+        mask: torch.Tensor,
+        prefixes: Sequence[torch.Tensor],
+        prefix_index: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`softmax(u h^T) h` `(B, H, P)` as scores over every row, then the pooling (`_scores`, `_pool`), over the
+        items' shared prefixes too where `prefix_index` names them."""
+        B, H = u.shape[:2]
+        scores = _scores(h, u).masked_fill(~mask[:, None, :], float("-inf"))  # (B, H, T), u's dtype
+        if prefix_index is None:
+            return _pool(scores.softmax(dim=-1), h)  # (B, H, P)
+        assert prefix_index.shape == (B,), prefix_index.shape
+        groups = [(p, (prefix_index == j).nonzero().squeeze(1)) for j, p in enumerate(prefixes)]
+        groups = [(p, idx) for p, idx in groups if idx.numel()]
+        Tp = max(p.shape[0] for p, _ in groups)
+        front = scores.new_full((B, H, Tp), float("-inf"))  # (B, H, Tp): scores over each item's prefix
+        for p, idx in groups:
+            s = _scores_shared(p, u[idx])  # (n, H, T_j): one matmul for the n items sharing p
+            front = front.index_put((idx,), F.pad(s, (0, Tp - p.shape[0]), value=float("-inf")))
+        probs = torch.cat([front, scores], dim=-1).softmax(dim=-1)  # one softmax over prefix + own rows
+        pooled = _pool(probs[..., Tp:], h)
+        for p, idx in groups:
+            pooled = pooled.index_add(0, idx, _pool_shared(probs[idx, :, : p.shape[0]], p))
+        return pooled
 
     def _fused(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For serving (eval, no autograd): `M_h = W_q,h W_k,h^T / sqrt(dh)` `(H, D_rm, P)` and
@@ -235,15 +248,19 @@ def _widens(h: torch.Tensor) -> bool:
     return h.numel() > 0 and compute_dtype(h.dtype, h.device) != h.dtype
 
 
+def _block_rows(h: torch.Tensor) -> tuple[torch.dtype, int]:
+    """`h`'s compute dtype and the rows of one item a block holds: at most `UPCAST_BLOCK_BYTES`, one at least."""
+    dtype = compute_dtype(h.dtype, h.device)
+    return dtype, max(1, min(h.shape[1], UPCAST_BLOCK_BYTES // (h.shape[2] * dtype.itemsize)))
+
+
 def _blocks(h: torch.Tensor) -> Iterator[tuple[slice, slice, torch.Tensor]]:
     """`(items, rows, block)` covering `h` `(B, T, P)`, each block widened to its compute dtype and at most
     `UPCAST_BLOCK_BYTES` (one row at least): whole items where they fit. A block is valid until the next one is
     taken (the thread's buffer); autograd off only."""
     B, T, P = h.shape
-    dtype = compute_dtype(h.dtype, h.device)
-    row = P * dtype.itemsize
-    rows = max(1, min(T, UPCAST_BLOCK_BYTES // row))
-    items = max(1, UPCAST_BLOCK_BYTES // (T * row)) if rows == T else 1
+    dtype, rows = _block_rows(h)
+    items = max(1, UPCAST_BLOCK_BYTES // (T * P * dtype.itemsize)) if rows == T else 1
     assert not torch.is_grad_enabled(), "under autograd, forward widens h once: a kept block would be overwritten"
     for b0 in range(0, B, items):
         for t0 in range(0, T, rows):
@@ -279,8 +296,7 @@ def _attend_blocks(h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torc
     of rows (`_attend_runs`)."""
     B, T, P = h.shape
     out = u.new_empty(B, u.shape[1], P)
-    dtype = compute_dtype(h.dtype, h.device)
-    rows = max(1, min(T, UPCAST_BLOCK_BYTES // (P * dtype.itemsize)))
+    dtype, rows = _block_rows(h)
     if rows < T:
         for b in range(B):
             out[b] = _attend_runs(h[b], u[b], mask[b], rows, dtype)
