@@ -111,7 +111,12 @@ def run(opts) -> dict:  # noqa: ANN001
             # timed the same way here, it says what section 2's bf16 figure is on such a CPU (its kernels are the
             # float32 ones plus the widening, a block of rows at a time).
             h32 = h.float()
-            paths["float32"] = best_time(lambda: attn(e, h32, mask), repeat, device) / B
+            precision.configure("upcast")
+            try:  # in turns, so that the machine's moods (bench/README.md) hit both alike
+                both = interleaved({"upcast": lambda: attn(e, h, mask), "float32": lambda: attn(e, h32, mask)}, repeat)
+            finally:
+                precision.configure("auto")
+            paths["upcast"], paths["float32"] = both["upcast"] / B, both["float32"] / B
             out["bf16_upcast_vs_fp32"] = paths["upcast"] / paths["float32"]
             out["rows"].append(
                 row(

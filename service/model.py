@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .percore import per_core
 from .precision import compute_dtype
 
 __all__ = [
@@ -78,10 +79,10 @@ class FeedbackAttention(nn.Module):
     `h` is read in its compute dtype (`precision.compute_dtype`): bfloat16/float16 as it came off the wire where
     the device multiplies it natively (CUDA, a CPU with AVX512-BF16/AMX), else widened to float32 a block of rows at
     a time (a CPU without those runs half-precision GEMMs 3-6x slower than float32 ones; `_blocks` says why not in
-    one copy), each block read by the scores and the pooling right after its widening (`_attend_blocks`). The folded
-    query is cast to that dtype for the scores `h u`, the softmax runs in float32 on the small `(B, H, T)` scores,
-    the pooling `p h` runs in that dtype again, and the small pooled vectors go back to float32 for `W_v` and
-    `W_o`.
+    one copy), each block read by the scores and the pooling right after its widening, on the core that widened it
+    (`_attend_blocks`). The folded query is cast to that dtype for the scores `h u`, the softmax runs in float32 on
+    the small `(B, H, T)` scores, the pooling `p h` runs in that dtype again, and the small pooled vectors go back to
+    float32 for `W_v` and `W_o`.
 
     A sequence may also be split into a shared prefix and its own rows (docs/api.md, prompt-prefix sharing): item
     `b`'s hidden states are `cat(prefixes[prefix_index[b]], h[b][mask[b]])`. The scores and the pooling over a
@@ -224,10 +225,12 @@ class FeedbackAttention(nn.Module):
 # many bytes of float32 (whole items where they fit, else runs of one item's rows), into one buffer per thread that
 # is kept: one float32 copy of a whole batch (183 MB at 16 x 700 x 4096), or a fresh tensor per block, is memory the
 # allocator maps anew, and its page faults cost 2-5x the two matmuls (bench section 2). Without prefixes both matmuls
-# read a block right after its widening (`_attend_blocks`), so a block is sized to stay in a core's L2 cache (2 MB on
-# recent Xeons; with AVX2 kernels there section 2 measured a 1 MB block 5% slower per call, a 4 MB one no faster).
+# read a block right after its widening, on the core that widened it (`_attend_blocks`, `percore`). 4 MB: on an AVX2
+# AMD EPYC (512 KB L2 per core) 2 MB blocks were 1.15-1.27x slower per call at 16 x 700 x 4096, 1 MB 1.7x, 8 MB
+# 1.05x; the cost per block (a dozen small ops besides the copy and the matmuls) outweighs the L2's size there. On a
+# Xeon with 2 MB of L2, before the blocks were shared out, 4 MB measured no faster than 2 MB and 1 MB 5% slower.
 # Under autograd (the worker's update) `FeedbackAttention.forward` widens once instead, and no block is ever taken.
-UPCAST_BLOCK_BYTES = 2 * 2**20
+UPCAST_BLOCK_BYTES = 4 * 2**20
 _scratch = threading.local()
 
 
@@ -291,50 +294,62 @@ def _pool(probs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 def _attend_blocks(h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`softmax(u h^T) h` over the unmasked rows, `(B, H, P)` in u's dtype, for `h` widened a block at a time, in
     one pass: each block is widened once and read by the scores and the pooling while it is still in cache (two
-    passes widen `h` twice, and on a CPU without native bf16 the widening is what costs: bench section 2). Blocks
-    of whole items take the softmax as `_scores` and `_pool` do (the same numbers); a longer item is read in runs
-    of rows (`_attend_runs`)."""
+    passes widen `h` twice, and on a CPU without native bf16 the widening is what costs: bench section 2). The
+    blocks are shared out among the cores (`percore.per_core`), each widened and read by one core. Blocks of whole
+    items take the softmax as `_scores` and `_pool` do (the same numbers); a longer item is read in runs of rows
+    (`_attend_runs`)."""
     B, T, P = h.shape
-    out = u.new_empty(B, u.shape[1], P)
     dtype, rows = _block_rows(h)
     if rows < T:
-        for b in range(B):
-            out[b] = _attend_runs(h[b], u[b], mask[b], rows, dtype)
-        return out
-    for ib, _, x in _blocks(h):
-        s = torch.bmm(u[ib].to(x.dtype), x.transpose(1, 2)).to(u.dtype).masked_fill_(~mask[ib, None, :], -math.inf)
-        out[ib] = torch.bmm(s.softmax(dim=-1).to(x.dtype), x).to(u.dtype)
+        return _attend_runs(h, u, mask, rows, dtype)
+    out = u.new_empty(B, u.shape[1], P)
+    items = max(1, UPCAST_BLOCK_BYTES // (T * P * dtype.itemsize))
+
+    def attend(blocks: Sequence[slice]) -> None:
+        for ib in blocks:
+            x = _scratch_block(h[ib], dtype)
+            s = torch.bmm(u[ib].to(dtype), x.transpose(1, 2)).to(u.dtype).masked_fill_(~mask[ib, None, :], -math.inf)
+            out[ib] = torch.bmm(s.softmax(dim=-1).to(dtype), x).to(u.dtype)
+
+    per_core(attend, [slice(b0, b0 + items) for b0 in range(0, B, items)])
     return out
 
 
 def _attend_runs(h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """One item's `softmax(u h^T) h` `(H, P)` from `h` `(T, P)` read in runs of `rows` rows, each widened once: per run
-    its max score, its sum of `exp(score - max)` and its pooled rows, combined at the end (the online softmax of flash
-    attention, without rescaling per run). A mask of real rows then padding (`pad_hidden`'s) is read as a length:
-    the padding is never widened or multiplied."""
-    n = int(mask.sum())
-    masked = not bool(mask[:n].all())
-    starts = range(0, h.shape[0] if masked else n, rows)
-    H, P = u.shape
-    top = u.new_full((len(starts), H, 1), -math.inf)  # per run: the max score
-    total = u.new_zeros(len(starts), H, 1)  # the sum of exp(score - max)
-    pooled = torch.zeros(len(starts), H, P, dtype=dtype, device=h.device)  # exp(score - max) h
+    """`softmax(u h^T) h` `(B, H, P)` from `h` `(B, T, P)` read in runs of `rows` rows of one item, each widened once:
+    per run the log-sum-exp of its scores and its rows pooled by their softmax within the run, combined at the end
+    (a run's weight is the softmax of the runs' log-sum-exps; the online softmax of flash attention, done once).
+    Runs of all items are shared out among the cores. A mask of real rows then padding (`pad_hidden`'s) is read as
+    a length: the padding is never widened or multiplied; a run of padding only is not read."""
+    B, T, P = h.shape
+    H = u.shape[1]
+    lengths = mask.sum(dim=1)
+    prefix_only = (mask == (torch.arange(T, device=mask.device) < lengths[:, None])).all(dim=1)
+    runs = []  # (item, run, first row, end row, whether the mask has holes there)
+    for b, (n, plain) in enumerate(zip(lengths.tolist(), prefix_only.tolist())):
+        for k, t0 in enumerate(range(0, n if plain else T, rows)):
+            t1 = min(t0 + rows, n if plain else T)
+            if plain or bool(mask[b, t0:t1].any()):
+                runs.append((b, k, t0, t1, not plain))
+    R = -(-T // rows)
+    lse = torch.full((B, R, H), -math.inf, dtype=dtype, device=h.device)  # a run not read: weight 0
+    pooled = torch.zeros(B, R, H, P, dtype=dtype, device=h.device)
     q = u.to(dtype)
-    for k, t0 in enumerate(starts):
-        t1 = min(t0 + rows, h.shape[0] if masked else n)
-        if masked and not bool(mask[t0:t1].any()):
-            continue  # a run of padding only: it adds nothing
-        x = _scratch_block(h[t0:t1], dtype)
-        s = torch.mm(q, x.T).to(u.dtype)  # (H, rows)
-        if masked:
-            s.masked_fill_(~mask[t0:t1], -math.inf)
-        # A finite floor: a run whose real scores all overflowed to -inf adds nothing (-inf - -inf would be NaN).
-        torch.amax(s, dim=1, keepdim=True, out=top[k]).clamp_(min=torch.finfo(s.dtype).min)
-        p = s.sub_(top[k]).exp_()
-        torch.sum(p, dim=1, keepdim=True, out=total[k])
-        torch.mm(p.to(dtype), x, out=pooled[k])
-    scale = (top - top.amax(dim=0)).exp_()  # (runs, H, 1); a skipped run's -inf gives 0
-    return (scale * pooled.to(u.dtype)).sum(dim=0) / (scale * total).sum(dim=0)
+
+    def attend(share: Sequence[tuple[int, int, int, int, bool]]) -> None:
+        for b, k, t0, t1, holes in share:
+            x = _scratch_block(h[b, t0:t1], dtype)
+            s = torch.mm(q[b], x.T)  # (H, rows)
+            if holes:
+                s.masked_fill_(~mask[b, t0:t1], -math.inf)
+            torch.logsumexp(s, dim=1, out=lse[b, k])
+            torch.mm(s.softmax(dim=1), x, out=pooled[b, k])
+
+    per_core(attend, runs)
+    # A run whose real scores all overflowed to -inf has log-sum-exp -inf, so weight 0, and a NaN softmax within it:
+    # it adds nothing, as in one softmax over the item.
+    pooled.masked_fill_(torch.isneginf(lse)[..., None], 0.0)
+    return torch.einsum("brh,brhp->bhp", lse.to(u.dtype).softmax(dim=1), pooled.to(u.dtype))
 
 
 def _scores_shared(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

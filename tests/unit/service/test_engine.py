@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -207,13 +209,15 @@ def test_items_longer_than_a_block_are_read_in_runs_each_widened_once(
 ) -> None:
     """Without native bf16 an item longer than a block is read in runs of rows, each widened once and read by the
     scores and the pooling while in cache: the read-outs of the float32 values, and padding after the real rows is
-    never widened or multiplied (a mask with holes is read as a mask, a run of only padding skipped)."""
+    never widened or multiplied (a mask with holes is read as a mask, a run of only padding skipped). The runs are
+    shared out among the cores: each is widened and read by one worker thread, into its own buffer."""
     _no_native_half(monkeypatch)
-    runs: list[tuple[torch.dtype, int]] = []
+    runs: list[tuple[int, torch.dtype, int, int]] = []
     mm = torch.mm
 
     def spy(a, b, *args, **kwargs):
-        runs.append((b.dtype, b.shape[0] if b.shape[0] != P else b.shape[1]))  # rows of the run, either operand
+        rows = b.shape[0] if b.shape[0] != P else b.shape[1]  # rows of the run, either operand
+        runs.append((threading.get_ident(), b.dtype, rows, b.data_ptr()))
         return mm(a, b, *args, **kwargs)
 
     monkeypatch.setattr(model_module.torch, "mm", spy)
@@ -233,9 +237,21 @@ def test_items_longer_than_a_block_are_read_in_runs_each_widened_once(
         ref = head(e, w, ref_h, mask)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     # item 0: runs of 4, 4, 3 rows (with holes: the padding-only run skipped); item 1: 4 and 1 (not 11 padded
-    # rows); item 2: 1. Two matmuls per run, both over the same widened float32 run.
+    # rows); item 2: 1. Two matmuls per run, both over the same widened float32 run, in the thread that widened it.
     sizes = ([4, 3] if holes else [4, 4, 3]) + [4, 1, 1]
-    assert read == [(torch.float32, n) for n in sizes for _ in range(2)]
+    threads = {t for t, *_ in read}
+    pairs, buffers = [], {}
+    for t in threads:
+        mine = [c[1:] for c in read if c[0] == t]
+        assert mine[0::2] == mine[1::2], "scores and pooling read the same widened run"
+        pairs += mine[0::2]
+        buffers[t] = {ptr for *_, ptr in mine}
+    assert all(dtype == torch.float32 for dtype, *_ in pairs)
+    assert sorted(n for _, n, _ in pairs) == sorted(sizes)
+    assert len(threads) == min(torch.get_num_threads(), len(sizes))
+    if len(threads) > 1:
+        assert threading.get_ident() not in threads, "shared out to the workers, not read by the caller too"
+        assert not set.intersection(*buffers.values()), "each worker widens into its own buffer"
 
 
 def test_a_run_whose_scores_all_overflow_adds_nothing_instead_of_nan(monkeypatch: pytest.MonkeyPatch) -> None:
