@@ -15,8 +15,8 @@ needs_two_threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="torc
 @pytest.fixture
 def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     """The next call builds its pool anew (the restore of the process-wide count happens then)."""
-    monkeypatch.setattr(percore, "_pool", None)
-    monkeypatch.setattr(percore, "_size", 0)
+    monkeypatch.setattr(percore, "_workers", [])
+    monkeypatch.setattr(percore, "_unavailable", False)
 
 
 @needs_two_threads
@@ -90,3 +90,22 @@ def test_one_unit_runs_in_the_caller() -> None:
     where: list[int] = []
     percore.per_core(lambda share: where.append(threading.get_ident()), [0])
     assert where == [threading.get_ident()]
+
+
+@needs_two_threads
+def test_where_no_thread_can_start_the_work_runs_in_the_caller_and_that_is_logged_once(
+    fresh_pool: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(self):  # noqa: ANN001, ANN202
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(percore._Worker, "start", refuse)
+    before = torch.get_num_threads()
+    where: list[int] = []
+    for _ in range(2):
+        percore.per_core(lambda share: where.extend(threading.get_ident() for _ in share), [0, 1, 2])
+    assert where == [threading.get_ident()] * 6
+    assert [r.message for r in caplog.records if r.name == "r2m.percore"] == [
+        "no per-core workers (can't start new thread): the widened attention runs on torch's own threads"
+    ]
+    assert torch.get_num_threads() == before
