@@ -79,7 +79,7 @@ class FeedbackAttention(nn.Module):
     `h` is read in its compute dtype (`precision.compute_dtype`): bfloat16/float16 as it came off the wire where
     the device multiplies it natively (CUDA, a CPU with AVX512-BF16/AMX), else widened to float32 a block of rows at
     a time (a CPU without those runs half-precision GEMMs 3-6x slower than float32 ones; `_blocks` says why not in
-    one copy), each block read by the scores and the pooling right after its widening, on the core that widened it
+    one copy), each block read by the scores and the pooling right after its widening, by the thread that widened it
     (`_attend_blocks`). The folded query is cast to that dtype for the scores `h u`, the softmax runs in float32 on
     the small `(B, H, T)` scores, the pooling `p h` runs in that dtype again, and the small pooled vectors go back to
     float32 for `W_v` and `W_o`.
@@ -225,7 +225,7 @@ class FeedbackAttention(nn.Module):
 # many bytes of float32 (whole items where they fit, else runs of one item's rows), into one buffer per thread that
 # is kept: one float32 copy of a whole batch (183 MB at 16 x 700 x 4096), or a fresh tensor per block, is memory the
 # allocator maps anew, and its page faults cost 2-5x the two matmuls (bench section 2). Without prefixes both matmuls
-# read a block right after its widening, on the core that widened it (`_attend_blocks`, `percore`). 4 MB: on an AVX2
+# read a block right after its widening, by the thread that widened it (`_attend_blocks`, `percore`). 4 MB: on an AVX2
 # AMD EPYC (512 KB L2 per core) 2 MB blocks were 1.15-1.27x slower per call at 16 x 700 x 4096, 1 MB 1.7x, 8 MB
 # 1.05x; the cost per block (a dozen small ops besides the copy and the matmuls) outweighs the L2's size there. On a
 # Xeon with 2 MB of L2, before the blocks were shared out, 4 MB measured no faster than 2 MB and 1 MB 5% slower.
@@ -295,9 +295,9 @@ def _attend_blocks(h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torc
     """`softmax(u h^T) h` over the unmasked rows, `(B, H, P)` in u's dtype, for `h` widened a block at a time, in
     one pass: each block is widened once and read by the scores and the pooling while it is still in cache (two
     passes widen `h` twice, and on a CPU without native bf16 the widening is what costs: bench section 2). The
-    blocks are shared out among the cores (`percore.per_core`), each widened and read by one core. Blocks of whole
-    items take the softmax as `_scores` and `_pool` do (the same numbers); a longer item is read in runs of rows
-    (`_attend_runs`)."""
+    blocks are shared out among worker threads, one per core (`percore.per_core`), each widened and read by one.
+    Blocks of whole items take the softmax as `_scores` and `_pool` do (the same numbers); a longer item is read in
+    runs of rows (`_attend_runs`)."""
     B, T, P = h.shape
     dtype, rows = _block_rows(h)
     if rows < T:
@@ -319,7 +319,7 @@ def _attend_runs(h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, rows: int
     """`softmax(u h^T) h` `(B, H, P)` from `h` `(B, T, P)` read in runs of `rows` rows of one item, each widened once:
     per run the log-sum-exp of its scores and its rows pooled by their softmax within the run, combined at the end
     (a run's weight is the softmax of the runs' log-sum-exps; the online softmax of flash attention, done once).
-    Runs of all items are shared out among the cores. A mask of real rows then padding (`pad_hidden`'s) is read as
+    Runs of all items are shared out among the workers. A mask of real rows then padding (`pad_hidden`'s) is read as
     a length: the padding is never widened or multiplied; a run of padding only is not read."""
     B, T, P = h.shape
     H = u.shape[1]

@@ -1,28 +1,35 @@
-"""Work split across the CPU cores so that each core reads what it wrote itself: threads of one torch thread each.
+"""Work split across the CPU cores so that a thread reads what it wrote itself: worker threads of one torch thread each.
 
 The feedback attention widens half-precision hidden states a block at a time where the CPU lacks native half matmuls
-(`model._attend_blocks`). Left to torch's intra-op threads, the widening copy of a block is split across the cores
-one way and the two matmuls that read it right after are split another way, so much of a block is read by a core
-that did not write it. On a 2-core AMD EPYC VM with AVX2 only (2026-12-05) the widened scores and pooling took
-2.4-2.7 ms per item of 700 x 4096 bf16 rows against 0.6-0.85 ms for the same rows in float32, and 1.35-1.4 ms in
-other hours of the same machine (the slow hours fit two vCPUs that share no cache; not verified). Here each worker
-thread widens its own blocks and runs both matmuls on them with one torch thread (OpenMP's and MKL's thread counts are
-per thread), so a block stays with the core that made it: 0.87-1.33 ms per item in the same runs, side by side with
-the old path, and section 2's bf16 figure 1.1-1.4x float32 instead of 1.3-1.8x.
+(`model._attend_blocks`). Left to torch's intra-op threads, the widening copy of a block is split across the cores,
+while the two matmuls that read it right after are matrix-vector products that MKL runs on the calling thread alone (CPU
+time / wall time 1.0 at two threads, measured), so half of every block is read from the core that did not write it; and
+each of a dozen small ops per block wakes the other thread. On a 2-core AMD EPYC VM with AVX2 only (2026-12-05) the
+widened scores and pooling took 2.4-2.7 ms per item of 700 x 4096 bf16 rows against 0.6-0.85 ms for the same rows in
+float32 (1.35-1.4 ms in other hours of the same machine). Here the blocks are shared out among worker threads, each
+widening its own blocks and running both matmuls on them with one torch thread, so a block is read by the thread that
+wrote it: 0.87-1.33 ms per item in the same runs, side by side with the old path, and section 2's bf16 figure 1.1-1.4x
+float32 instead of 1.3-1.8x. Which of the two causes weighs more is not established: workers of two torch threads each
+measured 3-15% slower than workers of one, still far faster than torch's threads over the whole call. Threads are not
+pinned to cores.
 
-Torch's `set_num_threads` also stores a process-wide count that every thread adopts at its first parallel op
-(`at::init_num_threads`): the workers take that first, then set one thread, and the caller restores the
-process-wide count before any work runs, so that no other thread of the process inherits one thread.
+Each worker sets its thread count with OpenMP's own setter, which changes that thread only: torch's `set_num_threads`
+would also store the count process-wide, for every thread that has not run a parallel op yet to adopt
+(`_one_thread_here`). Where that cannot be had the work runs in the caller, as before.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import queue
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -34,6 +41,38 @@ U = TypeVar("U")
 logger = logging.getLogger("r2m.percore")
 
 
+@functools.cache
+def _openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch's intra-op threads run on, as this process loaded it (GNU libgomp in the PyPI wheels,
+    LLVM's or Intel's in other builds); None where none is found."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for path in dict.fromkeys(re.findall(r"(/\S*/lib(?:gomp|omp|iomp5)[^/\s]*\.so[^/\s]*)$", maps, re.MULTILINE)):
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: the same library, not a second copy
+        except OSError:
+            continue
+        if hasattr(lib, "omp_set_num_threads"):
+            return lib
+    return None
+
+
+def _one_thread_here() -> bool:
+    """Put this thread on one OpenMP thread, leaving torch's process-wide count alone; whether it took.
+
+    `torch.set_num_threads(1)` would also store 1 as the process-wide count, which every thread adopts at its first
+    parallel op (`at::init_num_threads`, once per thread): a request thread starting then would run on one core for
+    good. OpenMP's own setter changes this thread only; MKL follows it (bench: a worker's GEMMs run on one core)."""
+    torch.get_num_threads()  # this thread's one-time init from the process-wide count, first: it cannot undo the one
+    omp = _openmp()
+    if omp is None:
+        return False
+    omp.omp_set_num_threads(1)
+    return torch.get_num_threads() == 1
+
+
 class _Worker(threading.Thread):
     """One thread on one torch thread, running what it is given in order; share i of every call goes to worker i,
     so a worker keeps reading its own buffers."""
@@ -41,18 +80,19 @@ class _Worker(threading.Thread):
     def __init__(self, index: int, started: threading.Barrier) -> None:
         super().__init__(name=f"r2m-percore-{index}", daemon=True)  # idle between calls: nothing to finish at exit
         self._ready = started
-        self._tasks: queue.SimpleQueue[tuple[Callable[[Any], None], Any, Future[None]]] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[tuple[Callable[[Any], None], Any, Future[None]] | None] = queue.SimpleQueue()
+        self.one_thread = False
 
     def run(self) -> None:
         try:
-            # A thread's first parallel op (or count query) sets its count from the process-wide one, once: done
-            # first here, so that it cannot undo the one thread once the caller has restored the process-wide count.
-            torch.get_num_threads()
-            torch.set_num_threads(1)
+            self.one_thread = _one_thread_here()
         finally:
-            self._ready.wait()
-        while True:
-            fn, arg, future = self._tasks.get()
+            try:
+                self._ready.wait()
+            except threading.BrokenBarrierError:
+                return  # the start failed: this worker is not used
+        while (task := self._tasks.get()) is not None:
+            fn, arg, future = task
             try:
                 fn(arg)
             except BaseException as exc:  # the caller raises it
@@ -65,34 +105,42 @@ class _Worker(threading.Thread):
         self._tasks.put((fn, arg, future))
         return future
 
+    def stop(self) -> None:
+        self._tasks.put(None)
+
 
 _lock = threading.Lock()
 _workers: list[_Worker] = []
-_unavailable = False  # threads could not be started once: not tried again
+_unavailable = False  # the workers could not be started, or not on one thread each: not tried again
 
 
 def _start(n: int) -> list[_Worker] | None:
-    """The process's workers, `n` at least, each already on one torch thread; None where threads cannot be started
-    (the work then runs in the caller, as it would without them)."""
+    """The process's workers, `n` at least, each on one torch thread; None where that cannot be had (threads that
+    cannot start, no OpenMP runtime found): the work then runs in the caller, as it would without them."""
     global _unavailable
     with _lock:
         if _unavailable:
             return None
         if len(_workers) < n:
-            caller_threads = torch.get_num_threads()
             started = threading.Barrier(n - len(_workers) + 1, timeout=60)
             new = [_Worker(i, started) for i in range(len(_workers), n)]
+            why = None
             try:
                 for w in new:
                     w.start()
-                started.wait()  # all new ones set their one thread ...
+                started.wait()
             except (RuntimeError, threading.BrokenBarrierError) as exc:
-                started.abort()  # a started one leaves its barrier and idles
+                started.abort()  # the ones that started return
+                why = str(exc) or type(exc).__name__
+            else:
+                if not all(w.one_thread for w in new):
+                    why = "torch's OpenMP runtime not found, or its thread count not settable per thread"
+                    for w in new:
+                        w.stop()
+            if why is not None:
                 _unavailable = True
-                logger.warning("no per-core workers (%s): the widened attention runs on torch's own threads", exc)
+                logger.warning("no per-core workers (%s): the widened attention runs on torch's own threads", why)
                 return None
-            finally:
-                torch.set_num_threads(caller_threads)  # ... and the process-wide count is the caller's again
             _workers.extend(new)
         return _workers[:n]
 

@@ -39,11 +39,18 @@ def test_shares_are_contiguous_each_run_by_a_worker_on_one_torch_thread(fresh_po
 
 
 @needs_two_threads
-def test_the_caller_and_threads_started_later_keep_the_process_thread_count(fresh_pool: None) -> None:
-    """Torch's set_num_threads also sets the count new threads adopt at their first parallel op; the workers' one
-    thread must not become every later thread's (a server's request threads would run on one core)."""
+def test_the_caller_and_threads_started_later_keep_the_process_thread_count(
+    fresh_pool: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Torch's set_num_threads also stores the count that every thread adopts at its first parallel op; the workers'
+    one thread must never become that count (a server's request threads would run on one core), not even for a
+    moment while they start: they set it per thread, with OpenMP's own setter."""
+    stored: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", stored.append)
     before = torch.get_num_threads()
     percore.per_core(lambda share: None, [0, 1])
+    assert len(percore._workers) == min(2, before) and all(w.one_thread for w in percore._workers)
+    assert stored == []
     assert torch.get_num_threads() == before
     later: list[int] = []
     t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
@@ -93,19 +100,42 @@ def test_one_unit_runs_in_the_caller() -> None:
 
 
 @needs_two_threads
-def test_where_no_thread_can_start_the_work_runs_in_the_caller_and_that_is_logged_once(
-    fresh_pool: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("failure", ["no thread", "no openmp"])
+def test_where_workers_cannot_be_had_the_work_runs_in_the_caller_and_that_is_logged_once(
+    fresh_pool: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failure: str
 ) -> None:
-    def refuse(self):  # noqa: ANN001, ANN202
-        raise RuntimeError("can't start new thread")
+    if failure == "no thread":
 
-    monkeypatch.setattr(percore._Worker, "start", refuse)
+        def refuse(self):  # noqa: ANN001, ANN202
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(percore._Worker, "start", refuse)
+        why = "can't start new thread"
+    else:
+        monkeypatch.setattr(percore, "_openmp", lambda: None)
+        why = "torch's OpenMP runtime not found, or its thread count not settable per thread"
     before = torch.get_num_threads()
     where: list[int] = []
     for _ in range(2):
         percore.per_core(lambda share: where.extend(threading.get_ident() for _ in share), [0, 1, 2])
     assert where == [threading.get_ident()] * 6
     assert [r.message for r in caplog.records if r.name == "r2m.percore"] == [
-        "no per-core workers (can't start new thread): the widened attention runs on torch's own threads"
+        f"no per-core workers ({why}): the widened attention runs on torch's own threads"
     ]
+    assert torch.get_num_threads() == before
+    assert percore._workers == []
+
+
+def test_one_thread_here_changes_that_thread_only() -> None:
+    """OpenMP's setter, found in the runtime this torch loaded, sets the calling thread's count and no other's."""
+    before = torch.get_num_threads()
+    seen: list[tuple[bool, int]] = []
+
+    def worker() -> None:
+        seen.append((percore._one_thread_here(), torch.get_num_threads()))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [(True, 1)]
     assert torch.get_num_threads() == before
