@@ -257,15 +257,17 @@ def _block_rows(h: torch.Tensor) -> tuple[torch.dtype, int]:
     return dtype, max(1, min(h.shape[1], UPCAST_BLOCK_BYTES // (h.shape[2] * dtype.itemsize)))
 
 
-def _blocks(h: torch.Tensor) -> list[tuple[slice, slice]]:
-    """`(items, rows)` slices covering `h` `(B, T, P)` in blocks of at most `UPCAST_BLOCK_BYTES` once widened (one
-    row at least): whole items where they fit, else runs of one item's rows, item by item. Autograd off only: a block
-    is widened into the reading thread's buffer (`_scratch_block`), valid until its next block."""
+def _blocks(h: torch.Tensor) -> tuple[torch.dtype, list[tuple[slice, slice]]]:
+    """`h`'s compute dtype and the `(items, rows)` slices covering `h` `(B, T, P)` in blocks of at most
+    `UPCAST_BLOCK_BYTES` once widened (one row at least): whole items where they fit, else runs of one item's rows,
+    item by item. Autograd off only: a block is widened into the reading thread's buffer (`_scratch_block`), valid
+    until its next block."""
     B, T, P = h.shape
     dtype, rows = _block_rows(h)
     items = max(1, UPCAST_BLOCK_BYTES // (T * P * dtype.itemsize)) if rows == T else 1
     assert not torch.is_grad_enabled(), "under autograd, forward widens h once: a kept block would be overwritten"
-    return [(slice(b0, b0 + items), slice(t0, t0 + rows)) for b0 in range(0, B, items) for t0 in range(0, T, rows)]
+    blocks = [(slice(b0, b0 + items), slice(t0, t0 + rows)) for b0 in range(0, B, items) for t0 in range(0, T, rows)]
+    return dtype, blocks
 
 
 def _scores(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -273,14 +275,14 @@ def _scores(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if not _widens(h):
         return torch.bmm(u.to(h.dtype), h.transpose(1, 2)).to(u.dtype)
     out = u.new_empty(h.shape[0], u.shape[1], h.shape[1])
-    dtype = compute_dtype(h.dtype, h.device)
+    dtype, blocks = _blocks(h)
 
     def score(blocks: Sequence[tuple[slice, slice]]) -> None:
         for ib, tb in blocks:
             x = _scratch_block(h[ib, tb], dtype)
             out[ib, :, tb] = torch.bmm(u[ib].to(dtype), x.transpose(1, 2)).to(u.dtype)
 
-    per_core(score, _blocks(h))
+    per_core(score, blocks)
     return out
 
 
@@ -289,19 +291,17 @@ def _pool(probs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     each summing its blocks into its own part (the runs of one item may fall to two), the parts added in order."""
     if not _widens(h):
         return torch.bmm(probs.to(h.dtype), h).to(probs.dtype)
-    dtype = compute_dtype(h.dtype, h.device)
-    parts: dict[int, torch.Tensor] = {}  # by the share's first block
+    dtype, blocks = _blocks(h)
 
-    def pool(share: Sequence[tuple[int, tuple[slice, slice]]]) -> None:
+    def pool(share: Sequence[tuple[slice, slice]]) -> torch.Tensor:
         part = probs.new_zeros(h.shape[0], probs.shape[1], h.shape[2])
-        for _, (ib, tb) in share:
+        for ib, tb in share:
             x = _scratch_block(h[ib, tb], dtype)
             part[ib] += torch.bmm(probs[ib, :, tb].to(dtype), x).to(probs.dtype)
-        parts[share[0][0]] = part
+        return part
 
-    per_core(pool, list(enumerate(_blocks(h))))
-    ordered = [parts[k] for k in sorted(parts)]
-    return ordered[0] if len(ordered) == 1 else torch.stack(ordered).sum(dim=0)
+    parts = per_core(pool, blocks)
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)
 
 
 def _attend_blocks(h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -316,6 +316,7 @@ def _attend_blocks(h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torc
     if rows < T:
         return _attend_runs(h, u, mask, rows, dtype)
     out = u.new_empty(B, u.shape[1], P)
+    blocks = _blocks(h)[1]
 
     def attend(blocks: Sequence[tuple[slice, slice]]) -> None:
         for ib, _ in blocks:  # whole items
@@ -323,7 +324,7 @@ def _attend_blocks(h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torc
             s = torch.bmm(u[ib].to(dtype), x.transpose(1, 2)).to(u.dtype).masked_fill_(~mask[ib, None, :], -math.inf)
             out[ib] = torch.bmm(s.softmax(dim=-1).to(dtype), x).to(u.dtype)
 
-    per_core(attend, _blocks(h))
+    per_core(attend, blocks)
     return out
 
 

@@ -37,6 +37,7 @@ import torch
 __all__ = ["per_core"]
 
 U = TypeVar("U")
+R = TypeVar("R")
 
 logger = logging.getLogger("r2m.percore")
 
@@ -64,7 +65,8 @@ def _one_thread_here() -> bool:
 
     `torch.set_num_threads(1)` would also store 1 as the process-wide count, which every thread adopts at its first
     parallel op (`at::init_num_threads`, once per thread): a request thread starting then would run on one core for
-    good. OpenMP's own setter changes this thread only; MKL follows it (bench: a worker's GEMMs run on one core)."""
+    good. OpenMP's own setter changes this thread only; MKL follows it (measured: a worker's GEMM at CPU / wall time
+    1.0)."""
     torch.get_num_threads()  # this thread's one-time init from the process-wide count, first: it cannot undo the one
     omp = _openmp()
     if omp is None:
@@ -80,7 +82,7 @@ class _Worker(threading.Thread):
     def __init__(self, index: int, started: threading.Barrier) -> None:
         super().__init__(name=f"r2m-percore-{index}", daemon=True)  # idle between calls: nothing to finish at exit
         self._ready = started
-        self._tasks: queue.SimpleQueue[tuple[Callable[[Any], None], Any, Future[None]] | None] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[tuple[Callable[[Any], Any], Any, Future[Any]] | None] = queue.SimpleQueue()
         self.one_thread = False
 
     def run(self) -> None:
@@ -94,14 +96,14 @@ class _Worker(threading.Thread):
         while (task := self._tasks.get()) is not None:
             fn, arg, future = task
             try:
-                fn(arg)
+                result = fn(arg)
             except BaseException as exc:  # the caller raises it
                 future.set_exception(exc)
             else:
-                future.set_result(None)
+                future.set_result(result)
 
-    def submit(self, fn: Callable[[Any], None], arg: Any) -> Future[None]:
-        future: Future[None] = Future()
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future[Any]:
+        future: Future[Any] = Future()
         self._tasks.put((fn, arg, future))
         return future
 
@@ -154,26 +156,25 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def per_core(fn: Callable[[Sequence[U]], None], units: Sequence[U]) -> None:
+def per_core(fn: Callable[[Sequence[U]], R], units: Sequence[U]) -> list[R]:
     """`fn` over contiguous shares of `units`, one share per core (as many as torch's intra-op threads here, at most
     one per unit), each in its own worker thread with one torch thread, under the caller's grad and inference modes.
-    `fn` writes its results into tensors the caller made. With one thread (or one unit) it runs here, as it is.
+    With one thread (or one unit) it runs here, as it is, on all the units.
 
-    Returns when every share is done; the first error any share raised is raised here.
+    Returns what `fn` returned for each share, in the order of the shares, once every share is done; the error of the
+    first share that raised one is raised here.
     """
     n = min(len(units), torch.get_num_threads())
     workers = _start(n) if n > 1 else None
     if workers is None:
-        fn(units)
-        return
+        return [fn(units)]
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-    def share(part: Sequence[U]) -> None:
+    def share(part: Sequence[U]) -> R:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            fn(part)
+            return fn(part)
 
     bounds = [len(units) * i // n for i in range(n + 1)]
     futures = [w.submit(share, units[a:b]) for w, a, b in zip(workers, bounds, bounds[1:])]
     wait(futures)
-    for f in futures:
-        f.result()
+    return [f.result() for f in futures]
