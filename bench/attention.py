@@ -97,26 +97,23 @@ def run(opts) -> dict:  # noqa: ANN001
         # native bf16 the "as sent" path is the 3-6x slower one; with AVX512-BF16/AMX the upcast costs a copy).
         if torch.device(device).type == "cpu":
             h = torch.randn(B, T, P, device=device).to(torch.bfloat16)
+            h32 = h.float()
             paths = {}
             try:
-                for mode in ("native", "upcast"):
-                    precision.configure(mode)
-                    paths[mode] = best_time(lambda: attn(e, h, mask), repeat, device) / B
-            finally:
-                precision.configure("auto")
-            auto = "native" if bf16_path == torch.bfloat16 else "upcast"
-            out["bf16_paths_ms_per_item"] = {k: 1000 * v for k, v in paths.items()}
-            out["bf16_auto_vs_other"] = paths[auto] / paths["upcast" if auto == "native" else "native"]
-            # The upcast path is the one every CPU without native bf16 takes: against float32 h of the same values,
-            # timed the same way here, it says what section 2's bf16 figure is on such a CPU (its kernels are the
-            # float32 ones plus the widening, a block of rows at a time).
-            h32 = h.float()
-            precision.configure("upcast")
-            try:  # in turns, so that the machine's moods (bench/README.md) hit both alike
+                precision.configure("native")
+                paths["native"] = best_time(lambda: attn(e, h, mask), repeat, device) / B
+                # The upcast path is the one every CPU without native bf16 takes: against float32 h of the same
+                # values, in turns so that the machine's moods (bench/README.md) hit both alike, it says what section
+                # 2's bf16 figure is on such a CPU (its kernels are the float32 ones plus the widening, a block of rows
+                # at a time).
+                precision.configure("upcast")
                 both = interleaved({"upcast": lambda: attn(e, h, mask), "float32": lambda: attn(e, h32, mask)}, repeat)
             finally:
                 precision.configure("auto")
             paths["upcast"], paths["float32"] = both["upcast"] / B, both["float32"] / B
+            auto = "native" if bf16_path == torch.bfloat16 else "upcast"
+            out["bf16_paths_ms_per_item"] = {k: 1000 * v for k, v in paths.items() if k != "float32"}
+            out["bf16_auto_vs_other"] = paths[auto] / paths["upcast" if auto == "native" else "native"]
             out["bf16_upcast_vs_fp32"] = paths["upcast"] / paths["float32"]
             out["rows"].append(
                 row(
