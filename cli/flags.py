@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Flag", "add_flags", "config_flags", "dest_values", "flag_name", "settings_flags"]
+__all__ = ["Flag", "add_flags", "config_flags", "dest_values", "flag_name", "setting_default", "settings_flags"]
 
 SECRETS = frozenset({"api_key"})  # come from the environment, never from argv (visible in `ps`)
 
@@ -28,15 +28,24 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def settings_flags(settings_cls: Any, env_prefix: str) -> Iterator[Flag]:
-    """The fields of a pydantic-settings class; values stay strings (but for a Literal's choices) for pydantic to
-    parse and check, as it does the `R2M_*` variables."""
-    for name, field in settings_cls.model_fields.items():
+def setting_default(field: Any) -> str:
+    """A pydantic field's default as its variable would spell it (`true`, not `True`)."""
+    if field.default_factory is not None:
+        return "computed, see above"
+    return str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
+
+
+def settings_flags(settings_cls: Any, env_prefix: str, names: Iterable[str] | None = None) -> Iterator[Flag]:
+    """The fields of a pydantic-settings class (those in `names`, in that order, when given); values stay strings
+    (but for a Literal's choices and a bool's --x/--no-x) for pydantic to parse and check, as it does the `R2M_*`
+    variables."""
+    fields = settings_cls.model_fields
+    for name in fields if names is None else names:
+        field = fields[name]
         if name not in SECRETS:
-            literal = typing.get_origin(field.annotation) is typing.Literal
-            default = "computed, see above" if field.default_factory is not None else field.default
-            text = f"{field.description} [env {env_prefix}{name.upper()}; default {default}]"
-            yield Flag(name, field.annotation if literal else str, text)
+            typed = typing.get_origin(field.annotation) is typing.Literal or field.annotation is bool
+            text = f"{field.description} [env {env_prefix}{name.upper()}; default {setting_default(field)}]"
+            yield Flag(name, field.annotation if typed else str, text)
 
 
 def config_flags(config_cls: Any) -> Iterator[Flag]:
@@ -49,8 +58,9 @@ def config_flags(config_cls: Any) -> Iterator[Flag]:
             yield Flag(f.name, hints[f.name], text, required=missing)
 
 
-def add_flags(parser: argparse.ArgumentParser, flags: Iterator[Flag]) -> None:
-    """`--name` for each flag, default None (so an unset flag leaves the field's own default or variable alone)."""
+def add_flags(parser: argparse._ActionsContainer, flags: Iterable[Flag]) -> None:
+    """`--name` for each flag, default None (so an unset flag leaves the field's own default or variable alone), on a
+    parser or one of its argument groups."""
     for flag in flags:
         kind = flag.annotation
         if kind is bool:
@@ -74,7 +84,7 @@ def add_flags(parser: argparse.ArgumentParser, flags: Iterator[Flag]) -> None:
         )
 
 
-def dest_values(args: argparse.Namespace, names: typing.Iterable[str]) -> dict[str, Any]:
+def dest_values(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
     """The flags among `names` that were given."""
     wanted = set(names)
     return {k: v for k, v in vars(args).items() if k in wanted and v is not None}

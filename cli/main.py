@@ -19,23 +19,28 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from r2m.service import __version__
-from r2m.service.config import ServiceSettings
+from r2m.service.config import REPLICA_ONLY, SETTINGS_GROUPS, ServiceSettings
 
 from .flags import add_flags, config_flags, dest_values, flag_name, settings_flags
 
 __all__ = ["main"]
 
 
-def _add_service_flags(parser: argparse.ArgumentParser) -> None:
-    add_flags(parser, settings_flags(ServiceSettings, "R2M_"))
-    parser.epilog = "Set R2M_API_KEY in the environment to require `Authorization: Bearer <key>`."
+def _add_service_flags(parser: argparse.ArgumentParser, hide: frozenset[str] = frozenset()) -> None:
+    """One argument group per settings group, without the settings in `hide` (their variables still count)."""
+    for title, group in SETTINGS_GROUPS.items():
+        names = [name for name in group.fields if name not in hide]
+        if names:
+            section = parser.add_argument_group(title, group.description)
+            add_flags(section, settings_flags(ServiceSettings, "R2M_", names))
 
 
 def _settings_from(args: argparse.Namespace) -> ServiceSettings:
     try:
         return ServiceSettings(**dest_values(args, ServiceSettings.model_fields))
     except ValidationError as exc:
-        lines = [f"  {flag_name(str(e['loc'][0])) if e['loc'] else ''}: {e['msg']}" for e in exc.errors()]
+        errors = [e for e in exc.errors() if e["type"] != "default_factory_not_called"]  # a derived one, says nothing
+        lines = [f"  {flag_name(str(e['loc'][0])) if e['loc'] else ''}: {e['msg']}" for e in errors]
         raise SystemExit("r2m: invalid settings:\n" + "\n".join(lines)) from None
 
 
@@ -219,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the reward server (embedded defaults: bundled model, CPU)",
+        usage="%(prog)s [-h] [--SETTING VALUE ...]",
         description="Run the reward server. Every flag falls back to its R2M_* environment variable.",
+        epilog="Set R2M_API_KEY in the environment to require `Authorization: Bearer <key>`. All settings: "
+        "docs/settings.md.",
     )
     _add_service_flags(serve)
     serve.set_defaults(func=_serve)
@@ -227,10 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser(
         "worker",
         help="run the R2M update worker on the Redis preference stream",
+        usage="%(prog)s [-h] [--dead-letters | --replay ID [ID ...]] [--SETTING VALUE ...]",
         description="Consume preference batches from Redis, run GREBT updates, publish head versions. Takes the "
         "same settings as `serve` (model, widths, seed must match the servers').",
+        epilog="The worker reads every R2M_* variable, as the servers sharing its env file do; the settings only a "
+        "replica uses have no flag here. All settings: docs/settings.md.",
     )
-    _add_service_flags(worker)
+    _add_service_flags(worker, hide=REPLICA_ONLY)
     dead = worker.add_mutually_exclusive_group()
     dead.add_argument(
         "--dead-letters",

@@ -83,7 +83,7 @@ def resolve_dtype(dtype: str, device: torch.device, kind: str = "encoder") -> to
     runs bfloat16 on CUDA and float32 on CPU. Measured on the default RM on a CPU with native bf16 (AMX), bf16 is
     ~1.5-1.9x faster, but a text's reward then moves by up to ~0.04 with the requests it is batched with (float32:
     ~3e-6), which breaks the "same reward whatever the batch" contract; so bf16 on CPU is opt-in
-    (`R2M_DTYPE=bfloat16`), with the tolerance in README's settings table.
+    (`R2M_DTYPE=bfloat16`), with the tolerance in docs/settings.md.
     """
     if dtype == "auto":
         if kind == "sequence-classification":

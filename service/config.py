@@ -1,15 +1,92 @@
-"""Service configuration: one settings class, read from `R2M_*` environment variables (or a `.env` file)."""
+"""Service configuration: one settings class, read from `R2M_*` environment variables (or a `.env` file), its
+fields in groups (`SETTINGS_GROUPS`: one `--help` section and one docs/settings.md table each)."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ServiceSettings", "default_inflight_bytes", "isolated_settings"]
+__all__ = [
+    "CACHE_SHARES",
+    "REPLICA_ONLY",
+    "SETTINGS_GROUPS",
+    "ServiceSettings",
+    "SettingsGroup",
+    "default_inflight_bytes",
+    "isolated_settings",
+]
+
+
+class SettingsGroup(NamedTuple):
+    description: str
+    fields: tuple[str, ...]  # in the class's order
+
+
+# The class below lists its fields group by group, under a banner each; a new group is one more entry here (a test
+# checks that the groups and the class list the same fields in the same order).
+SETTINGS_GROUPS: dict[str, SettingsGroup] = {
+    "model": SettingsGroup(
+        "The reward model, its feedback head and where they run; model, widths and seed are the same on every "
+        "replica and worker.",
+        ("model", "policy_dim", "attn_dim", "attn_heads", "omega_floor", "seed", "attn_init", "attn_init_scale",
+         "ensemble", "aggregation", "uwo_lambda", "ensemble_members", "device", "dtype", "cpu_half_hidden",
+         "get_reward_special_tokens"),
+    ),
+    "limits": SettingsGroup(
+        "What one process takes on: request sizes, batching, queues and the memory of its caches.",
+        ("max_tokens", "max_hidden_tokens", "max_hidden_abs", "max_items_per_request", "max_batch_tokens",
+         "batch_wait_ms", "max_queue_items", "max_request_bytes", "max_inflight_bytes", "inflight_wait_s",
+         "cache_mb", "rte_cache_mb", "embed_cache_mb", "guard_canary_mb"),
+    ),
+    "store": SettingsGroup(
+        "Redis: the preference stream and head store that replicas and workers share.",
+        ("redis_url", "redis_prefix", "head_keep", "head_poll_s"),
+    ),
+    "update": SettingsGroup(
+        "The R2M update (GREBT) run on each preference batch, and its retries.",
+        ("train_lr", "train_lr_score", "train_steps", "train_weight_decay", "train_max_grad_norm", "grebt_alpha",
+         "rank_by", "worker_max_batches", "worker_claim_idle_ms", "worker_max_attempts"),
+    ),
+    "guard": SettingsGroup(
+        "The check of each candidate head on a canary of trained items before it is published.",
+        ("guard", "guard_max_mean_shift", "guard_max_spread_ratio", "guard_min_rank_agreement", "guard_min_items",
+         "guard_canary_size"),
+    ),
+    "process": SettingsGroup(
+        "Address, logging, shutdown and auth of the processes.",
+        ("host", "port", "log_level", "drain_timeout_s", "api_key", "embedded_worker", "worker_metrics_port"),
+    ),
+}  # fmt: skip
+
+# What only a replica reads (its HTTP edge, batcher and /embed cache). `r2m worker` has no flag for these but accepts
+# their R2M_* variables: replicas and workers share one env file.
+REPLICA_ONLY = frozenset({
+    "get_reward_special_tokens", "max_tokens", "max_hidden_tokens", "max_hidden_abs", "max_items_per_request",
+    "batch_wait_ms", "max_queue_items", "max_request_bytes", "max_inflight_bytes", "inflight_wait_s",
+    "embed_cache_mb", "head_poll_s", "port", "drain_timeout_s", "api_key", "embedded_worker",
+})  # fmt: skip
+
+# R2M_CACHE_MB's shares, in parts of their sum: the worker's RTE cache saves a backbone forward on every update, the
+# canary holds whole hidden states, and the /embed cache only bridges an /embed to the /score that follows it.
+CACHE_SHARES = {"rte_cache_mb": 8, "guard_canary_mb": 4, "embed_cache_mb": 1}
+
+
+def _cache_share(data: dict[str, Any], name: str) -> int:
+    return data["cache_mb"] * CACHE_SHARES[name] // sum(CACHE_SHARES.values())
+
+
+@functools.cache
+def _deprecated(name: str) -> None:
+    logging.getLogger(__name__).warning(
+        "R2M_%s is deprecated: set R2M_CACHE_MB, which gives this cache %d/%d of itself (the value set still wins)",
+        name.upper(), CACHE_SHARES[name], sum(CACHE_SHARES.values()),
+    )  # fmt: skip
 
 
 def default_inflight_bytes() -> int:
@@ -33,10 +110,11 @@ def default_inflight_bytes() -> int:
 
 
 class ServiceSettings(BaseSettings):
-    """Every knob of the reward server. The README's settings table is generated from these descriptions."""
+    """Every knob of the reward server and worker. `--help` and docs/settings.md are made from these descriptions."""
 
     model_config = SettingsConfigDict(env_prefix="R2M_", env_file=".env", extra="ignore")
 
+    # --- model -------------------------------------------------------------------------------------------------
     model: str = Field(
         "default",
         description="Reward model: `default` (bundled MiniLM RM, offline), an r2m encoder-RM folder, or a Hugging "
@@ -52,6 +130,9 @@ class ServiceSettings(BaseSettings):
         description="How the feedback read-out starts: `scaled` (its norm R2M_ATTN_INIT_SCALE times the RTE's, for "
         "hidden states of unit RMS, on any backbone), `plain` (PyTorch's default init: on the bundled encoder the "
         "untrained read-out outweighs the RTE), `zero` (W_o = 0: the untrained reward is w times the plain RM's).",
+    )
+    attn_init_scale: float = Field(
+        0.1, gt=0, description="With R2M_ATTN_INIT=scaled: the initial read-out's norm over the RTE's typical norm."
     )
     ensemble: int = Field(
         1,
@@ -71,9 +152,6 @@ class ServiceSettings(BaseSettings):
         description="The fitted members (a r2m_members.safetensors file, or a folder with one) for R2M_ENSEMBLE > 1; "
         "default: the model folder's own (the bundled default has one). A hub RM needs this set.",
     )
-    attn_init_scale: float = Field(
-        0.1, gt=0, description="With R2M_ATTN_INIT=scaled: the initial read-out's norm over the RTE's typical norm."
-    )
     device: str = Field("auto", description="`auto` (cuda when available), `cpu`, `cuda`, `cuda:N`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -85,6 +163,22 @@ class ServiceSettings(BaseSettings):
             "then moves by up to ~0.04 with its batch-mates."
         ),
     )
+    cpu_half_hidden: Literal["auto", "native", "upcast"] = Field(
+        "auto",
+        description="How the feedback attention reads bfloat16/float16 hidden states on a CPU. native: as sent; "
+        "upcast: widened to float32 inside the attention, a block of rows at a time (5-10x faster on a CPU without "
+        "native half-precision matmuls); auto: upcast unless the CPU flags show avx512_bf16/amx_bf16 (bf16) or "
+        "avx512_fp16/amx_fp16 (fp16), measured once where the flags are unreadable or ONEDNN_MAX_CPU_ISA caps the "
+        "instruction set. The choice is logged at start. GPUs read half precision as sent.",
+    )
+    get_reward_special_tokens: Literal["auto", "none", "tokenizer"] = Field(
+        "auto",
+        description="How /get_reward tokenizes a query (a text the policy's chat template already rendered). none: "
+        "add_special_tokens=False, exactly as OpenRLHF's serve_rm; tokenizer: the RM tokenizer's defaults, a doubled "
+        "BOS dropped; auto: none for a decoder RM, tokenizer for an encoder (which needs its [CLS] ... [SEP]).",
+    )
+
+    # --- limits ------------------------------------------------------------------------------------------------
     max_tokens: int | None = Field(
         None, ge=1, description="Longest RM input in tokens; default and cap: the model's own context length."
     )
@@ -96,20 +190,6 @@ class ServiceSettings(BaseSettings):
         description="Largest magnitude of a hidden-state value (422 beyond). A decoder's last-layer states after its "
         "final norm stay below about sqrt(D_policy) times its largest norm weight (tens to a few hundred); values "
         "near the float32 limit pass a finiteness check but overflow inside the attention.",
-    )
-    get_reward_special_tokens: Literal["auto", "none", "tokenizer"] = Field(
-        "auto",
-        description="How /get_reward tokenizes a query (a text the policy's chat template already rendered). none: "
-        "add_special_tokens=False, exactly as OpenRLHF's serve_rm; tokenizer: the RM tokenizer's defaults, a doubled "
-        "BOS dropped; auto: none for a decoder RM, tokenizer for an encoder (which needs its [CLS] ... [SEP]).",
-    )
-    cpu_half_hidden: Literal["auto", "native", "upcast"] = Field(
-        "auto",
-        description="How the feedback attention reads bfloat16/float16 hidden states on a CPU. native: as sent; "
-        "upcast: widened to float32 inside the attention, a block of rows at a time (5-10x faster on a CPU without "
-        "native half-precision matmuls); auto: upcast unless the CPU flags show avx512_bf16/amx_bf16 (bf16) or "
-        "avx512_fp16/amx_fp16 (fp16), measured once where the flags are unreadable or ONEDNN_MAX_CPU_ISA caps the "
-        "instruction set. The choice is logged at start. GPUs read half precision as sent.",
     )
     max_items_per_request: int = Field(1024, ge=1, description="Most items in one /score request.")
     max_batch_tokens: int = Field(16384, ge=1, description="Token budget (padded) of one backbone forward.")
@@ -132,16 +212,34 @@ class ServiceSettings(BaseSettings):
     inflight_wait_s: float = Field(
         2.0, ge=0, description="How long a request waits for room in R2M_MAX_INFLIGHT_BYTES before its 503."
     )
-    drain_timeout_s: float = Field(
-        30.0,
-        gt=0,
-        description="On SIGTERM `r2m serve` stops accepting, answers what it accepted, and exits within this many "
-        "seconds (Kubernetes: keep terminationGracePeriodSeconds above it).",
+    cache_mb: int = Field(
+        832,
+        ge=0,
+        description="Memory for the caches in MiB, split 8 : 4 : 1 between the worker's reward-token-embedding "
+        "cache, the guard's canary and a replica's /embed cache (512, 256 and 64 MiB of the default). A worker holds "
+        "the first two, a replica (with Redis) the third, `r2m serve` in embedded mode all three.",
     )
-    api_key: SecretStr | None = Field(
-        None,
-        description="When set, every route but /healthz, /readyz and /metrics needs `Authorization: Bearer`.",
+    rte_cache_mb: int = Field(
+        default_factory=lambda data: _cache_share(data, "rte_cache_mb"),
+        ge=0,
+        description="Deprecated, set R2M_CACHE_MB: memory for the worker's reward-token-embedding cache in MiB "
+        "(default: 8/13 of R2M_CACHE_MB).",
     )
+    embed_cache_mb: int = Field(
+        default_factory=lambda data: _cache_share(data, "embed_cache_mb"),
+        ge=0,
+        description="Deprecated, set R2M_CACHE_MB: memory for a replica's cache of the RTEs /embed returned, so that "
+        "the /score with local read-outs that follows skips the backbone (a miss recomputes them: slower, same "
+        "rewards), in MiB (default: 1/13 of R2M_CACHE_MB).",
+    )
+    guard_canary_mb: int = Field(
+        default_factory=lambda data: _cache_share(data, "guard_canary_mb"),
+        ge=0,
+        description="Deprecated, set R2M_CACHE_MB: memory for the guard's canary items (their hidden states) in MiB "
+        "(default: 4/13 of R2M_CACHE_MB).",
+    )
+
+    # --- store -------------------------------------------------------------------------------------------------
     redis_url: str | None = Field(
         None,
         description="Redis for the preference stream, head store and swap notices (e.g. redis://redis:6379/0); "
@@ -152,6 +250,8 @@ class ServiceSettings(BaseSettings):
     head_poll_s: float = Field(
         2.0, gt=0, description="How often a replica checks the store for a version it missed a notice for."
     )
+
+    # --- update ------------------------------------------------------------------------------------------------
     train_lr: float = Field(
         1e-6, gt=0, description="Learning rate of the R2M update (paper: 1e-6 dialogue, 5e-7 TL;DR)."
     )
@@ -173,18 +273,13 @@ class ServiceSettings(BaseSettings):
     worker_claim_idle_ms: int = Field(
         30000, ge=1, description="A batch pending this long with a dead worker is taken over (XAUTOCLAIM)."
     )
-    rte_cache_mb: int = Field(512, ge=0, description="Memory for the worker's reward-token-embedding cache.")
-    embed_cache_mb: int = Field(
-        64,
-        ge=0,
-        description="Memory for a replica's cache of the RTEs /embed returned, so that the /score with local "
-        "read-outs that follows skips the backbone (a miss recomputes them: slower, same rewards).",
-    )
     worker_max_attempts: int = Field(
         3,
         ge=1,
         description="Failed or refused updates of a batch before it goes to the dead-letter stream (with its reason).",
     )
+
+    # --- guard -------------------------------------------------------------------------------------------------
     guard: bool = Field(
         True,
         description="Check each candidate head on a canary of recently trained items before publishing it (the "
@@ -209,14 +304,25 @@ class ServiceSettings(BaseSettings):
     )
     guard_min_items: int = Field(16, ge=2, description="Canary items below which the guard only records its figures.")
     guard_canary_size: int = Field(256, ge=2, description="Recently trained items the guard keeps (a reservoir).")
-    guard_canary_mb: int = Field(256, ge=1, description="Memory for the guard's canary items (their hidden states).")
-    worker_metrics_port: int = Field(9101, ge=0, le=65535, description="Port of `r2m worker`'s /metrics.")
+
+    # --- process -----------------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address `r2m serve` binds (and `r2m worker`'s /metrics).")
+    port: int = Field(8000, ge=0, le=65535, description="Port `r2m serve` binds.")
+    log_level: str = Field("info", description="Log level of the server or worker.")
+    drain_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM `r2m serve` stops accepting, answers what it accepted, and exits within this many "
+        "seconds (Kubernetes: keep terminationGracePeriodSeconds above it).",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, every route but /healthz, /readyz and /metrics needs `Authorization: Bearer`.",
+    )
     embedded_worker: bool = Field(
         True, description="Without R2M_REDIS_URL, run the update worker inside `r2m serve` (embedded mode)."
     )
-    host: str = Field("127.0.0.1", description="Address `r2m serve` binds.")
-    port: int = Field(8000, ge=0, le=65535, description="Port `r2m serve` binds.")
-    log_level: str = Field("info", description="Log level of the server.")
+    worker_metrics_port: int = Field(9101, ge=0, le=65535, description="Port of `r2m worker`'s /metrics (0: none).")
 
     @field_validator("api_key")
     @classmethod
@@ -229,6 +335,12 @@ class ServiceSettings(BaseSettings):
     def _check_heads(self) -> ServiceSettings:
         if self.attn_dim % self.attn_heads:
             raise ValueError(f"R2M_ATTN_DIM={self.attn_dim} must be divisible by R2M_ATTN_HEADS={self.attn_heads}")
+        return self
+
+    @model_validator(mode="after")
+    def _warn_cache_overrides(self) -> ServiceSettings:
+        for name in sorted(self.model_fields_set & CACHE_SHARES.keys()):
+            _deprecated(name)
         return self
 
 

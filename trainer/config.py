@@ -129,8 +129,9 @@ class TrainConfig:
     omega_steps: int = field(
         default=0,
         metadata={
-            "help": "T of the service's omega schedule w(t) = max(0.5 cos(pi t / T) + 0.5, Omega), the step past "
-            "which the feedback has its full weight after about 0.44 T (0: --steps, the paper's choice)."
+            "help": "T of the service's omega schedule w(t) = max(0.5 cos(pi t / T) + 0.5, Omega): w falls from 1 "
+            "at step 0 to the floor Omega (R2M_OMEGA_FLOOR; reached at about 0.44 T for Omega = 0.6) and stays "
+            "there, where the feedback has its full weight 1 - Omega (0: --steps, the paper's choice)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of prompt sampling, rollouts and noise (per step: seed+t)."})
