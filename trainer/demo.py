@@ -21,18 +21,18 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import torch
 
 from r2m.data import generate_preferences, load_prompts
 from r2m.service.launch import start_server
 
-from .config import TrainConfig
+from .config import RewardMode, TrainConfig
 from .tiny import ANSWER_TEMPLATE, tiny_llama, word_tokenizer
 
 __all__ = ["DemoConfig", "build_policy", "plot_metrics", "run_demo"]
@@ -47,7 +47,7 @@ class DemoConfig:
 
     steps: int = 30  # RL steps T
     out_dir: str = "runs/demo"
-    reward_mode: str = "r2m"
+    reward_mode: RewardMode = "r2m"
     prompts_per_step: int = 4
     group_size: int = 4
     max_new_tokens: int = 16
@@ -140,6 +140,64 @@ def embedded_service(log_dir: Path, policy_dim: int, train_lr: float = 1e-4, tim
         yield server.url
 
 
+# --- 3. GRPO ------------------------------------------------------------------------------------------------------
+
+
+class _Trained(NamedTuple):
+    metrics: list[dict[str, Any]]  # one dict per step, as GRPOTrainer.train_step returns them
+    metrics_path: Path
+    last_refusal: dict[str, Any] | None  # the head guard's last refused update (/heads/current), if any
+    dead_letters: int  # batches the service gave up on
+
+
+def _grpo(c: DemoConfig, policy: Path, url: str, out: Path, say: Callable[[str], None]) -> _Trained:
+    """`c.steps` GRPO steps against the service at `url`, one line per step, metrics.jsonl as `r2m train` writes it."""
+    from .grpo import METRICS, GRPOTrainer
+
+    train_config = TrainConfig(
+        policy=str(policy),
+        prompts="default",
+        server_url=url,
+        steps=c.steps,
+        prompts_per_step=c.prompts_per_step,
+        group_size=c.group_size,
+        max_new_tokens=c.max_new_tokens,
+        lr=c.lr,
+        kl_coef=0.01,
+        reward_mode=c.reward_mode,
+        seed=c.seed,
+        out_dir=str(out),
+        device="cpu",
+        progress=False,
+        log_plain_rewards=True,  # a rise of the optimised reward alone may be the head inflating
+    )
+    trainer = GRPOTrainer(train_config)
+    metrics_path = out / METRICS
+    metrics_path.write_text("")
+    metrics: list[dict[str, Any]] = []
+    try:
+        for t in range(c.steps):
+            m = trainer.train_step(t)
+            metrics.append(m)
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(m) + "\n")
+            step_s = sum(m[f"time/{p}"] for p in PHASES)
+            say(
+                f"  step {t + 1:3d}/{c.steps}  reward {m['rewards/mean']:+.3f}  "
+                f"in-group std {m['rewards/group_std_mean']:.3f}  head v{m['head_version']}  "
+                f"omega {m['omega']:.2f}  kl {m['kl']:.4f}  {step_s:.1f} s"
+            )
+            say(f"      plain RM {m['rewards/plain_mean']:+.3f}  {_guard_text(m)}")
+            if t == 0 or t + 1 == c.steps:
+                assert trainer.batch is not None
+                say(f"      sample: {trainer.batch.group_prompts[0]!r} -> {trainer.batch.responses[0]!r}")
+        head = trainer.client.current_head()
+        dead = len(trainer.client.request("GET", "/preferences/dead-letters").json()["dead_letters"])
+    finally:
+        trainer.close()
+    return _Trained(metrics, metrics_path, head.get("last_refusal"), dead)
+
+
 # --- 4. the report ------------------------------------------------------------------------------------------------
 
 
@@ -190,13 +248,37 @@ def _time_split(metrics: list[dict[str, Any]]) -> dict[str, float]:
     return {p: sum(m.get(f"time/{p}", 0.0) for m in metrics) / max(len(metrics), 1) for p in PHASES}
 
 
+def _report(c: DemoConfig, run: _Trained, out: Path, say: Callable[[str], None]) -> tuple[Path, dict[str, float]]:
+    """The plot, and the run's summary lines: first and last step, the head's guard, the time split per phase."""
+    metrics = run.metrics
+    plot = plot_metrics(metrics, out / "demo.png", title=f"r2m demo: GRPO, reward mode {c.reward_mode}")
+    split = _time_split(metrics)
+    step_s = sum(split.values()) or 1.0
+    first, last = metrics[0], metrics[-1]
+    say(
+        f"  reward {first['rewards/mean']:+.3f} -> {last['rewards/mean']:+.3f} (optimised), "
+        f"plain RM on the same samples {first['rewards/plain_mean']:+.3f} -> {last['rewards/plain_mean']:+.3f}, "
+        f"head v{first['head_version']} -> v{last['head_version']}, omega {first['omega']:.2f} -> {last['omega']:.2f}"
+    )
+    say(
+        f"  head {_guard_text(last)}; {run.dead_letters} batch(es) given up on"
+        + (f"; last refusal: {run.last_refusal['reason']}" if run.last_refusal else "; no update refused")
+    )
+    say(
+        "  time per step (mean): "
+        + ", ".join(f"{p} {split[p]:.2f} s" for p in PHASES)
+        + f"; total {step_s:.2f} s, of which R2M post {100 * split['r2m_post'] / step_s:.0f}%"
+    )
+    say(f"  metrics: {run.metrics_path}")
+    say(f"  plot:    {plot}")
+    return plot, split
+
+
 # --- the demo -----------------------------------------------------------------------------------------------------
 
 
 def run_demo(config: DemoConfig | None = None, log: TextIO = sys.stdout) -> dict[str, Any]:
     """Policy, service, GRPO, plot (the module docstring); returns {"metrics", "plot", "wall_s", "time_split"}."""
-    from .grpo import METRICS, GRPOTrainer
-
     c = config or DemoConfig()
     start = time.perf_counter()
     torch.set_num_threads(1)  # the other core is the service's
@@ -212,74 +294,14 @@ def run_demo(config: DemoConfig | None = None, log: TextIO = sys.stdout) -> dict
     say(f"[2/4] r2m serve (embedded: queue, head store and update worker in-process); log -> {out / 'server.log'}")
     with embedded_service(out, POLICY_WIDTH, c.service_lr, c.ready_timeout_s) as url:
         say(f"  ready at {url} after {time.perf_counter() - start:.1f} s")
-        train_config = TrainConfig(
-            policy=str(policy),
-            prompts="default",
-            server_url=url,
-            steps=c.steps,
-            prompts_per_step=c.prompts_per_step,
-            group_size=c.group_size,
-            max_new_tokens=c.max_new_tokens,
-            lr=c.lr,
-            kl_coef=0.01,
-            reward_mode=c.reward_mode,  # type: ignore[arg-type]
-            seed=c.seed,
-            out_dir=str(out),
-            device="cpu",
-            progress=False,
-            log_plain_rewards=True,  # a rise of the optimised reward alone may be the head inflating
-        )
         say(
             f"[3/4] GRPO, reward mode {c.reward_mode}: {c.steps} steps x {c.prompts_per_step} prompts x "
             f"{c.group_size} responses (<= {c.max_new_tokens} tokens)"
         )
-        trainer = GRPOTrainer(train_config)
-        metrics_path = out / METRICS
-        metrics_path.write_text("")
-        metrics: list[dict[str, Any]] = []
-        try:
-            for t in range(c.steps):
-                m = trainer.train_step(t)
-                metrics.append(m)
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(m) + "\n")
-                step_s = sum(m[f"time/{p}"] for p in PHASES)
-                say(
-                    f"  step {t + 1:3d}/{c.steps}  reward {m['rewards/mean']:+.3f}  "
-                    f"in-group std {m['rewards/group_std_mean']:.3f}  head v{m['head_version']}  "
-                    f"omega {m['omega']:.2f}  kl {m['kl']:.4f}  {step_s:.1f} s"
-                )
-                say(f"      plain RM {m['rewards/plain_mean']:+.3f}  {_guard_text(m)}")
-                if t == 0 or t + 1 == c.steps:
-                    assert trainer.batch is not None
-                    say(f"      sample: {trainer.batch.group_prompts[0]!r} -> {trainer.batch.responses[0]!r}")
-            head = trainer.client.current_head()
-            dead = len(trainer.client.request("GET", "/preferences/dead-letters").json()["dead_letters"])
-        finally:
-            trainer.close()
+        run = _grpo(c, policy, url, out, say)
 
     say("[4/4] report")
-    plot = plot_metrics(metrics, out / "demo.png", title=f"r2m demo: GRPO, reward mode {c.reward_mode}")
-    split = _time_split(metrics)
-    step_s = sum(split.values()) or 1.0
-    first, last = metrics[0], metrics[-1]
-    say(
-        f"  reward {first['rewards/mean']:+.3f} -> {last['rewards/mean']:+.3f} (optimised), "
-        f"plain RM on the same samples {first['rewards/plain_mean']:+.3f} -> {last['rewards/plain_mean']:+.3f}, "
-        f"head v{first['head_version']} -> v{last['head_version']}, omega {first['omega']:.2f} -> {last['omega']:.2f}"
-    )
-    refusal = head.get("last_refusal")
-    say(
-        f"  head {_guard_text(last)}; {dead} batch(es) given up on"
-        + (f"; last refusal: {refusal['reason']}" if refusal else "; no update refused")
-    )
-    say(
-        "  time per step (mean): "
-        + ", ".join(f"{p} {split[p]:.2f} s" for p in PHASES)
-        + f"; total {step_s:.2f} s, of which R2M post {100 * split['r2m_post'] / step_s:.0f}%"
-    )
-    say(f"  metrics: {out / METRICS}")
-    say(f"  plot:    {plot}")
+    plot, split = _report(c, run, out, say)
     wall = time.perf_counter() - start
     say(f"  done in {wall:.0f} s")
-    return {"metrics": metrics, "plot": plot, "wall_s": wall, "time_split": split}
+    return {"metrics": run.metrics, "plot": plot, "wall_s": wall, "time_split": split}

@@ -34,23 +34,57 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig, load_pairs, load_prompts
+from .config import REWARD_MODES, TrainConfig, load_pairs, load_prompts
 from .judge import choose_pairs, label_pairs, load_judge
 from .local import LocalFeedbackClient, local_feedback_default
 from .vllm_rollout import VLLMRollout, pack_responses, unpadded
 
-__all__ = ["GRPOTrainer", "Rollout", "group_advantages", "sequence_forward", "train"]
+__all__ = [
+    "FEEDBACK",
+    "Feedback",
+    "GRPOTrainer",
+    "Rollout",
+    "group_advantages",
+    "noise_like",
+    "sequence_forward",
+    "train",
+]
 
 log = logging.getLogger("r2m.trainer")
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 ADV_EPS = 1e-4  # GRPO std floor: a group whose K rewards tie gets zero advantages, not NaN
+
+HiddenKind = Literal["policy", "noise"] | None
+
+
+class Feedback(NamedTuple):
+    """What a reward mode sends in the place of hidden states: "policy" (the policy's last-layer hidden states),
+    "noise" (Gaussian noise shaped like them, `noise_like`: the paper's noise-feedback arm) or None (nothing)."""
+
+    score: HiddenKind  # with /score: h, the sampling policy's
+    post: HiddenKind  # with the groups and judge pairs posted to /preferences: h', the last policy epoch's
+
+
+# The one place the loop tells the reward modes apart; what each one posts is TrainConfig's posts_groups,
+# posts_pairs and posts_judged (r2m-pairs posts labelled pairs replayed through the updated policy, `post_pairs`).
+FEEDBACK: dict[str, Feedback] = {
+    "vanilla": Feedback(score=None, post=None),
+    "r2m": Feedback(score="policy", post="policy"),
+    "r2m-frozen": Feedback(score="policy", post=None),
+    "r2m-noise": Feedback(score="noise", post="noise"),
+    "head-only": Feedback(score=None, post=None),
+    "r2m-pairs": Feedback(score="policy", post=None),
+    "r2m-judge": Feedback(score="policy", post="policy"),
+    "head-judge": Feedback(score=None, post=None),
+}
+assert FEEDBACK.keys() == set(REWARD_MODES)
 
 
 @dataclass
@@ -119,7 +153,7 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def _noise_like(hidden: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+def noise_like(hidden: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
     """Gaussian noise with each tensor's own mean and std and shape: the paper's "noise feedback" arm."""
     out = []
     for h in hidden:
@@ -127,6 +161,25 @@ def _noise_like(hidden: Sequence[torch.Tensor], generator: torch.Generator) -> l
         z = torch.randn(h.shape, generator=generator, dtype=torch.float32)
         out.append((z * hf.std() + hf.mean()).to(h.dtype))
     return out
+
+
+def _feedback(kind: HiddenKind, hidden: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor] | None:
+    """What goes out in the place of `hidden` for a `Feedback` kind."""
+    if kind == "policy":
+        return hidden
+    if kind == "noise":
+        return noise_like(hidden, generator)
+    return None
+
+
+class _Losses(NamedTuple):
+    """The last policy epoch's figures: token means over the step's batch, and the gradient norm before clipping."""
+
+    policy: float
+    kl: float
+    clipfrac: float
+    total: float
+    grad_norm: float
 
 
 class _Timer:
@@ -148,8 +201,6 @@ class GRPOTrainer:
     (any object with `score`, `post_preferences`, `current_head`) to record or fake the service."""
 
     def __init__(self, config: TrainConfig, client: Any = None, judge: Any = None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         # ---------------------------------------------------------------------------------------------- setup --
         self.config = c = config
         self.out_dir = Path(c.out_dir)
@@ -158,30 +209,15 @@ class GRPOTrainer:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(c.device)
-        dtype = getattr(torch, c.dtype)
         self.prompts = load_prompts(c.prompts)
         self.pairs = load_pairs(c.pairs) if c.posts_pairs and c.pairs else []  # r2m-pairs: labelled pairs to replay
         # r2m-judge / head-judge: a callable given here (the benchmark's), else the one --judge names
-        self.judge = judge if judge is not None or not c.posts_judged else load_judge(c.judge)  # type: ignore[arg-type]
+        if judge is None and c.posts_judged:
+            assert c.judge is not None  # TrainConfig asks the judge modes for one
+            judge = load_judge(c.judge)
+        self.judge = judge
 
-        self.start_step = 0
-        checkpoint = self.latest_checkpoint()
-        if checkpoint is not None and not c.resume:
-            raise ValueError(
-                f"out_dir={c.out_dir!r} holds checkpoints of an earlier run; pass resume=True (--resume) to continue "
-                "it, or choose another out_dir"
-            )
-        if c.resume and checkpoint is None:
-            log.warning("resume: no checkpoint in %s, starting at step 0", self.out_dir / CHECKPOINTS)
-        policy_path = str(checkpoint / "policy") if checkpoint else c.policy
-        if checkpoint is not None:
-            saved = TrainConfig.load(checkpoint / "config.json")
-            if diff := c.differences(saved):
-                raise ValueError(
-                    f"resume: settings {', '.join(diff)} differ from the checkpoint's {checkpoint / 'config.json'}; "
-                    "resume with the same config (or a new out_dir)"
-                )
-
+        checkpoint = self._checkpoint_to_resume()
         # One id per run, kept in out_dir: a resumed step that posts its groups again reuses the step's batch id,
         # which the service trains only once; a new run in a fresh out_dir gets new ids.
         run_id_path = self.out_dir / "run_id"
@@ -189,32 +225,9 @@ class GRPOTrainer:
             run_id_path.write_text(uuid.uuid4().hex[:16])
         self.run_id = run_id_path.read_text().strip()
 
-        self.tokenizer = AutoTokenizer.from_pretrained(c.policy)
-        self.tokenizer.padding_side = "left"
-        self.tokenizer.truncation_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(self.device)
-        # eval(): dropout off, so the old and the new log-probs of one token are comparable (as in TRL).
-        self.policy.eval()
-        self.reference = AutoModelForCausalLM.from_pretrained(c.policy, dtype=dtype).to(self.device).eval()
-        self.reference.requires_grad_(False)
-        eos = self.policy.generation_config.eos_token_id
-        eos = eos if eos is not None else self.tokenizer.eos_token_id
-        self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=self.device)
-        self.vllm = None
-        if c.rollout == "vllm":
-            if self.device.type != "cuda":
-                raise ValueError(f"rollout='vllm' needs a CUDA device; this run is on {self.device}")
-            self.vllm = VLLMRollout(
-                policy_path,
-                dtype=c.dtype,
-                seed=c.seed,
-                max_model_len=c.max_prompt_tokens + c.max_new_tokens,
-                gpu_memory_utilization=c.vllm_gpu_memory_utilization,
-            )
-
+        self._load_policy(str(checkpoint / "policy") if checkpoint else c.policy)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.start_step = 0
         if checkpoint is not None:
             state = torch.load(checkpoint / "optimizer.pt", map_location=self.device, weights_only=True)
             self.optimizer.load_state_dict(state)
@@ -232,6 +245,62 @@ class GRPOTrainer:
         # Scoring with hidden states goes through the local-feedback wrapper when on; everything else as it is.
         self.feedback_client = LocalFeedbackClient(client, self.device) if local and c.sends_hidden else client
         self.batch: Rollout | None = None  # the latest step's rollout, for callers that inspect a step
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The latest checkpoint in out_dir when resuming (None: a fresh run). Refuses to write over an earlier
+        run's checkpoints without `resume`, or to resume one with other settings."""
+        c = self.config
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is not None and not c.resume:
+            raise ValueError(
+                f"out_dir={c.out_dir!r} holds checkpoints of an earlier run; pass resume=True (--resume) to continue "
+                "it, or choose another out_dir"
+            )
+        if c.resume and checkpoint is None:
+            log.warning("resume: no checkpoint in %s, starting at step 0", self.out_dir / CHECKPOINTS)
+        if checkpoint is not None:
+            saved = TrainConfig.load(checkpoint / "config.json")
+            if diff := c.differences(saved):
+                raise ValueError(
+                    f"resume: settings {', '.join(diff)} differ from the checkpoint's {checkpoint / 'config.json'}; "
+                    "resume with the same config (or a new out_dir)"
+                )
+        return checkpoint
+
+    def _load_policy(self, policy_path: str) -> None:
+        """The tokenizer, the policy (from `policy_path`: config.policy or a checkpoint's), the frozen reference
+        (always config.policy), the end-of-sequence ids, and the vLLM engine of rollout='vllm'."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        c = self.config
+        dtype = getattr(torch, c.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(c.policy)
+        self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), whose typeshed signature still
+        # takes the unbound `self`: mypy reads the device as the model (arg-type).
+        self.policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(self.device)  # type: ignore[arg-type]
+        # eval(): dropout off, so the old and the new log-probs of one token are comparable (as in TRL).
+        self.policy.eval()
+        reference = AutoModelForCausalLM.from_pretrained(c.policy, dtype=dtype).to(self.device)  # type: ignore[arg-type]
+        self.reference = reference.eval()
+        self.reference.requires_grad_(False)
+        eos = self.policy.generation_config.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=self.device)
+        self.vllm: VLLMRollout | None = None
+        if c.rollout == "vllm":
+            if self.device.type != "cuda":
+                raise ValueError(f"rollout='vllm' needs a CUDA device; this run is on {self.device}")
+            self.vllm = VLLMRollout(
+                policy_path,
+                dtype=c.dtype,
+                seed=c.seed,
+                max_model_len=c.max_prompt_tokens + c.max_new_tokens,
+                gpu_memory_utilization=c.vllm_gpu_memory_utilization,
+            )
 
     # ---------------------------------------------------------------------------------------------------- loop --
     def run(self) -> dict[str, Any]:
@@ -258,132 +327,43 @@ class GRPOTrainer:
     def train_step(self, t: int) -> dict[str, Any]:
         """One RL step t (0-based; the service's omega schedule sees step t of total_steps T)."""
         c = self.config
+        feedback = FEEDBACK[c.reward_mode]
         torch.manual_seed(c.seed + t)  # per-step seeding: a resumed run samples what the uninterrupted one would
-        noise_gen = torch.Generator().manual_seed(c.seed + t)
+        noise_gen = torch.Generator().manual_seed(c.seed + t)  # r2m-noise: the noise for /score, then for the posts
+        w_step = min(t, c.schedule_steps)  # the omega schedule's t: past its T the floor Omega holds
         timer = _Timer(self.device)
 
         # -------------------------------------------------------------------------------------------- rollout --
         with timer("rollout"):
             batch = self.rollout(t)
         self.batch = batch
-        mask = batch.response_mask.float()  # (B, R)
 
         # --------------------------------------------------- policy forward: old log-probs and hidden states h --
-        with timer("policy_forward"), torch.no_grad():
-            old_logp, ref_logp, hidden = [], [], []
-            for s in _chunks(c.batch_size, c.micro_batch_size):
-                lp, h = sequence_forward(
-                    self.policy,
-                    batch.sequences[s],
-                    batch.attention_mask[s],
-                    batch.prompt_len,
-                    c.temperature,
-                    hidden=c.sends_hidden,
-                )
-                old_logp.append(lp)
-                hidden.extend(x.cpu() for x in h or [])  # off the accelerator: they go out over HTTP
-                rlp, _ = sequence_forward(
-                    self.reference, batch.sequences[s], batch.attention_mask[s], batch.prompt_len, c.temperature
-                )
-                ref_logp.append(rlp)
-            old_logp_t, ref_logp_t = torch.cat(old_logp), torch.cat(ref_logp)  # (B, R)
+        with timer("policy_forward"):
+            old_logp, ref_logp, hidden = self.policy_forward(batch)
 
         # ---------------------------------------------------------------------------------------------- score --
         with timer("score"):
-            score_hidden: list[torch.Tensor] | None = None
-            if c.sends_hidden and c.reward_mode != "r2m-noise":
-                score_hidden = hidden
-            elif c.reward_mode == "r2m-noise":
-                score_hidden = _noise_like(hidden, noise_gen)
-            w_step = min(t, c.schedule_steps)  # the omega schedule's t: past its T the floor Omega holds
             result = self.feedback_client.score(
-                batch.prompts, batch.responses, hidden=score_hidden, step=w_step, total_steps=c.schedule_steps
+                batch.prompts,
+                batch.responses,
+                hidden=_feedback(feedback.score, hidden, noise_gen),
+                step=w_step,
+                total_steps=c.schedule_steps,
             )
             rewards = torch.tensor(result.rewards, dtype=torch.float32)  # (B,)
-        watch: dict[str, Any] = {}  # not timed: a diagnostic, not part of the RL step
-        if c.log_plain_rewards:  # the same samples by the plain RM, and the served head's guard figures
-            plain = self.client.score(batch.prompts, batch.responses)
-            watch["rewards/plain_mean"] = sum(plain.rewards) / len(plain.rewards)
-            guard = self.client.current_head().get("guard") or {}
-            watch |= {f"guard/{k}": guard[k] for k in ("mean_shift", "spread_ratio", "rank_agreement") if k in guard}
+        watch = self.plain_rewards(batch) if c.log_plain_rewards else {}  # not timed: not part of the RL step
 
         # ------------------------------------------------------------------------------------------ advantage --
         adv = group_advantages(rewards, c.group_size, c.advantage).to(self.device)  # (B,)
 
         # --------------------------------------------------------------------------------------------- update --
         with timer("update"):
-            n_tokens = mask.sum().clamp(min=1)
-            refreshed: list[torch.Tensor] = []
-            for epoch in range(c.policy_epochs):
-                last_epoch = epoch == c.policy_epochs - 1
-                stats = torch.zeros(4, device=self.device)  # pg loss, kl, clipped tokens, total loss (token sums)
-                for s in _chunks(c.batch_size, c.micro_batch_size):
-                    logp, h = sequence_forward(
-                        self.policy,
-                        batch.sequences[s],
-                        batch.attention_mask[s],
-                        batch.prompt_len,
-                        c.temperature,
-                        hidden=last_epoch and (c.posts_groups or c.reward_mode == "r2m-judge"),
-                    )
-                    if h:
-                        refreshed.extend(x.cpu() for x in h)  # h': this forward's parameters (before the step)
-                    m = mask[s]
-                    ratio = torch.exp(logp - old_logp_t[s])  # (b, R)
-                    a = adv[s].unsqueeze(1)  # (b, 1)
-                    pg = torch.max(-a * ratio, -a * ratio.clamp(1 - c.clip_eps, 1 + c.clip_eps))
-                    log_r = ref_logp_t[s] - logp
-                    kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), >= 0
-                    loss_tok = pg + c.kl_coef * kl
-                    loss = (loss_tok * m).sum() / n_tokens  # token-level mean over the whole step's batch
-                    loss.backward()
-                    clipped = ((ratio - 1).abs() > c.clip_eps).float()
-                    stats += torch.stack(
-                        [(pg * m).sum(), (kl * m).sum(), (clipped * m).sum(), (loss_tok * m).sum()]
-                    ).detach()
-                grad_norm = (
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
-                    if c.max_grad_norm > 0
-                    else torch.tensor(float("nan"))
-                )
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            pg_loss, kl_mean, clipfrac, total_loss = (stats / n_tokens).tolist()  # the last epoch's
+            losses, refreshed = self.update(batch, old_logp, ref_logp, adv, keep_hidden=feedback.post is not None)
 
         # ------------------------------------------------------------------------------------------ r2m post --
         with timer("r2m_post"):
-            posted = pairs_posted = 0
-            groups: list[dict[str, Any]] = []
-            judged: list[dict[str, Any]] = []
-            if c.posts_pairs:
-                pairs_posted = self.post_pairs(t)
-            if c.posts_judged:
-                judged = self.judge_pairs(t, batch, result.rewards, refreshed if c.reward_mode == "r2m-judge" else None)
-            if c.posts_groups:
-                post_hidden: list[Any] | None = None
-                if c.reward_mode in ("r2m", "r2m-judge"):
-                    post_hidden = refreshed
-                elif c.reward_mode == "r2m-noise":
-                    post_hidden = _noise_like(refreshed, noise_gen)
-                for i, prompt in enumerate(batch.group_prompts):
-                    rows = range(i * c.group_size, (i + 1) * c.group_size)
-                    group: dict[str, Any] = {
-                        "prompt": prompt,
-                        "responses": [batch.responses[r] for r in rows],
-                        "rewards": [result.rewards[r] for r in rows],
-                    }
-                    if post_hidden is not None:
-                        group["hidden"] = [post_hidden[r] for r in rows]
-                    groups.append(group)
-            if groups or judged:
-                answer = self.client.post_preferences(
-                    groups=groups or None,
-                    pairs=judged or None,
-                    step=w_step,
-                    total_steps=c.schedule_steps,
-                    batch_id=f"{self.run_id}-s{t:06d}",
-                )
-                posted, pairs_posted = answer.groups, pairs_posted + answer.pairs
+            posted, pairs_posted = self.post(t, batch, result.rewards, _feedback(feedback.post, refreshed, noise_gen))
 
         # ------------------------------------------------------------------------------------------------ log --
         group_std = rewards.view(-1, c.group_size).std(dim=1)
@@ -394,12 +374,12 @@ class GRPOTrainer:
             "rewards/std": rewards.std().item(),
             "rewards/group_std_mean": group_std.mean().item(),
             "advantages/abs_mean": adv.abs().mean().item(),
-            "kl": kl_mean,
-            "losses/policy": pg_loss,
-            "losses/total": total_loss,
-            "policy/clipfrac": clipfrac,
-            "policy/grad_norm": float(grad_norm),
-            "response_length/mean": mask.sum(1).mean().item(),
+            "kl": losses.kl,
+            "losses/policy": losses.policy,
+            "losses/total": losses.total,
+            "policy/clipfrac": losses.clipfrac,
+            "policy/grad_norm": losses.grad_norm,
+            "response_length/mean": batch.response_mask.float().sum(1).mean().item(),
             "head_version": result.head_version,
             "omega": result.omega,
             "r2m/groups_posted": posted,
@@ -408,6 +388,105 @@ class GRPOTrainer:
             **(self.judge_stats if c.posts_judged else {}),
             **timer.seconds,
         }
+
+    # --------------------------------------------------------------------------------------- the step's phases --
+    @torch.no_grad()
+    def policy_forward(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The sampling policy's log-probs (the old ones of the ratio) and, when the mode sends them, its hidden
+        states h; the reference policy's log-probs. Returns (B, R), (B, R), and B tensors (T_b, D) on the CPU (they
+        go out over HTTP) or an empty list."""
+        c = self.config
+        old_logp: list[torch.Tensor] = []
+        ref_logp: list[torch.Tensor] = []
+        hidden: list[torch.Tensor] = []
+        for s in _chunks(c.batch_size, c.micro_batch_size):
+            sequences, attention_mask = batch.sequences[s], batch.attention_mask[s]
+            lp, h = sequence_forward(
+                self.policy, sequences, attention_mask, batch.prompt_len, c.temperature, hidden=c.sends_hidden
+            )
+            old_logp.append(lp)
+            hidden.extend(x.cpu() for x in h or [])
+            rlp, _ = sequence_forward(self.reference, sequences, attention_mask, batch.prompt_len, c.temperature)
+            ref_logp.append(rlp)
+        return torch.cat(old_logp), torch.cat(ref_logp), hidden
+
+    def plain_rewards(self, batch: Rollout) -> dict[str, Any]:
+        """The same samples scored by the plain RM (no hidden states: w = 1), and the served head's guard figures:
+        whether a rising reward is the policy getting better or the head inflating (`log_plain_rewards`)."""
+        plain = self.client.score(batch.prompts, batch.responses)
+        guard = self.client.current_head().get("guard") or {}
+        return {
+            "rewards/plain_mean": sum(plain.rewards) / len(plain.rewards),
+            **{f"guard/{k}": guard[k] for k in ("mean_shift", "spread_ratio", "rank_agreement") if k in guard},
+        }
+
+    def update(
+        self, batch: Rollout, old_logp: torch.Tensor, ref_logp: torch.Tensor, adv: torch.Tensor, keep_hidden: bool
+    ) -> tuple[_Losses, list[torch.Tensor]]:
+        """k policy epochs over the step's batch: the clipped token-level policy gradient + kl_coef * KL(policy ||
+        reference), micro-batches accumulating into one optimizer step per epoch. Returns the last epoch's figures
+        and, with `keep_hidden`, the hidden states h' of its forward (on the CPU; see the module docstring for
+        which parameters they belong to), else an empty list."""
+        c = self.config
+        mask = batch.response_mask.float()  # (B, R)
+        n_tokens = mask.sum().clamp(min=1)
+        refreshed: list[torch.Tensor] = []
+        for epoch in range(c.policy_epochs):
+            last_epoch = epoch == c.policy_epochs - 1
+            stats = torch.zeros(4, device=self.device)  # pg loss, kl, clipped tokens, total loss (token sums)
+            for s in _chunks(c.batch_size, c.micro_batch_size):
+                logp, h = sequence_forward(
+                    self.policy,
+                    batch.sequences[s],
+                    batch.attention_mask[s],
+                    batch.prompt_len,
+                    c.temperature,
+                    hidden=last_epoch and keep_hidden,
+                )
+                if h:
+                    refreshed.extend(x.cpu() for x in h)  # h': this forward's parameters (before the step)
+                m = mask[s]
+                ratio = torch.exp(logp - old_logp[s])  # (b, R)
+                a = adv[s].unsqueeze(1)  # (b, 1)
+                pg = torch.max(-a * ratio, -a * ratio.clamp(1 - c.clip_eps, 1 + c.clip_eps))
+                log_r = ref_logp[s] - logp
+                kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), >= 0
+                loss_tok = pg + c.kl_coef * kl
+                loss = (loss_tok * m).sum() / n_tokens  # token-level mean over the whole step's batch
+                loss.backward()
+                clipped = ((ratio - 1).abs() > c.clip_eps).float()
+                stats += torch.stack(
+                    [(pg * m).sum(), (kl * m).sum(), (clipped * m).sum(), (loss_tok * m).sum()]
+                ).detach()
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
+                if c.max_grad_norm > 0
+                else torch.tensor(float("nan"))
+            )
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        pg_loss, kl_mean, clipfrac, total_loss = (stats / n_tokens).tolist()
+        return _Losses(pg_loss, kl_mean, clipfrac, total_loss, float(grad_norm)), refreshed
+
+    def post(
+        self, t: int, batch: Rollout, rewards: Sequence[float], hidden: list[torch.Tensor] | None
+    ) -> tuple[int, int]:
+        """Step t's preferences, as the mode says: labelled pairs (r2m-pairs), judge-labelled pairs and the groups,
+        the last two with `hidden` (`Feedback.post`) in one post. Returns (groups posted, pairs posted)."""
+        c = self.config
+        pairs_posted = self.post_pairs(t) if c.posts_pairs else 0
+        judged = self.judge_pairs(t, batch, rewards, hidden) if c.posts_judged else []
+        groups = self.groups(batch, rewards, hidden) if c.posts_groups else []
+        if not (groups or judged):
+            return 0, pairs_posted
+        answer = self.client.post_preferences(
+            groups=groups or None,
+            pairs=judged or None,
+            step=min(t, c.schedule_steps),
+            total_steps=c.schedule_steps,
+            batch_id=f"{self.run_id}-s{t:06d}",
+        )
+        return answer.groups, pairs_posted + answer.pairs
 
     # ------------------------------------------------------------------------------------------------ rollout --
     def rollout(self, t: int) -> Rollout:
@@ -458,9 +537,9 @@ class GRPOTrainer:
             after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
             response_mask = (~after_eos).long()
         attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-        responses = [
-            tok.decode(response[b][response_mask[b].bool()], skip_special_tokens=True) for b in range(len(response))
-        ]
+        responses = tok.batch_decode(
+            [response[b][response_mask[b].bool()].tolist() for b in range(len(response))], skip_special_tokens=True
+        )
         return Rollout(
             group_prompts=group_prompts,
             prompts=[p for p in group_prompts for _ in range(c.group_size)],
@@ -489,7 +568,26 @@ class GRPOTrainer:
             )
         return tok(list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=c.max_prompt_tokens)
 
-    # --------------------------------------------------------------------------------------- r2m-pairs mode --
+    # ------------------------------------------------------------------------------------------- what is posted --
+    def groups(
+        self, batch: Rollout, rewards: Sequence[float], hidden: Sequence[torch.Tensor] | None
+    ) -> list[dict[str, Any]]:
+        """The step's groups for the in-group pseudo-labels: a prompt, its K responses and their rewards, with their
+        hidden states when `hidden` is given."""
+        k = self.config.group_size
+        out = []
+        for i, prompt in enumerate(batch.group_prompts):
+            rows = range(i * k, (i + 1) * k)
+            group: dict[str, Any] = {
+                "prompt": prompt,
+                "responses": [batch.responses[r] for r in rows],
+                "rewards": [rewards[r] for r in rows],
+            }
+            if hidden is not None:
+                group["hidden"] = [hidden[r] for r in rows]
+            out.append(group)
+        return out
+
     @torch.no_grad()
     def replay(self, prompts: Sequence[str], responses: Sequence[str]) -> list[torch.Tensor]:
         """Teacher forcing: the current policy's last-layer hidden states over each prompt + response + end token

@@ -25,8 +25,8 @@ from r2m.service.app import create_app
 from r2m.service.config import isolated_settings
 from r2m.service.engine import build_engine
 from r2m.service.launch import free_port
-from r2m.trainer import GRPOTrainer, TrainConfig, sequence_forward
-from r2m.trainer.grpo import _noise_like
+from r2m.trainer import GRPOTrainer, Rollout, TrainConfig, sequence_forward
+from r2m.trainer.grpo import FEEDBACK, noise_like
 
 from .task import PROMPTS, GoldJudge, gold_terms
 
@@ -236,7 +236,9 @@ def evaluate(trainer: GRPOTrainer, model: Any, with_similarity: bool = False) ->
     mask = ((is_eos.cumsum(1) - is_eos.long()) == 0).long()
     attention = torch.cat([enc["attention_mask"], mask], dim=1)
     finished = is_eos.any(dim=1).tolist()
-    texts = [tok.decode(response[b][mask[b].bool()], skip_special_tokens=True) for b in range(len(prompts))]
+    texts = tok.batch_decode(
+        [response[b][mask[b].bool()].tolist() for b in range(len(prompts))], skip_special_tokens=True
+    )
     logp, _ = sequence_forward(trainer.policy, sequences, attention, prompt_len, c.temperature)
     ref, _ = sequence_forward(trainer.reference, sequences, attention, prompt_len, c.temperature)
     kl = ((logp - ref) * mask).sum(1)  # (N,) log pi/pi_ref of each sample: its mean estimates KL(pi || pi_ref)
@@ -268,7 +270,7 @@ def heldout_accuracy(trainer: GRPOTrainer, client: SyncedClient, pairs: list[dic
     if with_hidden is not None:
         hidden = trainer.replay(prompts, responses)
         if with_hidden == "noise":
-            hidden = _noise_like(hidden, torch.Generator().manual_seed(EVAL_SEED))
+            hidden = noise_like(hidden, torch.Generator().manual_seed(EVAL_SEED))
     rewards = client.score(prompts, responses, hidden=hidden, step=c.steps, total_steps=c.steps).rewards
     n = len(pairs)
     return sum(rewards[i] > rewards[n + i] for i in range(n)) / n
@@ -314,6 +316,56 @@ def _finished(batch: Any, eos_ids: torch.Tensor) -> list[bool]:
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
+def _train_config(spec: ArmSpec, url: str, out: Path, with_judge: bool) -> TrainConfig:
+    """The arm's `r2m train` settings, against the proxy served at `url`."""
+    s = spec.settings
+    return TrainConfig(
+        policy=spec.policy,
+        server_url=url,
+        steps=s.steps,
+        omega_steps=s.omega_steps,
+        prompts_per_step=s.prompts_per_step,
+        group_size=s.group_size,
+        max_new_tokens=s.max_new_tokens,
+        lr=s.lr,
+        kl_coef=s.kl_coef,
+        reward_mode=spec.mode,  # type: ignore[arg-type]
+        pairs=spec.train_pairs if spec.mode == "r2m-pairs" else None,
+        pairs_per_step=s.pairs_per_step,
+        judge="experiments.overopt.task:GoldJudge" if with_judge else None,  # the instance run_arm passes is what runs
+        judge_pairs_per_step=max(1, s.judge_pairs),
+        seed=spec.seed,
+        out_dir=str(out / "trainer"),
+        save_every=0,
+        device="cpu",
+        progress=False,
+    )
+
+
+def _step_record(
+    t: int, m: dict[str, Any], batch: Rollout, model: Any, eos_ids: torch.Tensor, group_size: int
+) -> dict[str, Any]:
+    """Step t's line of the result: its metrics `m`, and the gold and frozen-proxy rewards of its own samples."""
+    finished = _finished(batch, eos_ids)
+    gold = [gold_terms(p, r, f).reward for p, r, f in zip(batch.prompts, batch.responses, finished)]
+    proxy = frozen_proxy(model, batch.prompts, batch.responses)
+    return {
+        "step": t,
+        "gold": sum(gold) / len(gold),
+        "reward": m["rewards/mean"],  # what this arm optimises (the proxy, R2M-corrected or not)
+        "reward_std": m["rewards/std"],
+        "group_std": m["rewards/group_std_mean"],
+        "acc_on_policy": on_policy_accuracy(m["rewards"], gold, group_size),
+        "acc_on_policy_proxy": on_policy_accuracy(proxy, gold, group_size),
+        "kl": m["kl"],
+        "length": m["response_length/mean"],
+        "head_version": m["head_version"],
+        "omega": m["omega"],
+        "judge_labels": m.get("judge/labels", 0),
+        "seconds": sum(v for k, v in m.items() if k.startswith("time/")),
+    }
+
+
 def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
     """Train one arm on one seed; writes and returns {"arm", "seed", "steps": [...], "evals": [...], ...}."""
     from r2m.service.model import omega
@@ -324,33 +376,11 @@ def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heldout = read_jsonl(spec.heldout_pairs)
-    hidden_kind = {"r2m": "policy", "r2m-frozen": "policy", "r2m-pairs": "policy", "r2m-judge": "policy",
-                   "r2m-noise": "noise"}.get(spec.mode)  # fmt: skip
+    hidden_kind = FEEDBACK[spec.mode].score  # what the arm's /score gets: "policy", "noise" or None
     judge = GoldJudge(spec.seed, s.judge_temperature, s.max_new_tokens) if s.judge_pairs else None
     with serve_proxy(spec.proxy, spec.policy_dim, s, spec.seed) as (url, model):
-        config = TrainConfig(
-            policy=spec.policy,
-            server_url=url,
-            steps=s.steps,
-            omega_steps=s.omega_steps,
-            prompts_per_step=s.prompts_per_step,
-            group_size=s.group_size,
-            max_new_tokens=s.max_new_tokens,
-            lr=s.lr,
-            kl_coef=s.kl_coef,
-            reward_mode=spec.mode,  # type: ignore[arg-type]
-            pairs=spec.train_pairs if spec.mode == "r2m-pairs" else None,
-            pairs_per_step=s.pairs_per_step,
-            judge="experiments.overopt.task:GoldJudge" if judge else None,  # the instance below is what runs
-            judge_pairs_per_step=max(1, s.judge_pairs),
-            seed=spec.seed,
-            out_dir=str(out / "trainer"),
-            save_every=0,
-            device="cpu",
-            progress=False,
-        )
         client = SyncedClient(R2MClient(url, timeout=120.0))
-        trainer = GRPOTrainer(config, client, judge=judge)
+        trainer = GRPOTrainer(_train_config(spec, url, out, judge is not None), client, judge=judge)
         try:
             acc_before = heldout_accuracy(trainer, client, heldout, hidden_kind)
             steps, evals = [], [{"step": 0, **evaluate(trainer, model, with_similarity=True)}]
@@ -358,29 +388,9 @@ def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
                 m = trainer.train_step(t)
                 batch = trainer.batch
                 assert batch is not None
-                finished = _finished(batch, trainer.eos_ids)
-                gold = [gold_terms(p, r, f).reward for p, r, f in zip(batch.prompts, batch.responses, finished)]
-                proxy = frozen_proxy(model, batch.prompts, batch.responses)
-                steps.append(
-                    {
-                        "step": t,
-                        "gold": sum(gold) / len(gold),
-                        "reward": m["rewards/mean"],  # what this arm optimises (the proxy, R2M-corrected or not)
-                        "reward_std": m["rewards/std"],
-                        "group_std": m["rewards/group_std_mean"],
-                        "acc_on_policy": on_policy_accuracy(m["rewards"], gold, s.group_size),
-                        "acc_on_policy_proxy": on_policy_accuracy(proxy, gold, s.group_size),
-                        "kl": m["kl"],
-                        "length": m["response_length/mean"],
-                        "head_version": m["head_version"],
-                        "omega": m["omega"],
-                        "judge_labels": m.get("judge/labels", 0),
-                        "seconds": sum(v for k, v in m.items() if k.startswith("time/")),
-                    }
-                )
+                steps.append(_step_record(t, m, batch, model, trainer.eos_ids, s.group_size))
                 if (t + 1) % s.eval_every == 0 or t + 1 == s.steps:
-                    last = t + 1 == s.steps
-                    e = {"step": t + 1, **evaluate(trainer, model, with_similarity=last)}
+                    e = {"step": t + 1, **evaluate(trainer, model, with_similarity=t + 1 == s.steps)}
                     if hidden_kind == "policy":
                         w = omega(min(t, s.omega_steps), s.omega_steps, s.omega_floor)
                         e["feedback_share"] = feedback_share(trainer, model, batch, w, s.group_size)
