@@ -159,6 +159,23 @@ class _BaseClient:
         """Check the arguments of `score()`, split shared prompt prefixes off (see `_split_prefixes`) and split the
         items into chunks that each fit one request. An item that uses a prefix holds it under the private key
         `"_prefix"`; `_score_body` turns that into the request's `prefixes` and an index."""
+        prompts, hidden, readouts = self._score_arguments(prompts, responses, hidden, readouts)
+        items = [
+            self._score_item(i, prompt, response, h, a)
+            for i, (prompt, response, h, a) in enumerate(zip(prompts, responses, hidden, readouts, strict=True))
+        ]
+        if prefix_lengths is not None:
+            _apply_prefix_lengths(items, prefix_lengths)
+        elif share_prefix:
+            _split_prefixes(items)
+        return self._chunk_items(items)
+
+    @staticmethod
+    def _score_arguments(
+        prompts: str | Sequence[str], responses: Sequence[str], hidden: Any, readouts: Any
+    ) -> tuple[Sequence[str], Sequence[Any], Sequence[Any]]:
+        """`score()`'s arguments checked, one entry per response each: its prompt, its hidden states and its
+        read-out (None where it has none)."""
         if isinstance(responses, str) or not isinstance(responses, Sequence):
             raise InvalidRequest(f"responses must be a sequence of strings, got {type(responses).__name__}")
         n = len(responses)
@@ -189,29 +206,30 @@ class _BaseClient:
                 raise InvalidRequest(f"readouts must be None or a sequence of {n} entries (None or an (rm_dim,) array)")
         else:
             readouts = [None] * n
+        return prompts, hidden, readouts
 
-        items: list[dict[str, Any]] = []
-        for i, (prompt, response, h, a) in enumerate(zip(prompts, responses, hidden, readouts, strict=True)):
-            for name, text in (("prompts", prompt), ("responses", response)):
-                if not isinstance(text, str):
-                    raise InvalidRequest(f"{name}[{i}] must be a str, got {type(text).__name__}")
-            item: dict[str, Any] = {"prompt": prompt, "response": response}
-            if h is not None:
-                t = WireTensor.from_array(h, path=f"hidden[{i}]")
-                if len(t.shape) != 2:
-                    raise InvalidRequest(f"hidden[{i}] must be 2-D (T, D), got shape {list(t.shape)}")
-                item["policy_hidden"] = t
-            if a is not None:
-                t = WireTensor.from_array(a, path=f"readouts[{i}]")
-                if len(t.shape) != 1:
-                    raise InvalidRequest(f"readouts[{i}] must be 1-D (rm_dim,), got shape {list(t.shape)}")
-                item["readout"] = t
-            items.append(item)
-        if prefix_lengths is not None:
-            _apply_prefix_lengths(items, prefix_lengths)
-        elif share_prefix:
-            _split_prefixes(items)
+    @staticmethod
+    def _score_item(i: int, prompt: Any, response: Any, h: Any, a: Any) -> dict[str, Any]:
+        """Response i's item: its texts, and its hidden states or read-out as a checked `WireTensor`."""
+        for name, text in (("prompts", prompt), ("responses", response)):
+            if not isinstance(text, str):
+                raise InvalidRequest(f"{name}[{i}] must be a str, got {type(text).__name__}")
+        item: dict[str, Any] = {"prompt": prompt, "response": response}
+        if h is not None:
+            t = WireTensor.from_array(h, path=f"hidden[{i}]")
+            if len(t.shape) != 2:
+                raise InvalidRequest(f"hidden[{i}] must be 2-D (T, D), got shape {list(t.shape)}")
+            item["policy_hidden"] = t
+        if a is not None:
+            t = WireTensor.from_array(a, path=f"readouts[{i}]")
+            if len(t.shape) != 1:
+                raise InvalidRequest(f"readouts[{i}] must be 1-D (rm_dim,), got shape {list(t.shape)}")
+            item["readout"] = t
+        return item
 
+    def _chunk_items(self, items: list[dict[str, Any]]) -> list[list[dict]]:
+        """Consecutive items in chunks of at most `max_items_per_request` items and, roughly, `max_bytes_per_request`
+        bytes: texts, tensors (grown by base64 in JSON) and each prefix once per chunk that uses it."""
         chunks: list[list[dict]] = []
         chunk: list[dict] = []
         chunk_cost = 0

@@ -367,6 +367,24 @@ def decode_binary(
     view = memoryview(body)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
+    entries, payload, data_start = _read_header(view, max_header_bytes)
+    data = view[data_start:]
+    tensors: dict[str, WireTensor] = {}
+    spans: list[tuple[int, int, str]] = []  # (begin, end) of each non-empty tensor in the data section
+    for name, entry in entries.items():
+        tensors[name], begin, end = _tensor_entry(f"header.{name}", entry, data)
+        if end > begin:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:], strict=False):
+        if begin < prev_end:
+            raise WireError(f"header.{name}.data_offsets: overlaps tensor {prev!r}")
+    return payload, tensors
+
+
+def _read_header(view: memoryview, max_header_bytes: int) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """A safetensors body's header: its tensor entries by name, the JSON request in `__metadata__["r2m"]`, and
+    where the data section starts (8 bytes of header length, then the header)."""
     if len(view) < 8:
         raise WireError(f"body: {len(view)} bytes is too short; a safetensors body starts with an 8-byte header length")
     n = int.from_bytes(view[:8], "little")
@@ -389,43 +407,35 @@ def decode_binary(
         raise WireError(f"header.__metadata__.r2m: not valid JSON ({exc})") from None
     if not isinstance(payload, dict):
         raise WireError(f"header.__metadata__.r2m: expected a JSON object, got {type(payload).__name__}")
+    return header, payload, 8 + n
 
-    data = view[8 + n :]
-    tensors: dict[str, WireTensor] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        path = f"header.{name}"
-        if not isinstance(entry, dict) or entry.keys() != {"dtype", "shape", "data_offsets"}:
-            raise WireError(f"{path}: a tensor entry has exactly the keys dtype, shape, data_offsets")
-        dtype = _FROM_SAFETENSORS.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
-        if dtype is None:
-            raise WireError(f"{path}.dtype: unknown dtype {entry['dtype']!r}; expected F32, F16 or BF16")
-        shape = _check_shape(entry["shape"], path + ".shape")
-        offsets = entry["data_offsets"]
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or any(type(o) is not int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= len(data)
-        ):
-            raise WireError(
-                f"{path}.data_offsets: expected [begin, end] with 0 <= begin <= end <= {len(data)} "
-                f"(the data section's size), got {offsets!r}"
-            )
-        begin, end = offsets
-        if end - begin != math.prod(shape) * _SPECS[dtype][1]:
-            raise WireError(
-                f"{path}.data_offsets: spans {end - begin} bytes; shape {list(shape)} of {dtype} needs "
-                f"{math.prod(shape) * _SPECS[dtype][1]}"
-            )
-        tensors[name] = WireTensor(dtype, shape, data[begin:end])
-        if end > begin:
-            spans.append((begin, end, name))
-    spans.sort()
-    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:], strict=False):
-        if begin < prev_end:
-            raise WireError(f"header.{name}.data_offsets: overlaps tensor {prev!r}")
-    return payload, tensors
+
+def _tensor_entry(path: str, entry: Any, data: memoryview) -> tuple[WireTensor, int, int]:
+    """One header entry's tensor, a zero-copy slice of the data section, and its [begin, end) offsets there."""
+    if not isinstance(entry, dict) or entry.keys() != {"dtype", "shape", "data_offsets"}:
+        raise WireError(f"{path}: a tensor entry has exactly the keys dtype, shape, data_offsets")
+    dtype = _FROM_SAFETENSORS.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise WireError(f"{path}.dtype: unknown dtype {entry['dtype']!r}; expected F32, F16 or BF16")
+    shape = _check_shape(entry["shape"], path + ".shape")
+    offsets = entry["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or any(type(o) is not int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= len(data)
+    ):
+        raise WireError(
+            f"{path}.data_offsets: expected [begin, end] with 0 <= begin <= end <= {len(data)} "
+            f"(the data section's size), got {offsets!r}"
+        )
+    begin, end = offsets
+    if end - begin != math.prod(shape) * _SPECS[dtype][1]:
+        raise WireError(
+            f"{path}.data_offsets: spans {end - begin} bytes; shape {list(shape)} of {dtype} needs "
+            f"{math.prod(shape) * _SPECS[dtype][1]}"
+        )
+    return WireTensor(dtype, shape, data[begin:end]), begin, end
 
 
 # --- request trees ------------------------------------------------------------------------------------------

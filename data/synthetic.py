@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = ["KINDS", "TOPICS", "generate_preferences", "split_preferences"]
 
@@ -373,94 +374,114 @@ def _wrong_number(rng: random.Random, value: int, scale: int) -> int:
     return value + 1
 
 
-def _calc_item(rng: random.Random, topic: str) -> _Item:
-    subject = _CALC_SUBJECT[topic]
-    if topic == "arithmetic":
-        op = rng.choice(("add", "sub", "mul"))
-        if op == "add":
-            a, b = rng.randint(12, 999), rng.randint(12, 999)
-            c, sym, word = a + b, "+", "plus"
-            prompts: tuple[str, ...] = (
-                f"What is {a} + {b}?",
-                f"What's {a} plus {b}?",
-                f"Can you add {a} and {b} for me?",
-                f"Calculate {a} + {b}.",
-                f"quick math: {a}+{b}?",
-                f"I need the sum of {a} and {b}.",
-            )
-            explain: tuple[str, ...] = (
-                "Line the numbers up by place value and add column by column, carrying when a column tops 9.",
-                f"You can double-check by subtracting {b} from the result to get back to {a}.",
-            )
-        elif op == "sub":
-            a, b = rng.randint(50, 999), rng.randint(11, 49)
-            c, sym, word = a - b, "-", "minus"
-            prompts = (
-                f"What is {a} - {b}?",
-                f"What's {a} minus {b}?",
-                f"Subtract {b} from {a}.",
-                f"Can you work out {a} minus {b}?",
-                f"How much is {a} take away {b}?",
-            )
-            explain = (
-                "Subtract column by column from the right, borrowing when the top digit is smaller.",
-                f"To check, add {b} back to the result and you should get {a}.",
-            )
-        else:
-            a, b = rng.randint(3, 99), rng.randint(3, 30)
-            c, sym, word = a * b, "×", "times"
-            prompts = (
-                f"What is {a} × {b}?",
-                f"What is {a} * {b}?",
-                f"What's {a} times {b}?",
-                f"Multiply {a} by {b}.",
-                f"Can you calculate {a} times {b}?",
-            )
-            split = (
-                f"It can help to split it up: {a} × {b // 10 * 10} plus {a} × {b % 10}."
-                if b > 10 and b % 10
-                else f"Multiplication is commutative, so {b} × {a} gives the same result."
-            )
-            explain = (f"Multiplying by {b} is the same as adding {a} to itself {b} times.", split)
-        forms = (f"{a} {sym} {b} = {{v}}.", f"{a} {word} {b} equals {{v}}.", "The answer is {v}.")
-        value, scale = c, a
-    elif topic == "percentages":
-        p = rng.choice((5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 80))
-        n = 20 * rng.randint(1, 50)
-        value, scale = p * n // 100, max(2, n // 10)
-        prompts = (
-            f"What is {p}% of {n}?",
-            f"How much is {p} percent of {n}?",
-            f"Can you work out {p}% of {n}?",
-            f"What's {p} percent of {n}? I'm trying to figure out a discount.",
-            f"Calculate {p}% of {n}, please.",
+class _Problem(NamedTuple):
+    """A generated problem: its value, the ways to ask it, the answer sentences ("{v}": the value) and the lines
+    that explain it."""
+
+    value: int
+    scale: int  # a size for the wrong answers' offsets (`_wrong_number`)
+    prompts: tuple[str, ...]
+    forms: tuple[str, ...]
+    explain: tuple[str, ...]
+
+
+def _arithmetic(rng: random.Random) -> _Problem:
+    op = rng.choice(("add", "sub", "mul"))
+    if op == "add":
+        a, b = rng.randint(12, 999), rng.randint(12, 999)
+        c, sym, word = a + b, "+", "plus"
+        prompts: tuple[str, ...] = (
+            f"What is {a} + {b}?",
+            f"What's {a} plus {b}?",
+            f"Can you add {a} and {b} for me?",
+            f"Calculate {a} + {b}.",
+            f"quick math: {a}+{b}?",
+            f"I need the sum of {a} and {b}.",
         )
-        forms = (f"{p}% of {n} is {{v}}.", "The answer is {v}.", f"{p} percent of {n} comes to {{v}}.")
+        explain: tuple[str, ...] = (
+            "Line the numbers up by place value and add column by column, carrying when a column tops 9.",
+            f"You can double-check by subtracting {b} from the result to get back to {a}.",
+        )
+    elif op == "sub":
+        a, b = rng.randint(50, 999), rng.randint(11, 49)
+        c, sym, word = a - b, "-", "minus"
+        prompts = (
+            f"What is {a} - {b}?",
+            f"What's {a} minus {b}?",
+            f"Subtract {b} from {a}.",
+            f"Can you work out {a} minus {b}?",
+            f"How much is {a} take away {b}?",
+        )
         explain = (
-            f"Convert the percentage to a decimal, {p / 100:g}, and multiply it by {n}.",
-            f"Another way to see it: 1% of {n} is {n / 100:g}, and you need {p} of those.",
+            "Subtract column by column from the right, borrowing when the top digit is smaller.",
+            f"To check, add {b} back to the result and you should get {a}.",
         )
     else:
-        src, dst, factor, why = rng.choice(_UNITS)
-        amount = rng.randint(2, 60)
-        value, scale = amount * factor, factor
+        a, b = rng.randint(3, 99), rng.randint(3, 30)
+        c, sym, word = a * b, "×", "times"
         prompts = (
-            f"How many {dst} are in {amount} {src}?",
-            f"Convert {amount} {src} to {dst}.",
-            f"{amount} {src} is how many {dst}?",
-            f"What's {amount} {src} in {dst}?",
+            f"What is {a} × {b}?",
+            f"What is {a} * {b}?",
+            f"What's {a} times {b}?",
+            f"Multiply {a} by {b}.",
+            f"Can you calculate {a} times {b}?",
         )
-        forms = (
-            f"{amount} {src} is {{v}} {dst}.",
-            f"That's {{v}} {dst}.",
-            f"There are {{v}} {dst} in {amount} {src}.",
+        split = (
+            f"It can help to split it up: {a} × {b // 10 * 10} plus {a} × {b % 10}."
+            if b > 10 and b % 10
+            else f"Multiplication is commutative, so {b} × {a} gives the same result."
         )
-        explain = (why,)
-    form = rng.choice(forms)
+        explain = (f"Multiplying by {b} is the same as adding {a} to itself {b} times.", split)
+    forms = (f"{a} {sym} {b} = {{v}}.", f"{a} {word} {b} equals {{v}}.", "The answer is {v}.")
+    return _Problem(c, a, prompts, forms, explain)
+
+
+def _percentage(rng: random.Random) -> _Problem:
+    p = rng.choice((5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 80))
+    n = 20 * rng.randint(1, 50)
+    prompts = (
+        f"What is {p}% of {n}?",
+        f"How much is {p} percent of {n}?",
+        f"Can you work out {p}% of {n}?",
+        f"What's {p} percent of {n}? I'm trying to figure out a discount.",
+        f"Calculate {p}% of {n}, please.",
+    )
+    forms = (f"{p}% of {n} is {{v}}.", "The answer is {v}.", f"{p} percent of {n} comes to {{v}}.")
+    explain = (
+        f"Convert the percentage to a decimal, {p / 100:g}, and multiply it by {n}.",
+        f"Another way to see it: 1% of {n} is {n / 100:g}, and you need {p} of those.",
+    )
+    return _Problem(p * n // 100, max(2, n // 10), prompts, forms, explain)
+
+
+def _conversion(rng: random.Random) -> _Problem:
+    src, dst, factor, why = rng.choice(_UNITS)
+    amount = rng.randint(2, 60)
+    prompts = (
+        f"How many {dst} are in {amount} {src}?",
+        f"Convert {amount} {src} to {dst}.",
+        f"{amount} {src} is how many {dst}?",
+        f"What's {amount} {src} in {dst}?",
+    )
+    forms = (
+        f"{amount} {src} is {{v}} {dst}.",
+        f"That's {{v}} {dst}.",
+        f"There are {{v}} {dst} in {amount} {src}.",
+    )
+    return _Problem(amount * factor, factor, prompts, forms, (why,))
+
+
+_PROBLEMS = {"arithmetic": _arithmetic, "percentages": _percentage, "conversions": _conversion}  # _CALC_TOPICS
+
+
+def _calc_item(rng: random.Random, topic: str) -> _Item:
+    subject = _CALC_SUBJECT[topic]
+    problem = _PROBLEMS[topic](rng)
+    form = rng.choice(problem.forms)
     fmt_value = "{:,}".format
-    answer = form.format(v=fmt_value(value))
-    wrong = form.format(v=fmt_value(_wrong_number(rng, value, scale)))
-    return _Item(topic, subject, "calc", f"{subject} problem", (answer, *explain), (wrong,), prompts)
+    answer = form.format(v=fmt_value(problem.value))
+    wrong = form.format(v=fmt_value(_wrong_number(rng, problem.value, problem.scale)))
+    return _Item(topic, subject, "calc", f"{subject} problem", (answer, *problem.explain), (wrong,), problem.prompts)
 
 
 # ----------------------------------------------------------------------------------------------------------
