@@ -34,9 +34,10 @@ lint: install layers typecheck  ## ruff, the layering contracts and the type che
 layers: install tree  ## the top folders depend one way; the client and the data package stay light
 	PYTHONPATH=$(TREE) $(VENV)/bin/lint-imports --no-cache
 
-typecheck: install tree  ## mypy over the client and the service
+typecheck: install tree  ## mypy over the client, the service, the trainer and the command line (and what they import)
 	cd $(TREE) && MYPYPATH=. $(abspath $(VENV))/bin/mypy --config-file $(abspath pyproject.toml) \
-		--python-executable $(abspath $(PY)) --cache-dir $(abspath build/mypy-cache) -p r2m.client -p r2m.service
+		--python-executable $(abspath $(PY)) --cache-dir $(abspath build/mypy-cache) \
+		-p r2m.client -p r2m.service -p r2m.trainer -p r2m.cli
 
 test: lint  ## ruff, layers, mypy, then the whole test suite (starts its own servers)
 	$(VENV)/bin/pytest -q

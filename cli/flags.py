@@ -71,11 +71,11 @@ def add_flags(parser: argparse._ActionsContainer, flags: Iterable[Flag]) -> None
             continue
         args = typing.get_args(kind)
         choices = args if typing.get_origin(kind) is typing.Literal else None
-        base = next((t for t in (int, float, str) if kind is t or t in args), str)
+        base = next((t for t in (int, float, str) if kind is t or t in args), str)  # a Literal's: str
         parser.add_argument(
             flag_name(flag.name),
             dest=flag.name,
-            type=None if choices else base,
+            type=base,
             default=None,
             choices=choices,
             required=flag.required,

@@ -69,7 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=settings.drain_timeout_s,
+        # uvicorn annotates whole seconds but hands the value to asyncio.timeout, which takes any float.
+        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
     )
 
     DrainingServer(config, app.state.r2m).run()

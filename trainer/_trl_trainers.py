@@ -26,10 +26,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from trl import GRPOTrainer, RLOOTrainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from .trl import R2MRewardFunction, _steps, completion_text, post_groups, prompt_text
 
@@ -37,6 +37,13 @@ __all__ = ["R2MGRPOTrainer", "R2MRLOOTrainer"]
 
 
 INDEX = "r2m_index"  # the column that carries each row's index through TRL's shuffle and split
+
+if TYPE_CHECKING:
+    # The mixin only ever runs before a TRL trainer in the MRO, so it is checked as one: GRPOTrainer, which has
+    # every attribute and method used here, as RLOOTrainer does.
+    _TRLTrainer = GRPOTrainer
+else:
+    _TRLTrainer = object
 
 
 def _pad(rows: list[list[int]], value: int, side: str, multiple: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +58,7 @@ def _pad(rows: list[list[int]], value: int, side: str, multiple: int | None) -> 
     )
 
 
-class _R2MTRL:
+class _R2MTRL(_TRLTrainer):
     """The R2M part of both trainers: an `R2MRewardFunction` gets the hidden states of TRL's own forwards (module
     docstring). Mixed in before the TRL trainer class, so the attributes used here are TRL's.
 
@@ -59,6 +66,15 @@ class _R2MTRL:
         r2m_run_id: the batch-id prefix of the posts (default: random); a post's id is `<run_id>-<global step>`.
         r2m_post: False: score with hidden states but post nothing (no R2M updates).
     """
+
+    # TRL's attributes as they are once its trainer is built. Trainer annotates `args` as its TrainingArguments and
+    # `model` as optional; TRL's configs annotate the settings their __post_init__ resolves ("auto", None, a JSON
+    # string), which the trainers copy, with the unresolved types too.
+    args: GRPOConfig | RLOOConfig
+    model: torch.nn.Module
+    num_generations: int
+    pad_to_multiple_of: int | None
+    chat_template_kwargs: dict[str, Any]
 
     def __init__(self, *args: Any, r2m_run_id: str | None = None, r2m_post: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -123,6 +139,13 @@ class _R2MTRL:
     def _r2m_trl_runs_old_forward(self) -> bool:
         """Whether TRL computes old log-probs in `_generate_and_score_completions` (each trainer says)."""
         raise NotImplementedError
+
+    @property
+    def _r2m_steps_per_generation(self) -> int:
+        """Optimizer steps per pass over one generation batch (`num_iterations` passes use it)."""
+        steps = self.args.steps_per_generation
+        assert steps is not None  # the configs' __post_init__ set it (default: gradient_accumulation_steps)
+        return steps
 
     # --- scoring: TRL's old-log-prob forward, or one of ours in its place ----------------------------------------
 
@@ -200,8 +223,8 @@ class _R2MTRL:
     # --- updates: the last iteration's training forward -----------------------------------------------------------
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Any:
-        cycle = self.args.steps_per_generation * self.num_iterations
-        last = (self._step % cycle) // self.args.steps_per_generation == self.num_iterations - 1
+        per_pass = self._r2m_steps_per_generation
+        last = (self._step % (per_pass * self.num_iterations)) // per_pass == self.num_iterations - 1
         if not (last and self.r2m_post and INDEX in inputs and self._r2m_batch is not None):
             return super()._compute_loss(model, inputs)
         self._r2m_phase, self._r2m_train_rows = "train_last", inputs[INDEX]
@@ -238,7 +261,7 @@ class _R2MTRL:
             self.r2m_posted.append(posted)
 
 
-class R2MGRPOTrainer(_R2MTRL, GRPOTrainer):  # type: ignore[misc]
+class R2MGRPOTrainer(_R2MTRL, GRPOTrainer):
     """`GRPOTrainer` whose `R2MRewardFunction` gets the hidden states of TRL's own forwards (module docstring).
 
     Args (besides GRPOTrainer's):
@@ -248,13 +271,14 @@ class R2MGRPOTrainer(_R2MTRL, GRPOTrainer):  # type: ignore[misc]
 
     def _r2m_trl_runs_old_forward(self) -> bool:
         """TRL 1.16's condition for computing old log-probs in `GRPOTrainer._generate_and_score_completions`."""
-        generate_every = self.args.steps_per_generation * self.num_iterations
+        generate_every = self._r2m_steps_per_generation * self.num_iterations
         return bool(
             self.args.gradient_accumulation_steps % generate_every != 0
             or (self.use_vllm and self.vllm_importance_sampling_correction)
         )
 
 
+# The mixin is checked as a GRPOTrainer (`_TRLTrainer`), whose methods TRL types differently from RLOOTrainer's.
 class R2MRLOOTrainer(_R2MTRL, RLOOTrainer):  # type: ignore[misc]
     """`RLOOTrainer` whose `R2MRewardFunction` gets the hidden states of TRL's own forwards (module docstring). RLOO
     always runs the old-log-prob forward (its KL term is in the reward), so scoring never adds one.

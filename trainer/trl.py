@@ -161,7 +161,7 @@ class R2MRewardFunction:
             hidden = policy_hidden(self.model, ids, self.pad_id, self.forward_batch_size)
         rewards = self._score(texts, responses, hidden, step, total_steps)
         # Only training rollouts feed the R2M update; TRL also scores eval generations (model in eval mode).
-        if ids is not None and self.model.training:
+        if ids is not None and self.model is not None and self.model.training:
             self._scored.extend(
                 _Scored(p, r, i, w) for p, r, i, w in zip(texts, responses, ids, rewards) if w is not None
             )

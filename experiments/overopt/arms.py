@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 __all__ = [
     "ARMS",
@@ -21,6 +21,7 @@ __all__ = [
     "FOLLOWS",
     "GRID",
     "Arm",
+    "GridPoint",
     "chosen",
     "grid_points",
     "sends_hidden",
@@ -73,9 +74,17 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("r2m-ensemble", "r2m"),
 )
 
+
+class GridPoint(TypedDict):
+    """One point of GRID: the RunSettings it sets."""
+
+    service_lr: float
+    service_phi_lr: float
+
+
 # The same small grid for every updating arm: the service learning rate of the feedback attention and of the score
 # head phi (its own AdamW group), one optimizer step per RL step. The head-only arms train phi alone.
-GRID: tuple[dict[str, float], ...] = (
+GRID: tuple[GridPoint, ...] = (
     {"service_lr": 1e-5, "service_phi_lr": 1e-4},
     {"service_lr": 1e-4, "service_phi_lr": 1e-4},
     {"service_lr": 1e-4, "service_phi_lr": 1e-3},
@@ -100,14 +109,14 @@ def sends_hidden(arm: str) -> bool:
     return ARMS[arm].reward_mode not in ("vanilla", "head-only", "head-judge")
 
 
-def grid_points(arm: str) -> list[dict[str, float]]:
+def grid_points(arm: str) -> list[GridPoint]:
     """GRID for an arm; for the arms without hidden states the feedback attention never trains, so the points that
     differ only in its learning rate are one point (run once)."""
     if sends_hidden(arm):
-        return [dict(g) for g in GRID]
-    seen: dict[float, dict[str, float]] = {}
+        return [g.copy() for g in GRID]
+    seen: dict[float, GridPoint] = {}
     for g in GRID:
-        seen.setdefault(g["service_phi_lr"], dict(g))
+        seen.setdefault(g["service_phi_lr"], g.copy())
     return list(seen.values())
 
 

@@ -253,9 +253,8 @@ def plot_curves(runs: list[dict], order: Sequence[str], out_dir: Path) -> list[P
     ):  # fmt: skip
         fig, ax = plt.subplots(figsize=(9, 5.5), constrained_layout=True)
         for arm, rs in by_arm.items():
-            x, m, h = _band(rs, getter)
-            if xkey is not None:
-                x = _band(rs, evals(xkey))[1]
+            at_step, m, h = _band(rs, getter)
+            x = _band(rs, evals(xkey))[1] if xkey is not None else at_step
             ax.plot(x, m, marker="." if xkey else None, color=colors[arm], label=f"{arm} ({len(rs)})")
             ax.fill_between(x, [a - b for a, b in zip(m, h)], [a + b for a, b in zip(m, h)], color=colors[arm],
                             alpha=0.12)  # fmt: skip
