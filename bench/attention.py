@@ -8,18 +8,18 @@ is the stricter one. A call also reads the four weight matrices once (W_q, W_k, 
 shape), whatever the batch: `--attn-batch` items share them, and the same call with T = 1 (`weights_only`) shows
 that part. The textbook form (project keys and values, then attend) is timed once for context.
 
-bf16 `h` takes the path the service takes on this device (`service/precision.py`, R2M_CPU_HALF_HIDDEN=auto): read
-as it is where the device multiplies bf16 natively, else widened to float32 inside the call a block of rows at a time
-(the widening counted in the time). The section records that path and the bf16 time against the float32 one
-(target <= 1.5); on a CPU it also times both bf16 paths whichever auto chose, and the upcast one against float32,
-so a machine with native bf16 still measures the path one without it takes.
+bf16 `h` takes the path the service takes on this device (`service/kernels/precision.py`,
+R2M_CPU_HALF_HIDDEN=auto): read as it is where the device multiplies bf16 natively, else widened to float32 inside the
+call a block of rows at a time (the widening counted in the time). The section records that path and the bf16 time
+against the float32 one (target <= 1.5); on a CPU it also times both bf16 paths whichever auto chose, and the upcast
+one against float32, so a machine with native bf16 still measures the path one without it takes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from r2m.service import precision
+from r2m.service.kernels import precision
 from r2m.service.model import FeedbackAttention
 
 from ._common import best_time, interleaved, row
@@ -143,7 +143,7 @@ def run(opts) -> dict:  # noqa: ANN001
         t = interleaved({"attention": lambda: small(e_small, h, mask), "sum": lambda: h.sum()}, repeat, device)
         out["bundled_rm"] = {
             "rm_dim": small.w_q.in_features,
-            "fused": small._fused() is not None,
+            "fused": small.fused() is not None,
             "attention_ms_per_item": 1000 * t["attention"] / B,
             "attention_vs_read": t["attention"] / t["sum"],
         }

@@ -28,7 +28,7 @@ def _update_seconds(opts, members: int, quick: bool) -> float:  # noqa: ANN001
     from r2m.service.config import ServiceSettings
     from r2m.service.engine import build_engine
     from r2m.service.schemas import PreferencesRequest
-    from r2m.service.training import HeadTrainer
+    from r2m.service.update.training import HeadTrainer
 
     dims = {"policy_dim": 64, "attn_dim": 64} if quick else {"policy_dim": opts.policy_dim}
     settings = ServiceSettings(_env_file=None, model=opts.model, device=opts.device, ensemble=members, guard=False,

@@ -19,7 +19,7 @@ def run(opts) -> dict:  # noqa: ANN001
     from r2m.service.config import ServiceSettings
     from r2m.service.engine import build_engine
     from r2m.service.schemas import PreferencesRequest
-    from r2m.service.training import HeadTrainer
+    from r2m.service.update.training import HeadTrainer
 
     n_groups, k, rows = (8, 2, 16) if opts.quick else (opts.grebt_groups, opts.grebt_k, opts.grebt_rows)
     # quick: a small head (D_policy = d = 64), so the run checks the path, fast; else d = 2048 as in the paper.

@@ -32,7 +32,7 @@ def run(opts) -> dict:  # noqa: ANN001
     from r2m.service.engine import build_engine
     from r2m.service.headcodec import head_to_bytes, serving_bytes
     from r2m.service.headstore import RedisHeadStore
-    from r2m.service.training import HeadTrainer
+    from r2m.service.update.training import HeadTrainer
 
     tmp = Path(opts.tmp)
     n = 4 if opts.quick else opts.swap_versions

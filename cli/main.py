@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -22,6 +23,9 @@ from r2m.service import __version__
 from r2m.service.config import REPLICA_ONLY, SETTINGS_GROUPS, ServiceSettings
 
 from .flags import add_flags, config_flags, dest_values, flag_name, settings_flags
+
+if TYPE_CHECKING:
+    from r2m.service.queue import PreferenceQueue
 
 __all__ = ["main"]
 
@@ -44,6 +48,11 @@ def _settings_from(args: argparse.Namespace) -> ServiceSettings:
         raise SystemExit("r2m: invalid settings:\n" + "\n".join(lines)) from None
 
 
+def _log_to_stderr(level: str) -> None:
+    """One log format for every command: time, level, logger, message."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def _passive_omp() -> None:
     """Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise). The server's event loop,
     tokenizer and swap threads share the cores with torch's intra-op pool; spinning threads starve them. Must run
@@ -55,11 +64,12 @@ def _serve(args: argparse.Namespace) -> int:
     _passive_omp()
     import uvicorn
 
-    from r2m.service.app import create_app
-    from r2m.service.drain import DrainingServer
+    from r2m.service.api.app import create_app
+    from r2m.service.api.drain import DrainingServer
 
     settings = _settings_from(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_stderr(settings.log_level)
+    _check_model(settings, "serve")
     try:
         app = create_app(settings)
     except ValueError as exc:
@@ -71,10 +81,24 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         # uvicorn annotates whole seconds but hands the value to asyncio.timeout, which takes any float.
         timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
     )
 
-    DrainingServer(config, app.state.r2m).run()
+    server = DrainingServer(config, app.state.r2m)
+    server.run()
+    if server.fatal is not None:
+        raise SystemExit(f"r2m serve: {server.fatal}")
     return 0
+
+
+def _check_model(settings: ServiceSettings, command: str) -> None:
+    """Exit at once, in one line naming R2M_MODEL, when the model cannot be served (read from its config only)."""
+    from r2m.service.backbone import check_model
+
+    try:
+        check_model(settings.model)
+    except ValueError as exc:
+        raise SystemExit(f"r2m {command}: R2M_MODEL={settings.model!r}: {exc}") from None
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -83,20 +107,18 @@ def _worker(args: argparse.Namespace) -> int:
 
     from prometheus_client import start_http_server
 
+    from r2m.service.assemble import build_worker, stores
     from r2m.service.engine import build_engine, check_ensemble
-    from r2m.service.headstore import RedisHeadStore
     from r2m.service.metrics import WorkerMetrics
-    from r2m.service.queue import RedisPreferenceQueue
-    from r2m.service.training import HeadTrainer
-    from r2m.service.worker import Worker
 
     settings = _settings_from(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_stderr(settings.log_level)
     if not settings.redis_url:
         raise SystemExit("r2m worker: set R2M_REDIS_URL (or --redis-url); `r2m serve` without Redis has its own worker")
-    queue = RedisPreferenceQueue(settings.redis_url, settings.redis_prefix)
+    store, queue = stores(settings)
     if args.dead_letters or args.replay:
         return _dead_letters(queue, args.replay)
+    _check_model(settings, "worker")
     try:
         check_ensemble(settings)
     except ValueError as exc:
@@ -104,16 +126,7 @@ def _worker(args: argparse.Namespace) -> int:
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.host, registry=metrics.registry)
-    engine = build_engine(settings)
-    worker = Worker(
-        HeadTrainer(engine, settings),
-        queue,
-        RedisHeadStore(settings.redis_url, settings.redis_prefix, settings.head_keep),
-        metrics,
-        max_batches=settings.worker_max_batches,
-        claim_idle_ms=settings.worker_claim_idle_ms,
-        max_attempts=settings.worker_max_attempts,
-    )
+    worker = build_worker(build_engine(settings), settings, queue, store, metrics)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -122,20 +135,17 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dead_letters(queue, replay: list[str] | None) -> int:  # noqa: ANN001 - a PreferenceQueue
+def _dead_letters(queue: PreferenceQueue, replay: list[str] | None) -> int:
     """List the dead letters (JSON lines), or put some (or `all`) back on the stream."""
-    from r2m.service.queue import QueueUnavailable, dead_letters_json
+    from r2m.service.queue import QueueUnavailable, UnknownDeadLetter, dead_letters_json, replay_dead_letters
 
     try:
         if not replay:
             print(dead_letters_json(queue, count=1000) or "no dead letters")
             return 0
-        known = {d.entry_id for d in queue.dead_letters(count=100_000)}
-        ids = None if replay == ["all"] else replay
-        unknown = sorted(set(ids or ()) - known)
-        if unknown:
-            raise SystemExit(f"r2m worker --replay: no dead letter with id {', '.join(unknown)} (see --dead-letters)")
-        batches = queue.replay(ids)
+        batches = replay_dead_letters(queue, None if replay == ["all"] else replay)
+    except UnknownDeadLetter as exc:
+        raise SystemExit(f"r2m worker --replay: {exc} (see --dead-letters)") from None
     except QueueUnavailable as exc:
         raise SystemExit(f"r2m worker: {exc}") from None
     print(f"replayed {len(batches)} batch(es): {', '.join(batches) or '-'}; a running worker trains each once")
@@ -143,9 +153,9 @@ def _dead_letters(queue, replay: list[str] | None) -> int:  # noqa: ANN001 - a P
 
 
 def _fit_rm(args: argparse.Namespace) -> int:
-    from r2m.service.fit import fit_encoder_rm, fit_rm_members
+    from r2m.service.update.fit import fit_encoder_rm, fit_rm_members
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_stderr("info")
     if args.ensemble < 1:
         raise SystemExit("r2m fit-rm: --ensemble must be >= 1")
     if args.backbone:
@@ -186,7 +196,7 @@ def _train(args: argparse.Namespace) -> int:
     from r2m.trainer import TrainConfig, train
 
     overrides = dest_values(args, (f.name for f in dataclasses.fields(TrainConfig) if f.init))
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_stderr("info")
     try:
         config = TrainConfig(**overrides, api_key=os.environ.get("R2M_API_KEY") or None)
     except ValueError as exc:

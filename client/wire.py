@@ -149,6 +149,13 @@ class WireTensor:
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw.astype(np.float32)
 
+    @property
+    def torch_dtype(self) -> Any:
+        """The elements' `torch.dtype` (the wire names are torch's own: float32, float16, bfloat16)."""
+        import torch
+
+        return getattr(torch, self.dtype)
+
     def to_torch(self, out: Any = None) -> Any:
         """A writable CPU `torch.Tensor` of the same dtype (`torch.bfloat16` for bfloat16), shaped.
 
@@ -163,7 +170,7 @@ class WireTensor:
         """
         import torch
 
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
+        dtype = self.torch_dtype
         if out is None:
             out = torch.empty(self.shape, dtype=dtype)
         elif out.dtype != dtype or tuple(out.shape) != self.shape or out.device.type != "cpu":
@@ -226,12 +233,12 @@ class WireTensor:
 
         if x.dtype == torch.float64:
             x = x.to(torch.float32)
-        names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-        if x.dtype not in names:
+        name = str(x.dtype).removeprefix("torch.")
+        if name not in _SPECS:
             raise WireError(f"{_where(path)}dtype {x.dtype} is not supported; use {_ALLOWED} (float64 is converted)")
         t = x.detach().cpu().contiguous()
         raw = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-        return cls._from_raw(names[x.dtype], raw, path)
+        return cls._from_raw(name, raw, path)
 
     @classmethod
     def _from_raw(cls, name: str, raw: np.ndarray, path: str) -> WireTensor:

@@ -1,10 +1,18 @@
-"""r2m.service: the reward server and its update worker.
+"""r2m.service: the reward server and its update worker, in rooms by role.
 
-The R2M model (`model`: feedback attention, omega schedule, score head, GREBT loss) on a frozen reward-model
-backbone (`backbone`) is served by the scoring engine (`engine`) behind the FastAPI app (`app`, routes in `api/`);
-the worker (`worker`, one training step in `training`) consumes preference batches from the queue (`queue`) and
-publishes head versions to the store (`headstore`, bytes in `headcodec`) that every replica follows (`headsync`).
-`launch` starts real r2m processes on loopback.
+- `api/`: the HTTP edge. `app` assembles the FastAPI app; one router per route group (`score`, `embed`,
+  `preferences`, `heads`, `health`, `get_reward`); `deps`, `payload` (both request encodings), `middleware` (size
+  limit, memory budget, metrics), `drain` (the graceful stop).
+- `update/`: the write side. `worker` (read, train, check, publish, acknowledge), `training` (one GREBT phase),
+  `guard` (the canary checks), `fit` (`r2m fit-rm`).
+- `kernels/`: CPU kernels of the feedback attention (`precision`, `widen`, `percore`); they import nothing of r2m.
+- the read side, here: `model` (feedback attention, omega, score head, GREBT loss), `backbone` (the frozen reward
+  model; `device`, `members`), `initial` (head version 0), `scoring` (rewards from embeddings and a head),
+  `engine` (backbone + the swappable head), `batcher`, `headsync` (a replica follows the store), `headstore` and
+  `headcodec` (versions and their bytes), `queue` (the preference stream), `schemas` and `validation` (the wire
+  requests), `config`, `metrics`, `backoff`.
+- `assemble` puts a replica's and a worker's parts together for the app and the CLI; `launch` starts real r2m
+  processes on loopback.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,22 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import numpy as st_numpy
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from .device import resolve_device, resolve_dtype
+
 __all__ = [
+    "ASSETS",
     "DEFAULT_MODEL",
-    "MEMBERS_FILE",
-    "attach_members",
-    "count_members",
-    "members_path",
-    "save_members",
     "Backbone",
     "Encoded",
     "load_backbone",
     "load_encoder",
-    "resolve_device",
-    "resolve_dtype",
     "resolve_encoder_path",
 ]
 
@@ -49,53 +46,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 ENCODER_RM_CONFIG = "r2m_rm.json"
-_ASSETS = Path(__file__).resolve().parent / "assets"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16), so a bf16 backbone is faster there
-    rather than emulated. Asks torch's CPU feature probe, else the kernel's /proc/cpuinfo flags."""
-    try:
-        caps = torch._C._cpu._get_cpu_capability()  # private in torch 2.13: any failure means "look elsewhere"
-        if isinstance(caps, dict) and ("avx512_bf16" in caps or "amx_bf16" in caps):
-            return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str, device: torch.device, kind: str = "encoder") -> torch.dtype | None:
-    """The backbone dtype for the `R2M_DTYPE` setting; None means "the checkpoint's own saved dtype".
-
-    `auto`: a Hugging Face reward model (`kind="sequence-classification"`) loads in its checkpoint's saved dtype,
-    as plain transformers 5 does, so it gives the same rewards; an encoder RM (the bundled default, r2m folders)
-    runs bfloat16 on CUDA and float32 on CPU. Measured on the default RM on a CPU with native bf16 (AMX), bf16 is
-    ~1.5-1.9x faster, but a text's reward then moves by up to ~0.04 with the requests it is batched with (float32:
-    ~3e-6), which breaks the "same reward whatever the batch" contract; so bf16 on CPU is opt-in
-    (`R2M_DTYPE=bfloat16`), with the tolerance in docs/settings.md.
-    """
-    if dtype == "auto":
-        if kind == "sequence-classification":
-            return None
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        if device.type == "cpu" and cpu_has_native_bf16():
-            log.info("this CPU has native bf16: R2M_DTYPE=bfloat16 runs the encoder RM ~1.5-1.9x faster (opt-in)")
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+# WordPiece reads a word of up to 100 characters as one [UNK]; BPE merges are shorter. A floor, so that a text of
+# plain words never meets the character bound before the token limit.
+MIN_CHARS_PER_TOKEN = 100
 
 
 @dataclass
@@ -148,6 +104,20 @@ class Backbone:
     members_weight: torch.Tensor | None = None  # (M, D_rm) fitted ensemble members, row 0 = score_weight
     members_bias: torch.Tensor | None = None  # (M,)
     _rte_norm: float | None = field(default=None, repr=False)
+    _chars_per_token: int | None = field(default=None, repr=False)
+
+    @property
+    def max_chars_per_token(self) -> int:
+        """The most characters of text one token can stand for here, bounded below by MIN_CHARS_PER_TOKEN: the
+        longest vocabulary entry (a WordPiece tokenizer also turns a word of up to 100 characters into one [UNK]).
+        A text longer than this times the token limit cannot fit, so it is refused before the tokenizer runs."""
+        if self._chars_per_token is None:
+            try:
+                longest = max(map(len, self.tokenizer.get_vocab()), default=0)
+            except Exception:  # noqa: BLE001 - a tokenizer without a readable vocabulary: the floor alone
+                longest = 0
+            self._chars_per_token = max(longest, MIN_CHARS_PER_TOKEN)
+        return self._chars_per_token
 
     @property
     def rm_dim(self) -> int:
@@ -239,58 +209,75 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool
     return out
 
 
-MEMBERS_FILE = "r2m_members.safetensors"
-
-
-def members_path(model: str, explicit: str | None = None) -> Path | None:
-    """Where the ensemble members of `model` are: the explicit file (or folder), else the model folder's own
-    (`r2m_members.safetensors`, the bundled default's included); None for a hub id without an explicit path."""
-    if explicit:
-        path = Path(explicit)
-        return path / MEMBERS_FILE if path.is_dir() else path
-    folder = _ASSETS / "default_rm" if model == DEFAULT_MODEL else Path(model)
-    return folder / MEMBERS_FILE if folder.is_dir() else None
-
-
-def count_members(path: Path) -> int:
-    """Rows of a members file, read from its header only (no weights loaded); 0 when it is not there."""
-    if not path.is_file():
-        return 0
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return int(f.get_slice("weight").get_shape()[0])
-
-
-def save_members(path: Path, weight: torch.Tensor, bias: torch.Tensor | None, meta: dict) -> None:
-    tensors = {"weight": weight.float().contiguous()}
-    if bias is not None:
-        tensors["bias"] = bias.float().reshape(-1).contiguous()
-    save_file(tensors, str(path), metadata={"r2m": json.dumps({"format": "r2m-members/1", **meta})})
-
-
-def attach_members(backbone: Backbone, path: Path) -> None:
-    """Load a members file onto `backbone`; ValueError when it does not fit (another width, or its member 0 is
-    not this RM's own score layer)."""
-    tensors = load_file(str(path))
-    weight, bias = tensors["weight"].float(), tensors.get("bias")
-    if weight.ndim != 2 or weight.shape[1] != backbone.rm_dim:
-        raise ValueError(f"{path}: members of width {list(weight.shape)}, the reward model's is {backbone.rm_dim}")
-    if not torch.allclose(weight[0].to(backbone.score_weight.device), backbone.score_weight[0], atol=1e-6):
-        raise ValueError(f"{path}: its member 0 is not this reward model's score layer: fitted for another RM?")
-    backbone.members_weight = weight
-    backbone.members_bias = bias.float() if bias is not None else None
-
-
 def load_backbone(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto") -> Backbone:
     """Load a reward model: `default`, an r2m encoder-RM folder, or a HF sequence-classification RM (path or id)."""
     dev = resolve_device(device)
-    folder = _ASSETS / "default_rm" if model == DEFAULT_MODEL else Path(model)
+    folder = ASSETS / "default_rm" if model == DEFAULT_MODEL else Path(model)
     if (folder / ENCODER_RM_CONFIG).is_file():
         dt = resolve_dtype(dtype, dev)
         assert dt is not None, "only a Hugging Face RM defers to its checkpoint's dtype"
         return _load_encoder_rm(folder, dev, dt, name=model)
     return _load_sequence_classifier(model, dev, resolve_dtype(dtype, dev, "sequence-classification"))
+
+
+def check_model(model: str) -> None:
+    """ValueError saying why `model` cannot be served, from its files' config alone (no weights, seconds): no such
+    path; a folder that is no model; a hub id that cannot be fetched (no network, or HF_HUB_OFFLINE=1); a checkpoint
+    that is not a one-label sequence-classification reward model (a causal LM would load with a random score head)."""
+    if model == DEFAULT_MODEL:
+        return
+    path = Path(model).expanduser()
+    if (path / ENCODER_RM_CONFIG).is_file():
+        return
+    hub_id = not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not model.startswith(".")
+    if not path.exists() and not hub_id:
+        raise ValueError(f"no such path: {model}")
+    if hub_id:
+        _check_hub_reachable(model)
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else model)
+    except (OSError, ValueError) as exc:
+        if path.exists():
+            raise ValueError(
+                f"{model} holds neither {ENCODER_RM_CONFIG} (an r2m encoder RM) nor a Hugging Face config.json"
+            ) from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"not a local path, and the hub id could not be fetched: {reason}") from None
+    _check_reward_config(model, config)
+
+
+def _check_hub_reachable(repo_id: str, timeout_s: float = 3.0) -> None:
+    """ValueError at once when a hub id is not in the local cache and the hub cannot be reached (offline mode, or
+    no route to it), instead of the hub client's retries with backoff (half a minute)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("a hub id that is not in the local cache, and HF_HUB_OFFLINE=1; download it first or unset it")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout_s).close()
+    except OSError as exc:
+        raise ValueError(
+            f"a hub id that is not in the local cache, and {endpoint.hostname} is unreachable from here ({exc}); "
+            "give a local path, or download the model first"
+        ) from None
+
+
+def _check_reward_config(model: str, config: Any) -> None:
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(
+            f"not a sequence-classification reward model: its checkpoint is a {', '.join(architectures)} (a reward "
+            "model's is *ForSequenceClassification with one label)"
+        )
+    if getattr(config, "num_labels", 1) != 1:
+        raise ValueError(f"{model}: a reward model has one output label, this one has {config.num_labels}")
 
 
 def resolve_encoder_path(spec: str, base: Path | None = None) -> str:
@@ -353,8 +340,7 @@ def load_encoder(
 
 def _load_sequence_classifier(model: str, dev: torch.device, dt: torch.dtype | None) -> Backbone:
     config = AutoConfig.from_pretrained(model)
-    if getattr(config, "num_labels", 1) != 1:
-        raise ValueError(f"{model}: a reward model has one output label, this one has {config.num_labels}")
+    _check_reward_config(model, config)
     rm = AutoModelForSequenceClassification.from_pretrained(model, dtype=dt if dt is not None else "auto")
     score = getattr(rm, "score", None)
     if not isinstance(score, torch.nn.Linear):

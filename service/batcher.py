@@ -27,7 +27,7 @@ import torch
 from .engine import HeadVersion, NonFiniteReward, PreparedItem, ScoringEngine
 from .metrics import ServiceMetrics
 
-__all__ = ["Batcher", "BadReward", "BatchResult", "Overloaded", "StaleHead"]
+__all__ = ["Batcher", "BadReward", "BatchResult", "Overloaded", "StaleReadouts"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class BadReward(Exception):
         self.retry = retry
 
 
-class StaleHead(Exception):
+class StaleReadouts(Exception):
     """The request's read-outs came from head `sent`, but this replica scores with head `served`: answered 409 so
     that the client refreshes its copy of the attention and sends read-outs of `served` (one reward, one head)."""
 
@@ -135,7 +135,7 @@ class Batcher:
         self, items: list[PreparedItem], *, head_version: int | None = None, want_rte: bool = False
     ) -> BatchResult:
         """Queue one request's items and wait for their rewards. `head_version`: the request's read-outs came from
-        that head; StaleHead when the batch's head is another. `want_rte`: also return the items' RTEs."""
+        that head; StaleReadouts when the batch's head is another. `want_rte`: also return the items' RTEs."""
         if self._queued_items and self._queued_items + len(items) > self.max_queue_items:
             raise Overloaded(f"{self._queued_items} items are queued (R2M_MAX_QUEUE_ITEMS={self.max_queue_items})")
         fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
@@ -240,7 +240,7 @@ class Batcher:
             if p.head_version is not None and p.head_version != served:
                 self.metrics.stale_head_requests.inc()
                 if not p.future.done():
-                    p.future.set_exception(StaleHead(p.head_version, served))
+                    p.future.set_exception(StaleReadouts(p.head_version, served))
             else:
                 keep.append(p)
         return keep

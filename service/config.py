@@ -60,7 +60,8 @@ SETTINGS_GROUPS: dict[str, SettingsGroup] = {
     ),
     "process": SettingsGroup(
         "Address, logging, shutdown and auth of the processes.",
-        ("host", "port", "log_level", "drain_timeout_s", "api_key", "embedded_worker", "worker_metrics_port"),
+        ("host", "port", "log_level", "drain_timeout_s", "keep_alive_s", "api_key", "embedded_worker",
+         "worker_metrics_port"),
     ),
 }  # fmt: skip
 
@@ -69,7 +70,7 @@ SETTINGS_GROUPS: dict[str, SettingsGroup] = {
 REPLICA_ONLY = frozenset({
     "get_reward_special_tokens", "max_tokens", "max_hidden_tokens", "max_hidden_abs", "max_items_per_request",
     "batch_wait_ms", "max_queue_items", "max_request_bytes", "max_inflight_bytes", "inflight_wait_s",
-    "embed_cache_mb", "head_poll_s", "port", "drain_timeout_s", "api_key", "embedded_worker",
+    "embed_cache_mb", "head_poll_s", "port", "drain_timeout_s", "keep_alive_s", "api_key", "embedded_worker",
 })  # fmt: skip
 
 # R2M_CACHE_MB's shares, in parts of their sum: the worker's RTE cache saves a backbone forward on every update, the
@@ -312,8 +313,16 @@ class ServiceSettings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="On SIGTERM `r2m serve` stops accepting, answers what it accepted, and exits within this many "
-        "seconds (Kubernetes: keep terminationGracePeriodSeconds above it).",
+        description="On SIGTERM `r2m serve` stops accepting, answers what it accepted (503 with Retry-After for what "
+        "cannot finish in time), and exits within this many seconds and one more (Kubernetes: keep "
+        "terminationGracePeriodSeconds above it).",
+    )
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0,
+        description="How long `r2m serve` keeps an idle connection open. Longer than the client pools' own expiry "
+        "(httpx 5 s, aiohttp 15 s, load balancers 60 s), so that a client never sends on a connection the server "
+        "is closing; an equal expiry on both ends races, and the loser's request fails.",
     )
     api_key: SecretStr | None = Field(
         None,

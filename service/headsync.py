@@ -8,7 +8,8 @@ import logging
 import threading
 import time
 
-from .engine import HeadVersion, ScoringEngine, head_is_finite
+from .backoff import Backoff
+from .engine import HeadVersion, ScoringEngine
 from .headcodec import head_from_bytes, sha256
 from .headstore import HeadStore, StoreUnavailable
 from .metrics import ServiceMetrics
@@ -34,22 +35,22 @@ class HeadSync:
         self._thread = threading.Thread(target=self._run, name="r2m-headsync", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop following the store; waits at most `timeout` seconds (default: a poll and then some)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.poll_s + 5)
+            self._thread.join(timeout=self.poll_s + 5 if timeout is None else timeout)
 
     def _run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff()
         seen: int | None = None  # the store's latest version as last observed here
         while not self._stop.is_set():
             try:
                 latest = self.store.wait_for_change(seen, timeout=self.poll_s)
-                backoff = 0.5
+                backoff.reset()
             except StoreUnavailable as exc:
                 log.warning("%s; serving head %d meanwhile", exc, self.engine.current.version)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff.wait(self._stop)
                 continue
             if latest == seen:
                 continue  # the timer ran out with nothing new
@@ -65,8 +66,7 @@ class HeadSync:
             except Exception:  # noqa: BLE001 - the replica keeps serving its current head
                 log.exception("loading head %s failed; serving head %d meanwhile", latest, self.engine.current.version)
                 seen = None
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff.wait(self._stop)
 
     def load(self, version: int) -> bool:
         """Fetch, verify and swap in `version`; False (and the current head kept) when it does not fit.
@@ -106,7 +106,7 @@ class HeadSync:
             except ValueError as exc:
                 problem = str(exc)
             else:
-                if not head_is_finite(head):
+                if not head.is_finite():
                     problem = "its weights hold NaN or Inf"
         if problem is not None:
             log.error("not swapping to head version %d: %s", version, problem)

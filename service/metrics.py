@@ -27,8 +27,16 @@ _TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 1310
 
 
 class ServiceMetrics:
+    """A replica's metrics: requests, batches, its head and the swaps, the safety nets, the preferences it queued."""
+
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        self._requests(self.registry)
+        self._batches(self.registry)
+        self._heads(self.registry)
+        self._safety(self.registry)
+
+    def _requests(self, r: CollectorRegistry) -> None:
         self.http_requests = Counter(
             "r2m_http_requests_total",
             "HTTP requests by route, method and status.",
@@ -49,6 +57,13 @@ class ServiceMetrics:
             registry=r,
         )
         self.tokens_scored = Counter("r2m_tokens_scored_total", "Backbone tokens scored (unpadded).", registry=r)
+        self.preference_batches = Counter(
+            "r2m_preference_batches_total", "Preference batches accepted and queued.", registry=r
+        )
+        self.preference_groups = Counter("r2m_preference_groups_total", "Groups accepted and queued.", registry=r)
+        self.preference_pairs = Counter("r2m_preference_pairs_total", "Labelled pairs accepted and queued.", registry=r)
+
+    def _batches(self, r: CollectorRegistry) -> None:
         self.batch_requests = Histogram(
             "r2m_batch_requests", "Requests merged into one batch.", buckets=_SIZE_BUCKETS, registry=r
         )
@@ -69,6 +84,8 @@ class ServiceMetrics:
             registry=r,
         )
         self.queue_items = Gauge("r2m_queue_items", "Items waiting for the backbone.", registry=r)
+
+    def _heads(self, r: CollectorRegistry) -> None:
         self.model_load_seconds = Gauge("r2m_model_load_seconds", "Time taken to load the model.", registry=r)
         self.model_ready = Gauge("r2m_model_ready", "1 once the model is loaded and serving.", registry=r)
         self.head_version = Gauge("r2m_head_version", "Head version this replica serves.", registry=r)
@@ -96,6 +113,8 @@ class ServiceMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+
+    def _safety(self, r: CollectorRegistry) -> None:
         self.reward_uncertainty = Histogram(
             "r2m_reward_uncertainty",
             "An ensemble's per-item uncertainty (the members' reward std).",
@@ -127,11 +146,6 @@ class ServiceMetrics:
         )
         for result in ("hit", "miss"):
             self.embed_cache.labels(result=result)
-        self.preference_batches = Counter(
-            "r2m_preference_batches_total", "Preference batches accepted and queued.", registry=r
-        )
-        self.preference_groups = Counter("r2m_preference_groups_total", "Groups accepted and queued.", registry=r)
-        self.preference_pairs = Counter("r2m_preference_pairs_total", "Labelled pairs accepted and queued.", registry=r)
 
 
 class WorkerMetrics:

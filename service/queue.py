@@ -32,8 +32,18 @@ __all__ = [
     "PreferenceQueue",
     "QueueUnavailable",
     "RedisPreferenceQueue",
+    "UnknownDeadLetter",
     "dead_letters_json",
+    "replay_dead_letters",
 ]
+
+
+class UnknownDeadLetter(Exception):
+    """A replay named dead-letter ids that are not on the dead-letter stream."""
+
+    def __init__(self, ids: list[str]) -> None:
+        super().__init__(f"no dead letter with id {', '.join(ids)}")
+        self.ids = ids
 
 
 class QueueUnavailable(Exception):
@@ -317,3 +327,14 @@ class MemoryPreferenceQueue:
 def dead_letters_json(queue: PreferenceQueue, count: int = 100) -> str:
     """The dead letters as JSON lines (what `r2m worker --dead-letters` prints)."""
     return "\n".join(json.dumps(d.summary()) for d in queue.dead_letters(count))
+
+
+def replay_dead_letters(queue: PreferenceQueue, ids: list[str] | None) -> list[str]:
+    """Put the dead letters `ids` (all when None) back on the stream and return their batch ids; `UnknownDeadLetter`
+    naming every id that is not a dead letter, before anything moves."""
+    if ids is not None:
+        known = {d.entry_id for d in queue.dead_letters(count=100_000)}
+        unknown = sorted(set(ids) - known)
+        if unknown:
+            raise UnknownDeadLetter(unknown)
+    return queue.replay(ids)

@@ -26,16 +26,15 @@ __all__ = [
     "check_hidden_values",
     "check_item_count",
     "check_readout",
+    "check_text_length",
     "check_token_count",
     "max_tokens_of",
     "prepare_embed_items",
     "prepare_preferences",
     "prepare_queries",
     "prepare_score_items",
+    "tokenize",
 ]
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 # --- the checks --------------------------------------------------------------------------------------------------
 
@@ -63,6 +62,23 @@ def max_tokens_of(engine: ScoringEngine, settings: ServiceSettings) -> int:
     return min(cap, settings.max_tokens) if settings.max_tokens else cap
 
 
+def check_text_length(chars: int, path: str, engine: ScoringEngine, limit: int, what: str) -> None:
+    """422 before tokenizing when a text has more characters than `limit` tokens can hold (the backbone's most
+    characters per token): the tokenizer's time grows with the text, the limit's answer should not."""
+    bound = limit * engine.backbone.max_chars_per_token
+    if chars > bound:
+        raise BadInput(
+            f"{path}: {what}{chars} characters, more than {limit} reward-model tokens can hold ({bound} characters "
+            "at most; R2M_MAX_TOKENS, capped by the model's context)"
+        )
+
+
+def tokenize(engine: ScoringEngine, prompt: str, response: str, path: str, limit: int) -> Encoded:
+    """A (prompt, response) as the reward model reads it, checked against the limit before and after tokenizing."""
+    check_text_length(len(prompt) + len(response), path, engine, limit, "prompt + response is ")
+    return check_token_count(engine.backbone.encode(prompt, response), path, limit)
+
+
 def check_hidden(
     t: WireTensor, path: str, settings: ServiceSettings, *, min_rows: int = 1, prefix_rows: int = 0
 ) -> torch.Tensor:
@@ -85,7 +101,7 @@ def check_hidden(
     if prefix_rows + rows > settings.max_hidden_tokens:
         what = f"{prefix_rows} prefix + {rows} own" if prefix_rows else str(rows)
         raise BadInput(f"{path}: {what} hidden-state rows exceed R2M_MAX_HIDDEN_TOKENS={settings.max_hidden_tokens}")
-    dtype = _TORCH_DTYPES[t.dtype]
+    dtype = t.torch_dtype
     if not rows:
         return torch.empty(t.shape, dtype=dtype)
     # The request's own bytes, never written to (the wire module silences torch's warning about that).
@@ -97,8 +113,8 @@ def check_hidden(
 def check_hidden_values(h: torch.Tensor, path: str, bound: float) -> None:
     """BadInput naming `path`, the row and the value when `h` holds a NaN, an Inf or a magnitude above `bound`.
 
-    One `aminmax` pass decides (NaN propagates into it): ~35x faster than a float32 sum of bf16 on a CPU without
-    native bf16 (0.7 vs 26 ms for 4096 x 2048 here); only a refused tensor pays for the exact scan. Values near the
+    One `aminmax` pass decides (NaN propagates into it), far cheaper than a float32 sum of bf16 on a CPU without
+    native bf16; only a refused tensor pays for the exact scan. Values near the
     float32 limit are finite yet overflow inside the attention, so the bound is what keeps a head finite.
     """
     lo, hi = (float(v) for v in torch.aminmax(h))
@@ -142,7 +158,7 @@ def prepare_score_items(req: ScoreRequest, engine: ScoringEngine, settings: Serv
                     )
                 own = check_hidden(item.policy_hidden, path, settings, min_rows=0, prefix_rows=int(prefix.shape[0]))
                 hidden = own.clone()
-        encoded = check_token_count(engine.backbone.encode(item.prompt, item.response), f"items[{i}]", limit)
+        encoded = tokenize(engine, item.prompt, item.response, f"items[{i}]", limit)
         if item.readout is not None:
             readout = check_readout(item.readout, f"items[{i}].readout", engine.backbone.rm_dim, settings)
             rte = engine.rte_cache.get(RTECache.key(item.prompt, item.response))
@@ -177,7 +193,7 @@ def check_readout(t: WireTensor, path: str, rm_dim: int, settings: ServiceSettin
     out-of-bound value (R2M_MAX_HIDDEN_ABS, as for hidden states)."""
     if tuple(t.shape) != (rm_dim,):
         raise BadInput(f"{path}: expected shape ({rm_dim},) (the reward model's width), got {list(t.shape)}")
-    view = torch.frombuffer(t.data, dtype=torch.uint8).view(_TORCH_DTYPES[t.dtype]).view(1, rm_dim)
+    view = torch.frombuffer(t.data, dtype=torch.uint8).view(t.torch_dtype).view(1, rm_dim)
     check_hidden_values(view, path, settings.max_hidden_abs)
     return view[0].float()  # a copy: the request body is not kept
 
@@ -191,7 +207,7 @@ def prepare_embed_items(
     out = []
     for i, (prompt, response) in enumerate(items):
         key = RTECache.key(prompt, response)
-        encoded = check_token_count(engine.backbone.encode(prompt, response), f"items[{i}]", limit)
+        encoded = tokenize(engine, prompt, response, f"items[{i}]", limit)
         out.append(PreparedItem(encoded=encoded, hidden=None, w=1.0, rte=engine.rte_cache.get(key), cache_key=key))
     return out
 
@@ -202,6 +218,7 @@ def prepare_queries(queries: list[str], engine: ScoringEngine, settings: Service
     limit = max_tokens_of(engine, settings)
     out = []
     for i, text in enumerate(queries):
+        check_text_length(len(text), f"query[{i}]", engine, limit, "")
         encoded = engine.backbone.encode_text(text, settings.get_reward_special_tokens)
         if len(encoded) == 0:
             raise BadInput(f"query[{i}]: tokenizes to no tokens; send the templated prompt + response")
@@ -229,7 +246,7 @@ def prepare_preferences(
     paths = [f"groups[{i}].responses[{k}]" for i, g in enumerate(req.groups) for k in range(len(g.responses))]
     paths += [f"pairs[{i}].{side}" for i in range(len(req.pairs)) for side in ("chosen", "rejected")]
     limit = max_tokens_of(engine, settings)
-    encoded = [check_token_count(engine.backbone.encode(p, r), path, limit) for (p, r), path in zip(texts, paths)]
+    encoded = [tokenize(engine, p, r, path, limit) for (p, r), path in zip(texts, paths)]
     for i, g in enumerate(req.groups):
         for k, t in enumerate(g.hidden or []):
             check_hidden(t, f"groups[{i}].hidden[{k}]", settings)

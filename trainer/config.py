@@ -27,7 +27,7 @@ RESUMABLE_CHANGES = frozenset({"server_url", "api_key", "resume", "device"})
 
 @dataclass
 class TrainConfig:
-    """GRPO/RLOO on a Hugging Face causal LM with rewards from the r2m service (R2M.md: the paper's loop)."""
+    """GRPO/RLOO on a Hugging Face causal LM with rewards from the r2m service (docs/method.md: the paper's loop)."""
 
     policy: str = field(metadata={"help": "Policy to train: a local folder or hub id of a causal LM (with tokenizer)."})
     prompts: str = field(

@@ -3,7 +3,7 @@
     r2m serve &                                   # embedded service; R2M_POLICY_DIM = the policy's hidden size
     r2m train --policy my-policy/ --steps 100 --reward-mode r2m --out-dir runs/r2m
 
-One RL step t, as in R2M.md:
+One RL step t, as in docs/method.md:
   1. rollout: K responses per prompt with HF `generate`;
   2. policy forward: ONE pass of the sampling policy over query + response gives the old log-probs and the
      last-layer hidden states h (the reference policy's log-probs come from its own pass);

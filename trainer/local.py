@@ -10,7 +10,7 @@ hidden states cross the network: the scoring path carries texts out and rm_dim n
 `POST /embed` returns the reward model's embeddings e and the head version v the replica serves. This class
 computes the read-outs `a = attention(e, h)` with v's weights (fetched once per version from
 `GET /heads/{v}?copy=serving`, the copy replicas score with) on `device`, then, by default (`rewards_on="policy"`),
-the rewards with v's score layer: the server's own functions (`engine.score_rte`, and `engine.Scores.of` for an
+the rewards with v's score layer: the server's own functions (`scoring.score_rte`, and `scoring.Scores.of` for an
 ensemble, aggregated as `/info` says), so one scored batch is one round trip and every reward is computed by one
 head. Where that cannot finish (v no longer kept, or a reward that is not finite), and always with
 `rewards_on="server"`, `POST /score` gets the read-outs with v: a replica that serves another version by then
@@ -31,10 +31,10 @@ from typing import Any, Literal
 import torch
 
 from r2m.client import InvalidRequest, R2MClient, ScoreResult, StaleHead
-from r2m.service import precision
-from r2m.service.engine import Scores, pad_hidden, score_rte
 from r2m.service.headcodec import head_from_bytes
+from r2m.service.kernels import precision
 from r2m.service.model import HeadConfig, R2MHead, omega
+from r2m.service.scoring import Scores, pad_hidden, score_rte
 
 __all__ = ["LocalFeedbackClient", "local_feedback_default"]
 

@@ -53,7 +53,7 @@ def prepare(out: Path, spec: dict[str, Any], say: Any) -> dict[str, Any]:
 
     from r2m.data import write_jsonl
     from r2m.service.backbone import load_backbone
-    from r2m.service.fit import fit_encoder_rm
+    from r2m.service.update.fit import fit_encoder_rm
 
     from .policy import build_sft_policy
     from .task import gold_reward, labelled_pairs

@@ -21,7 +21,7 @@ import torch
 
 from r2m.client import R2MClient
 from r2m.data import read_jsonl
-from r2m.service.app import create_app
+from r2m.service.api.app import create_app
 from r2m.service.config import isolated_settings
 from r2m.service.engine import build_engine
 from r2m.service.launch import free_port
@@ -294,7 +294,7 @@ def feedback_share(trainer: GRPOTrainer, model: Any, batch: Any, w: float, group
     """The share of the within-group variance of the served reward that comes from the feedback term: the reward is
     phi(w e + (1 - w) a) = w phi(e) + (1 - w) phi(a) (+ bias), so Var_in(fb) / (Var_in(fb) + Var_in(rte)) with
     fb = (1 - w) phi(a) and rte = w phi(e), variances inside groups, averaged (phi: the members' mean)."""
-    from r2m.service.engine import pad_hidden
+    from r2m.service.scoring import pad_hidden
 
     head = model.current.head
     hidden = trainer.replay(batch.prompts, batch.responses)

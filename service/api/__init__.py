@@ -1,1 +1,1 @@
-"""HTTP routes, one APIRouter per route group; `r2m.service.app` assembles them."""
+"""HTTP routes, one APIRouter per route group; `r2m.service.api.app` assembles them."""

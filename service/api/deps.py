@@ -1,14 +1,15 @@
 """Shared request dependencies as `Annotated` aliases.
 
 All of them are `async def`: they only read app state, and FastAPI runs a plain `def` dependency in its thread pool,
-one hop per dependency per request (the five here cost ~0.35 ms of server CPU per request, measured one request at
-a time: a /score with read-outs went from 1.23 to 0.87 ms). The scoring routes take one `ServingDep` and the auth
-check reads the state itself: FastAPI walks every node of a route's dependency tree on every request (ten calls of
-`solve_dependencies` per /score with engine, batcher, settings and auth each depending on the state)."""
+one hop per dependency per request, a cost that shows on the fast routes. The scoring routes take one `ServingDep`
+and the auth check reads the state itself: FastAPI walks every node of a route's dependency tree on every request
+(ten calls of `solve_dependencies` per /score with engine, batcher, settings and auth each depending on the
+state)."""
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -21,6 +22,7 @@ from ..engine import ScoringEngine
 from ..headstore import HeadStore
 from ..metrics import ServiceMetrics
 from ..queue import PreferenceQueue
+from .drain import Drain
 
 __all__ = [
     "AuthDep",
@@ -45,8 +47,10 @@ class ServiceState:
     load_error: str | None = None
     store: HeadStore | None = None
     queue: PreferenceQueue | None = None
-    background: list = field(default_factory=list)  # things with .stop(), stopped at shutdown
+    background: list = field(default_factory=list)  # things with .stop(timeout), stopped at shutdown
     draining: bool = False  # SIGTERM came: finishing what was accepted, then exiting
+    drain: Drain | None = None  # the drain's deadlines and the requests in flight (`api.drain`)
+    on_fatal: Callable[[str], None] | None = None  # how the process ends when the model cannot load (`r2m serve`)
 
 
 async def get_state(request: Request) -> ServiceState:

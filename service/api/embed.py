@@ -15,12 +15,17 @@ from r2m.client.wire import tensor_to_json
 from ..schemas import EmbedRequest, EmbedResponse
 from ..validation import prepare_embed_items
 from .deps import AuthDep, ServingDep
-from .payload import ERROR_RESPONSES, read_model
+from .payload import ERROR_RESPONSES, read_model, request_body_openapi
 
 router = APIRouter(tags=["scoring"], dependencies=[AuthDep])
 
 
-@router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES)
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=request_body_openapi(EmbedRequest),
+)
 async def embed(request: Request, serving: ServingDep) -> EmbedResponse:
     """Reward-token embeddings (float32, N x rm_dim), the plain rewards, and the head version this replica serves."""
     engine, batcher, settings = serving.engine, serving.batcher, serving.settings

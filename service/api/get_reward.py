@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..validation import prepare_queries
 from .deps import AuthDep, ServingDep
-from .payload import ERROR_RESPONSES
+from .payload import ERROR_RESPONSES, read_model, request_body_openapi
 
 __all__ = ["GetRewardRequest", "GetRewardResponse", "router"]
 
@@ -41,10 +41,16 @@ class GetRewardResponse(BaseModel):
     )
 
 
-@router.post("/get_reward", response_model=GetRewardResponse, responses=ERROR_RESPONSES)
-async def get_reward(req: GetRewardRequest, serving: ServingDep) -> GetRewardResponse:
+@router.post(
+    "/get_reward",
+    response_model=GetRewardResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=request_body_openapi(GetRewardRequest, binary=False),
+)
+async def get_reward(request: Request, serving: ServingDep) -> GetRewardResponse:
     """OpenRLHF remote reward model: rewards for full templated texts (plain RM, no hidden states)."""
     engine, batcher, settings = serving.engine, serving.batcher, serving.settings
+    req = await read_model(request, GetRewardRequest)
     logs: dict[str, list[float]] = {"head_version": []}
     if not req.query:
         if settings.ensemble > 1:

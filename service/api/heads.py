@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import HeadVersion
@@ -13,11 +13,10 @@ from ..headstore import StoreUnavailable
 from ..headstore import rollback as rollback_to
 from ..schemas import HeadInfo, RollbackRequest
 from .deps import AuthDep, EngineDep, StateDep
-from .payload import error_responses
+from .payload import error_responses, read_model, request_body_openapi
 
 router = APIRouter(prefix="/heads", tags=["heads"], dependencies=[AuthDep])
 
-_ERRORS = error_responses(400, 401, 404, 413, 422, 503)
 
 
 def _info(meta: dict, served: HeadVersion, kept: list[int], refusal: dict | None = None) -> HeadInfo:
@@ -37,7 +36,7 @@ def _unavailable(exc: StoreUnavailable) -> HTTPException:
     return HTTPException(503, f"head store unavailable: {exc}", headers={"Retry-After": "1"})
 
 
-@router.get("/current", response_model=HeadInfo, responses=_ERRORS)
+@router.get("/current", response_model=HeadInfo, responses=error_responses(401, 503))
 async def current(state: StateDep, engine: EngineDep) -> HeadInfo:
     """The latest published head version (and the one this replica serves)."""
     served = engine.current
@@ -55,7 +54,7 @@ async def current(state: StateDep, engine: EngineDep) -> HeadInfo:
 @router.get(
     "/{version}",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
+    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(401, 404, 422, 503)},
 )
 async def download(
     version: int, state: StateDep, engine: EngineDep, copy: Literal["master", "serving"] = "master"
@@ -85,9 +84,15 @@ async def download(
     return Response(blob, media_type="application/octet-stream", headers=headers)
 
 
-@router.post("/rollback", response_model=HeadInfo, responses=_ERRORS)
-async def rollback(body: RollbackRequest, state: StateDep, engine: EngineDep) -> HeadInfo:
+@router.post(
+    "/rollback",
+    response_model=HeadInfo,
+    responses=error_responses(400, 401, 404, 413, 415, 422, 503),
+    openapi_extra=request_body_openapi(RollbackRequest, binary=False),
+)
+async def rollback(request: Request, state: StateDep, engine: EngineDep) -> HeadInfo:
     """Republish a kept version as the newest one; every replica swaps to it."""
+    body = await read_model(request, RollbackRequest)
     if state.store is None:
         raise HTTPException(503, "no head store is configured on this replica")
     try:

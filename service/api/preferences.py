@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..queue import PreferenceQueue, QueueUnavailable
+from ..queue import PreferenceQueue, QueueUnavailable, UnknownDeadLetter, replay_dead_letters
 from ..schemas import (
     DeadLetterInfo,
     DeadLetters,
@@ -17,7 +17,7 @@ from ..schemas import (
 )
 from ..validation import prepare_preferences
 from .deps import AuthDep, EngineDep, SettingsDep, StateDep
-from .payload import ERROR_RESPONSES, error_responses, read_model_and_body, request_body_openapi
+from .payload import ERROR_RESPONSES, error_responses, read_model, read_model_and_body, request_body_openapi
 
 router = APIRouter(tags=["updates"], dependencies=[AuthDep])
 
@@ -67,18 +67,18 @@ async def dead_letters(state: StateDep, limit: int = 100) -> DeadLetters:
 
 
 @router.post(
-    "/preferences/dead-letters/replay", response_model=ReplayResult, responses=error_responses(401, 404, 422, 503)
+    "/preferences/dead-letters/replay",
+    response_model=ReplayResult,
+    responses=error_responses(400, 401, 404, 413, 415, 422, 503),
+    openapi_extra=request_body_openapi(ReplayRequest, binary=False),
 )
-async def replay(body: ReplayRequest, state: StateDep) -> ReplayResult:
+async def replay(request: Request, state: StateDep) -> ReplayResult:
     """Put dead letters (by id, or all) back on the preference stream (after a settings fix); each trains once."""
-    queue = _queue(state)
+    body = await read_model(request, ReplayRequest)
     try:
-        if body.ids is not None:
-            known = {d.entry_id for d in await run_in_threadpool(queue.dead_letters, 100_000)}
-            unknown = sorted(set(body.ids) - known)
-            if unknown:
-                raise HTTPException(404, f"no dead letter with id {', '.join(unknown)} (GET /preferences/dead-letters)")
-        batch_ids = await run_in_threadpool(queue.replay, body.ids)
+        batch_ids = await run_in_threadpool(replay_dead_letters, _queue(state), body.ids)
+    except UnknownDeadLetter as exc:
+        raise HTTPException(404, f"{exc} (GET /preferences/dead-letters)") from exc
     except QueueUnavailable as exc:
         raise _unavailable(exc) from exc
     return ReplayResult(batch_ids=batch_ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..batcher import StaleHead
+from ..batcher import StaleReadouts
 from ..model import omega
 from ..schemas import ScoreRequest, ScoreResponse
 from ..validation import prepare_cached_readouts, prepare_score_items
@@ -29,7 +29,7 @@ async def score(request: Request, serving: ServingDep) -> ScoreResponse:
     req = await read_model(request, ScoreRequest)
     if req.head_version is not None and req.head_version != engine.current.version:
         batcher.metrics.stale_head_requests.inc()
-        raise StaleHead(req.head_version, engine.current.version)  # before any work; the batcher checks again
+        raise StaleReadouts(req.head_version, engine.current.version)  # before any work; the batcher checks again
     # Local feedback's read-outs on RTEs this replica cached need neither tokenizing nor a hidden-state scan: cheap
     # enough for the event loop. Anything else is CPU work: off the event loop.
     items = prepare_cached_readouts(req, engine, settings)

@@ -20,8 +20,8 @@ import pytest
 
 from r2m.client import AsyncR2MClient, R2MClient
 from r2m.client.wire import BINARY_CONTENT_TYPE, encode_binary, pack_request
-from r2m.service.guard import spearman
 from r2m.service.launch import RedisServer, r2m_command, start_server, start_worker
+from r2m.service.update.guard import spearman
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from r2m.service import app as app_module
+from r2m.service.api import app as app_module
 from r2m.service.config import ServiceSettings
 
 

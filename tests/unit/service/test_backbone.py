@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from r2m.service import backbone as backbone_module
-from r2m.service.backbone import cpu_has_native_bf16, load_backbone, pool, resolve_dtype
+from r2m.service import device as device_module
+from r2m.service.backbone import load_backbone, pool
+from r2m.service.device import cpu_has_native_bf16, resolve_dtype
 from r2m.service.engine import PreparedItem, ScoringEngine
 from r2m.service.model import HeadConfig
 
@@ -114,7 +115,7 @@ def test_auto_dtype_is_the_checkpoints_for_hf_rms_and_float32_for_encoders_on_cp
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu, "sequence-classification") is None  # the checkpoint's own
     for native in (True, False):  # bf16 on CPU is opt-in: it makes a reward depend on its batch-mates (README)
-        monkeypatch.setattr(backbone_module, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda native=native: native)
         assert resolve_dtype("auto", cpu) == torch.float32
     assert resolve_dtype("bfloat16", cpu, "sequence-classification") == torch.bfloat16
     with pytest.raises(ValueError, match="auto, float32"):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from r2m.service.drain import accept_queue_length, between_requests, stop_handshakes
+from r2m.service.api.drain import accept_queue_length, between_requests, stop_handshakes
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="socket filters and TCP_INFO are Linux")
 

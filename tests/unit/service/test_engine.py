@@ -7,10 +7,9 @@ import threading
 import pytest
 import torch
 
-from r2m.service import model as model_module
-from r2m.service import precision
-from r2m.service.engine import head_is_finite, pad_hidden, score_rte
+from r2m.service.kernels import precision, widen
 from r2m.service.model import FeedbackAttention, HeadConfig, R2MHead
+from r2m.service.scoring import pad_hidden, score_rte
 
 P = 24
 
@@ -138,7 +137,7 @@ def test_bf16_hidden_states_are_read_without_a_float32_copy(monkeypatch: pytest.
         dtypes.append((a.dtype, b.dtype))
         return bmm(a, b, *args, **kwargs)
 
-    monkeypatch.setattr(model_module.torch, "bmm", spy)
+    monkeypatch.setattr(widen.torch, "bmm", spy)
     head = _head(1)
     h, mask = pad_hidden([torch.randn(6, P).bfloat16(), torch.randn(3, P).bfloat16()], None, torch.device("cpu"))
     assert h.dtype == torch.bfloat16
@@ -158,7 +157,7 @@ def _no_native_half(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, 
         calls.append((a.dtype, b.dtype, b.numel() * b.element_size()))
         return bmm(a, b, *args, **kwargs)
 
-    monkeypatch.setattr(model_module.torch, "bmm", spy)
+    monkeypatch.setattr(widen.torch, "bmm", spy)
     return calls
 
 
@@ -189,7 +188,7 @@ def test_wide_batches_are_widened_a_block_at_a_time(
     monkeypatch: pytest.MonkeyPatch, block_rows: int, bmm_calls: int
 ) -> None:
     calls = _no_native_half(monkeypatch)
-    monkeypatch.setattr(model_module, "UPCAST_BLOCK_BYTES", block_rows * P * 4)
+    monkeypatch.setattr(widen, "UPCAST_BLOCK_BYTES", block_rows * P * 4)
     own, prefixes, _ = _mixed_batch(torch.bfloat16)
     rte = torch.randn(8, 8, generator=torch.Generator().manual_seed(2))
     weights = [0.6, 0.6, 0.7, 0.6, 0.8, 0.6, 1.0, 0.65]
@@ -220,8 +219,8 @@ def test_items_longer_than_a_block_are_read_in_runs_each_widened_once(
         runs.append((threading.get_ident(), b.dtype, rows, b.data_ptr()))
         return mm(a, b, *args, **kwargs)
 
-    monkeypatch.setattr(model_module.torch, "mm", spy)
-    monkeypatch.setattr(model_module, "UPCAST_BLOCK_BYTES", 4 * P * 4)  # runs of 4 rows
+    monkeypatch.setattr(widen.torch, "mm", spy)
+    monkeypatch.setattr(widen, "UPCAST_BLOCK_BYTES", 4 * P * 4)  # runs of 4 rows
     g = torch.Generator().manual_seed(3)
     h, mask = pad_hidden([torch.randn(n, P, generator=g).bfloat16() for n in (11, 5, 1)], None, torch.device("cpu"))
     if holes:
@@ -258,7 +257,7 @@ def test_a_run_whose_scores_all_overflow_adds_nothing_instead_of_nan(monkeypatch
     """A run of rows whose real scores are all -inf in float32 (huge activations against the query): zero weight, as
     in the float32 path's one softmax, not a NaN for the whole item (review finding)."""
     _no_native_half(monkeypatch)
-    monkeypatch.setattr(model_module, "UPCAST_BLOCK_BYTES", 4 * P * 4)  # runs of 4 rows
+    monkeypatch.setattr(widen, "UPCAST_BLOCK_BYTES", 4 * P * 4)  # runs of 4 rows
     torch.manual_seed(0)
     attn = FeedbackAttention(8, P, 12, 1).eval()
     e = torch.randn(1, 8) * 100
@@ -280,7 +279,7 @@ def test_head_is_finite_finds_one_bad_weight_anywhere(dtype: torch.dtype, bad: f
     alike) makes the head non-finite; a replica refuses it and the worker does not publish it."""
     torch.manual_seed(0)
     head = R2MHead(HeadConfig(rm_dim=40, policy_dim=203, attn_dim=3 * 43, n_heads=3, score_bias=True)).to(dtype)
-    assert head_is_finite(head)
+    assert head.is_finite()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, w in head.named_parameters():
@@ -288,9 +287,9 @@ def test_head_is_finite_finds_one_bad_weight_anywhere(dtype: torch.dtype, bad: f
             for i in {0, flat.numel() - 1, *torch.randint(flat.numel(), (4,), generator=g).tolist()}:
                 kept = flat[i].clone()
                 flat[i] = bad
-                assert not head_is_finite(head), (name, i)
+                assert not head.is_finite(), (name, i)
                 flat[i] = kept
-    assert head_is_finite(head)
+    assert head.is_finite()
 
 
 def _widened(own, prefixes):  # noqa: ANN001, ANN202
@@ -303,7 +302,7 @@ def test_under_autograd_half_hidden_states_are_widened_once_and_give_the_float32
     """The worker's update: one float32 copy shared by the scores and the pooling (blocks would each be kept for the
     backward pass), and the gradients of the float32 values."""
     calls = _no_native_half(monkeypatch)
-    monkeypatch.setattr(model_module, "UPCAST_BLOCK_BYTES", 4 * P * 4)  # would cut blocks, were blocks taken
+    monkeypatch.setattr(widen, "UPCAST_BLOCK_BYTES", 4 * P * 4)  # would cut blocks, were blocks taken
     own, prefixes, _ = _mixed_batch(torch.bfloat16)
     rte = torch.randn(8, 8, generator=torch.Generator().manual_seed(2))
     weights = [0.6, 0.6, 0.7, 0.6, 0.8, 0.6, 1.0, 0.65]
@@ -439,7 +438,7 @@ def test_serving_uses_fused_weights_that_equal_the_four_matrices(n_heads: int) -
     attn.eval()
     with torch.no_grad():
         got = attn(e, h, mask, prefixes, index)
-        assert attn._fused() is not None and torch.allclose(got, want, atol=1e-10)
+        assert attn.fused() is not None and torch.allclose(got, want, atol=1e-10)
         attn.w_k.weight.mul_(2.0)  # an in-place change (a swap never does this, a test might)
         again = attn(e, h, mask, prefixes, index)
     attn.train()
@@ -449,7 +448,7 @@ def test_serving_uses_fused_weights_that_equal_the_four_matrices(n_heads: int) -
 
 def test_fused_weights_are_skipped_where_they_would_be_larger() -> None:
     attn = FeedbackAttention(rm_dim=64, policy_dim=64, attn_dim=16).eval()  # 64*64 > 16*(64+64)
-    assert attn._fused() is None
+    assert attn.fused() is None
 
 
 # --- the read-out's scale at initialisation ---------------------------------------------------------------------
@@ -458,7 +457,8 @@ def test_fused_weights_are_skipped_where_they_would_be_larger() -> None:
 @pytest.mark.parametrize("fixture", ["default", "tiny_llama_rm"])
 def test_the_scaled_init_reads_out_a_tenth_of_the_rte_on_any_backbone(fixture: str, request: pytest.FixtureRequest):
     from r2m.service.config import ServiceSettings
-    from r2m.service.engine import build_engine, readout_gain
+    from r2m.service.engine import build_engine
+    from r2m.service.initial import readout_gain
 
     model = fixture if fixture == "default" else str(request.getfixturevalue(fixture))
     engine = build_engine(ServiceSettings(_env_file=None, model=model, policy_dim=256, attn_dim=64, device="cpu"))

@@ -11,13 +11,15 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from r2m.client.wire import WireTensor
-from r2m.service.app import create_app
-from r2m.service.backbone import MEMBERS_FILE, load_backbone, save_members
+from r2m.service.api.app import create_app
+from r2m.service.backbone import load_backbone
 from r2m.service.config import ServiceSettings
-from r2m.service.engine import PreparedItem, aggregate, build_engine, check_ensemble
+from r2m.service.engine import PreparedItem, build_engine, check_ensemble
 from r2m.service.headcodec import head_from_bytes, head_to_bytes, serving_bytes
+from r2m.service.members import MEMBERS_FILE, save_members
 from r2m.service.schemas import PreferencesRequest
-from r2m.service.training import HeadTrainer
+from r2m.service.scoring import aggregate
+from r2m.service.update.training import HeadTrainer
 
 P = 8
 TEXTS = [("hello what is the answer", "the answer is good"), ("help me cook", "no"), ("how do i code", "python")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from r2m.service.config import ServiceSettings
-from r2m.service.guard import CanaryItem, CanarySet, guard_report, spearman
+from r2m.service.update.guard import CanaryItem, CanarySet, guard_report, spearman
 
 PLAIN = torch.tensor([0.0, 1.0, 2.0, 3.0])  # mean 1.5, population std sqrt(1.25)
 STD = 1.25**0.5

@@ -1,4 +1,5 @@
-"""Work shared out among the cores (r2m.service.percore): one torch thread per worker, nothing leaks to the process."""
+"""Work shared out among the cores (r2m.service.kernels.percore): one torch thread per worker, nothing leaks to the
+process."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from r2m.service import percore
+from r2m.service.kernels import percore
 
 needs_two_threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs one thread here")
 

@@ -91,7 +91,7 @@ def test_replica_loads_the_serving_copy_when_published_and_the_master_otherwise(
 def test_a_rollback_to_version_zero_scores_like_the_initial_head() -> None:
     """Version 0 is built in-process by every replica; its attention already sits on the float16 grid, so loading
     its serving copy from the store (after a rollback) changes no reward."""
-    from r2m.service.engine import initial_head
+    from r2m.service.initial import initial_head
 
     class _Backbone:
         rm_dim = 32

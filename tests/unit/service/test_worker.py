@@ -18,18 +18,18 @@ from r2m.client.wire import (
     pack_request,
     tensor_to_json,
 )
-from r2m.service.app import create_app
+from r2m.service.api.app import create_app
 from r2m.service.backbone import Encoded
 from r2m.service.config import ServiceSettings
-from r2m.service.engine import build_engine, head_is_finite
+from r2m.service.engine import build_engine
 from r2m.service.headcodec import head_from_bytes, head_to_bytes, optimizer_from_bytes, optimizer_to_bytes, sha256
 from r2m.service.headstore import Conflict, MemoryHeadStore, rollback
 from r2m.service.model import HeadConfig, R2MHead
 from r2m.service.queue import MemoryPreferenceQueue
 from r2m.service.rtecache import RTECache
 from r2m.service.schemas import PreferencesRequest, as_payload
-from r2m.service.training import HeadTrainer
-from r2m.service.worker import Worker, decode_batch
+from r2m.service.update.training import HeadTrainer
+from r2m.service.update.worker import Worker, decode_batch
 
 P = 8  # policy width of these tests
 
@@ -124,7 +124,7 @@ def test_update_widens_the_labelled_margin_and_uses_the_cache(tiny_neox_rm: Path
     def margin() -> float:
         rte = trainer.rtes([pair.prompt, pair.prompt], [pair.chosen, pair.rejected])
         h = [pair.chosen_hidden.to_torch(), pair.rejected_hidden.to_torch()]
-        from r2m.service.engine import score_rte
+        from r2m.service.scoring import score_rte
 
         with torch.no_grad():
             r = score_rte(trainer.head, rte, h, [0.8, 0.8])
@@ -252,7 +252,7 @@ def test_an_update_that_goes_non_finite_is_never_published_and_ends_a_dead_lette
     assert metric("r2m_worker_updates_refused_total", {"reason": "non_finite_loss"}) == 2
     assert metric("r2m_dead_letters_total", {"reason": "non_finite_loss"}) == 1
     worker.sync()
-    assert head_is_finite(worker.trainer.head) and worker.trainer.version == 0
+    assert worker.trainer.head.is_finite() and worker.trainer.version == 0
     # After the settings are fixed, a replay trains the batch once.
     fixed = _settings(tiny_neox_rm, train_steps=2)
     good = Worker(HeadTrainer(build_engine(fixed), fixed), queue, store, block_ms=10)

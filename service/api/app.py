@@ -17,28 +17,26 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
-from .api import embed, get_reward, heads, health, preferences, score
-from .api.deps import ServiceState
-from .batcher import BadReward, Batcher, Overloaded, StaleHead
-from .config import ServiceSettings
-from .engine import ScoringEngine, build_engine, check_ensemble
-from .errors import BadInput
-from .headstore import MemoryHeadStore, RedisHeadStore
-from .headsync import HeadSync
-from .metrics import ServiceMetrics, WorkerMetrics
+from .. import __version__
+from ..assemble import start_replica
+from ..batcher import BadReward, Overloaded, StaleReadouts
+from ..config import ServiceSettings
+from ..engine import ScoringEngine, build_engine, check_ensemble
+from ..errors import BadInput
+from ..metrics import ServiceMetrics
+from ..schemas import EmbedRequest, PreferencesRequest, ReplayRequest, RollbackRequest, ScoreRequest
+from . import embed, get_reward, heads, health, preferences, score
+from .deps import ServiceState
+from .drain import EXIT_GRACE_S
+from .get_reward import GetRewardRequest
 from .middleware import RequestGate
-from .queue import MemoryPreferenceQueue, RedisPreferenceQueue
-from .schemas import PreferencesRequest, ScoreRequest
-from .training import HeadTrainer
-from .worker import Worker, WorkerThread
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("r2m.service")
 
 # Request bodies parsed by hand (two encodings) whose schemas the OpenAPI document must still show.
-_BODY_MODELS = (ScoreRequest, PreferencesRequest)
+_BODY_MODELS = (ScoreRequest, EmbedRequest, PreferencesRequest, GetRewardRequest, RollbackRequest, ReplayRequest)
 
 
 def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | None = None) -> FastAPI:
@@ -49,46 +47,23 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
     state = ServiceState(settings=settings, metrics=ServiceMetrics())
 
     def install(m: ScoringEngine) -> None:
-        state.engine = m
-        state.batcher = Batcher(
-            m,
-            state.metrics,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_queue_items=settings.max_queue_items,
-            batch_wait_ms=settings.batch_wait_ms,
-        )
-        state.batcher.start()
-        if settings.redis_url:
-            state.store = RedisHeadStore(settings.redis_url, settings.redis_prefix, settings.head_keep)
-            state.queue = RedisPreferenceQueue(settings.redis_url, settings.redis_prefix)
-        else:  # embedded mode: the same queue, store and worker logic, in this process
-            state.store = MemoryHeadStore(settings.head_keep)
-            state.queue = MemoryPreferenceQueue()
-            if settings.embedded_worker:
-                worker = Worker(
-                    HeadTrainer(m, settings),
-                    state.queue,
-                    state.store,
-                    WorkerMetrics(state.metrics.registry),
-                    max_batches=settings.worker_max_batches,
-                    claim_idle_ms=settings.worker_claim_idle_ms,
-                    block_ms=500,
-                    max_attempts=settings.worker_max_attempts,
-                )
-                state.background.append(WorkerThread(worker).start())
-        sync = HeadSync(m, state.store, state.metrics, settings.model, settings.head_poll_s)
-        sync.start()
-        state.background.append(sync)
-        state.metrics.model_ready.set(1)
-        state.metrics.head_version.set(m.current.version)
+        replica = start_replica(m, settings, state.metrics)
+        state.engine, state.batcher = m, replica.batcher
+        state.store, state.queue = replica.store, replica.queue
+        state.background.extend(replica.background)
 
     async def load() -> None:
         started = time.perf_counter()
         try:
             m = await asyncio.to_thread(build_engine, settings)
-        except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
-            log.exception("loading the model %r failed", settings.model)
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log; `r2m serve` then exits
             state.load_error = f"{type(exc).__name__}: {exc}"
+            log.debug("loading the model %r failed", settings.model, exc_info=True)
+            message = f"R2M_MODEL={settings.model!r} could not be loaded: {state.load_error}"
+            if state.on_fatal is not None:
+                state.on_fatal(message)
+            else:
+                log.error("%s", message)
             return
         state.metrics.model_load_seconds.set(time.perf_counter() - started)
         log.info("model %r loaded in %.1f s", settings.model, time.perf_counter() - started)
@@ -104,8 +79,11 @@ def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | 
         yield
         if loader is not None and not loader.done():
             loader.cancel()
+        # Under a drain the threads get what is left of its deadline; one still busy then ends with the process.
+        drain = state.drain if state.draining else None
         for thing in reversed(state.background):
-            await asyncio.to_thread(thing.stop)
+            timeout = max(0.1, drain.seconds_left(after=EXIT_GRACE_S)) if drain is not None else None
+            await asyncio.to_thread(thing.stop, timeout)
         if state.batcher is not None:
             await state.batcher.stop()
 
@@ -141,8 +119,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": "1"},
         )
 
-    @app.exception_handler(StaleHead)
-    async def stale_head(request: Request, exc: StaleHead) -> JSONResponse:
+    @app.exception_handler(StaleReadouts)
+    async def stale_readouts(request: Request, exc: StaleReadouts) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "head_version": exc.served}, status_code=409)
 
     @app.exception_handler(BadReward)
@@ -153,7 +131,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        return JSONResponse({"detail": [_error_entry(e) for e in exc.errors()]}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -162,7 +140,20 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "internal server error; see the server log"}, status_code=500)
+        # Starlette re-raises after this answer and uvicorn then closes the connection: say so, so that a pooled
+        # client does not send its next request on it.
+        return JSONResponse(
+            {"detail": "internal server error; see the server log"}, status_code=500, headers={"Connection": "close"}
+        )
+
+
+def _error_entry(error: Any) -> dict[str, Any]:
+    """A validation error as JSON whatever the input was (a NaN, bytes, an object): the offending input is left out
+    (its location names it) and the context's values become text."""
+    entry = {k: v for k, v in error.items() if k not in ("input", "ctx", "url")}
+    if error.get("ctx"):
+        entry["ctx"] = {k: str(v) for k, v in error["ctx"].items()}
+    return jsonable_encoder(entry)
 
 
 def _install_openapi(app: FastAPI) -> None:

@@ -20,16 +20,9 @@ from tqdm.auto import tqdm
 
 from r2m.data import generate_preferences, read_jsonl, split_preferences
 
-from .backbone import (
-    ENCODER_RM_CONFIG,
-    MEMBERS_FILE,
-    Backbone,
-    load_backbone,
-    load_encoder,
-    resolve_device,
-    resolve_encoder_path,
-    save_members,
-)
+from ..backbone import ENCODER_RM_CONFIG, Backbone, load_backbone, load_encoder, resolve_encoder_path
+from ..device import resolve_device
+from ..members import MEMBERS_FILE, save_members
 
 __all__ = ["fit_encoder_rm", "fit_members", "fit_rm_members"]
 
@@ -116,27 +109,33 @@ def fit_encoder_rm(
         "heldout_bt_loss": float(-F.logsigmoid((ho_c - ho_r) @ w).mean()),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": w.reshape(1, -1).contiguous(), "bias": bias.contiguous()}, str(out / "head.safetensors"))
-    config = {
-        "format": "r2m-encoder-rm/1",
-        "encoder": encoder,
-        "pooling": "mean",
-        "normalize": True,
-        "head": "head.safetensors",
-        "max_tokens": served_max_tokens,
-        "fit": report,
-    }
-    (out / ENCODER_RM_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    _write_encoder_rm(Path(out_dir), encoder, w, bias, served_max_tokens, report)
     if ensemble > 1:
         weights = fit_members(diff, w, ensemble, seed=seed, l2=l2)
         train_resp = torch.cat([tr_c, tr_r])
         biases = torch.stack([(-train_resp @ m).mean() for m in weights])
         biases[0] = bias[0]  # member 0 is the head itself, bit for bit
         report["members"] = _member_report(weights, ho_c - ho_r)
-        save_members(out / MEMBERS_FILE, weights, biases, {"backbone": encoder, "fit": report["members"]})
+        save_members(Path(out_dir) / MEMBERS_FILE, weights, biases, {"backbone": encoder, "fit": report["members"]})
     return report
+
+
+def _write_encoder_rm(
+    out: Path, encoder: str, weight: torch.Tensor, bias: torch.Tensor, max_tokens: int, report: dict
+) -> None:
+    """The folder `R2M_MODEL=<out>` serves: the head's weights and the config that rebuilds the model."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": weight.reshape(1, -1).contiguous(), "bias": bias.contiguous()}, str(out / "head.safetensors"))
+    config = {
+        "format": "r2m-encoder-rm/1",
+        "encoder": encoder,
+        "pooling": "mean",
+        "normalize": True,
+        "head": "head.safetensors",
+        "max_tokens": max_tokens,
+        "fit": report,
+    }
+    (out / ENCODER_RM_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _fit_bt(diff: torch.Tensor, l2: float, anchor: torch.Tensor | None = None) -> torch.Tensor:

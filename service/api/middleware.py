@@ -19,9 +19,9 @@ from typing import Any
 from prometheus_client import Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .api.deps import ServiceState
-from .batcher import Overloaded
-from .errors import PayloadTooLarge
+from ..batcher import Overloaded
+from ..errors import PayloadTooLarge
+from .deps import ServiceState
 
 __all__ = ["BYTES_PER_BODY_BYTE", "ByteBudget", "RequestGate"]
 
@@ -88,9 +88,17 @@ class RequestGate:
         started = time.perf_counter()
         status = {"code": 500}
 
+        drain = self.state.drain
+        if drain is not None and drain.expired:  # accepted after the drain's answer deadline: no time to serve it
+            await _send_json(send, 503, _DRAINING, {"retry-after": "1", "connection": "close"})
+            return
+        flight = drain.enter() if drain is not None else None
+
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if flight is not None:
+                    flight.responded = True
             await send(message)
 
         length = dict(scope.get("headers") or []).get(b"content-length")
@@ -125,12 +133,21 @@ class RequestGate:
                     return message
 
                 await self.app(scope, receive_limited, send_wrapper)
+        except asyncio.CancelledError:
+            if flight is None or not flight.expired or flight.responded:
+                raise
+            await _send_json(send_wrapper, 503, _DRAINING, {"retry-after": "1", "connection": "close"})
         finally:
+            if drain is not None:
+                drain.leave()
             await budget.release(reserved)
             route = scope.get("route")
             path = getattr(route, "path", "other")
             metrics.http_requests.labels(path, scope["method"], str(status["code"])).inc()
             metrics.http_latency.labels(path, scope["method"]).observe(time.perf_counter() - started)
+
+
+_DRAINING = "this replica is shutting down and could not finish the request in time; retry (another replica)"
 
 
 def _busy(budget: ByteBudget) -> str:

@@ -1,4 +1,4 @@
-"""The R2M update worker: the loop around one training step (`r2m.service.training`).
+"""The R2M update worker: the loop around one training step (`r2m.service.update.training`).
 
 Read preference batches from the queue, skip those already part of a published version, train from the latest
 version, check the candidate, publish, and only then acknowledge. A batch whose worker dies before the publish
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from r2m.client.wire import decode_binary, unpack_request
 
-from .backbone import Encoded
-from .headstore import Conflict, HeadStore, StoreUnavailable
-from .metrics import WorkerMetrics
-from .queue import Message, PreferenceQueue, QueueUnavailable
-from .schemas import PreferencesRequest
+from ..backbone import Encoded
+from ..backoff import Backoff
+from ..headstore import Conflict, HeadStore, StoreUnavailable
+from ..metrics import WorkerMetrics
+from ..queue import Message, PreferenceQueue, QueueUnavailable
+from ..schemas import PreferencesRequest
 from .training import HeadTrainer, UpdateRefused, UpdateStats
 
 __all__ = ["Batch", "Worker", "WorkerThread", "decode_batch"]
@@ -297,19 +298,17 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         """Loop until `stop` is set; a Redis outage is waited out, with the batches left safely pending."""
-        backoff = 0.5
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 self.run_once()
-                backoff = 0.5
+                backoff.reset()
             except (QueueUnavailable, StoreUnavailable) as exc:
-                log.warning("%s; retrying in %.1f s", exc, backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                log.warning("%s; retrying in %.1f s", exc, backoff.delay)
+                backoff.wait(stop)
             except Exception:  # noqa: BLE001 - keep the worker alive; the batches stay pending for a retry
                 log.exception("handling a read of the queue failed; its batches stay pending and will be retried")
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff.wait(stop)
 
 
 class WorkerThread:
@@ -324,6 +323,8 @@ class WorkerThread:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the update in progress; waits at most `timeout` seconds (default 30; a daemon thread: an update
+        still running then ends with the process, its batch unacknowledged, so another worker trains it)."""
         self._stop.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=30.0 if timeout is None else timeout)

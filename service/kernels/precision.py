@@ -1,9 +1,9 @@
 """Which dtype the feedback attention reads half-precision hidden states in, by what the CPU's matmuls do natively.
 
 A CPU without native bfloat16 (or float16) matmul instructions runs torch's half-precision GEMMs through a slow
-emulation: on an AVX2 or plain AVX512 Xeon a bf16 matmul over the hidden states is 3-6x slower than the float32 one,
-so widening `h` to float32 first is 5-10x faster than reading it as it came (`model._blocks`: a block of rows at a
-time, each block still in cache when the matmul reads it). Where the instructions exist (AVX512-BF16 / AMX on x86,
+emulation, several times slower than the float32 one, so widening `h` to float32 first is faster than reading it as
+it came (`widen`: a block of rows at a time, each block still in cache when the matmul reads it; bench/README.md,
+section 2, has the figures). Where the instructions exist (AVX512-BF16 / AMX on x86,
 the BF16 / FP16 extensions on Arm) and on CUDA, half precision is read as it is. R2M_CPU_HALF_HIDDEN overrides the
 choice (`native`, `upcast`); `auto` decides once per process from the CPU flags in /proc/cpuinfo, or where those are
 unreadable, or where oneDNN's instruction set is capped below them (ONEDNN_MAX_CPU_ISA), from a one-time

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import ServiceSettings
+from ..config import ServiceSettings
 
 __all__ = ["CanaryItem", "CanarySet", "GuardReport", "guard_report", "spearman"]
 

@@ -1,17 +1,12 @@
 """Work split across the CPU cores so that a thread reads what it wrote itself: worker threads of one torch thread each.
 
 The feedback attention widens half-precision hidden states a block at a time where the CPU lacks native half matmuls
-(`model._attend_blocks`). Left to torch's intra-op threads, the widening copy of a block is split across the cores,
-while the two matmuls that read it right after are matrix-vector products that MKL runs on the calling thread alone (CPU
-time / wall time 1.0 at two threads, measured), so half of every block is read from the core that did not write it; and
-each of a dozen small ops per block wakes the other thread. On a 2-core AMD EPYC VM with AVX2 only (2026-12-05) the
-widened scores and pooling took 2.4-2.7 ms per item of 700 x 4096 bf16 rows against 0.6-0.85 ms for the same rows in
-float32 (1.35-1.4 ms in other hours of the same machine). Here the blocks are shared out among worker threads, each
-widening its own blocks and running both matmuls on them with one torch thread, so a block is read by the thread that
-wrote it: 0.87-1.33 ms per item in the same runs, side by side with the old path, and section 2's bf16 figure 1.1-1.4x
-float32 instead of 1.3-1.8x. Which of the two causes weighs more is not established: workers of two torch threads each
-measured 3-15% slower than workers of one, still far faster than torch's threads over the whole call. Threads are not
-pinned to cores.
+(`widen.attend_blocks`). Left to torch's intra-op threads, the widening copy of a block is split across the cores,
+while the two matmuls that read it right after are matrix-vector products that MKL runs on the calling thread alone,
+so half of every block is read from the core that did not write it, and each of a dozen small ops per block wakes
+the other thread. Here the blocks are shared out among worker threads, each widening its own blocks and running both
+matmuls on them with one torch thread, so a block is read by the thread that wrote it (bench/README.md, section 2,
+has the figures of both paths). Threads are not pinned to cores.
 
 Each worker sets its thread count with OpenMP's own setter, which changes that thread only: torch's `set_num_threads`
 would also store the count process-wide, for every thread that has not run a parallel op yet to adopt
@@ -65,8 +60,8 @@ def _one_thread_here() -> bool:
 
     `torch.set_num_threads(1)` would also store 1 as the process-wide count, which every thread adopts at its first
     parallel op (`at::init_num_threads`, once per thread): a request thread starting then would run on one core for
-    good. OpenMP's own setter changes this thread only; MKL follows it (measured: a worker's GEMM at CPU / wall time
-    1.0)."""
+    good. OpenMP's own setter changes this thread only, and MKL follows it (a worker's GEMM runs at one core's CPU
+    time per wall second)."""
     torch.get_num_threads()  # this thread's one-time init from the process-wide count, first: it cannot undo the one
     omp = _openmp()
     if omp is None:

@@ -1,5 +1,5 @@
-"""One R2M optimisation phase (R2M.md, "Updating"): preference batches in, GREBT steps on the feedback attention
-and the score head, a candidate head out. The worker loop (`r2m.service.worker`) decides what to do with it.
+"""One R2M optimisation phase (docs/method.md, "Updating"): preference batches in, GREBT steps on the feedback attention
+and the score head, a candidate head out. The worker loop (`r2m.service.update.worker`) decides what to do with it.
 
 The backbone is frozen, so a text's reward-token embedding never changes: `RTECache` keeps them by text hash, and
 on a miss the tokens the API already computed (queued beside the batch) go straight to the backbone.
@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backbone import Encoded
-from .config import ServiceSettings
-from .engine import ScoringEngine, aggregate, head_is_finite, pad_hidden, score_rte
+from ..backbone import Encoded
+from ..config import ServiceSettings
+from ..engine import ScoringEngine
+from ..headcodec import head_from_bytes, head_to_bytes, optimizer_from_bytes, optimizer_to_bytes, serving_bytes
+from ..model import bt_loss, grebt_loss, omega
+from ..rtecache import RTECache
+from ..schemas import PreferencesRequest
+from ..scoring import aggregate, pad_hidden, score_rte
 from .guard import CanaryItem, CanarySet, GuardReport, guard_report
-from .headcodec import head_from_bytes, head_to_bytes, optimizer_from_bytes, optimizer_to_bytes, serving_bytes
-from .model import bt_loss, grebt_loss, omega
-from .rtecache import RTECache
-from .schemas import PreferencesRequest
 
 __all__ = ["HeadTrainer", "UpdateRefused", "UpdateStats"]
 
@@ -296,7 +297,7 @@ class HeadTrainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), s.train_max_grad_norm)
             self.opt.step()
-        if not head_is_finite(self.head):
+        if not self.head.is_finite():
             raise UpdateRefused("non_finite_weights", "the updated head's weights hold NaN or Inf")
         report = None
         if check:
