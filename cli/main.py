@@ -110,6 +110,7 @@ def _worker(args: argparse.Namespace) -> int:
     from r2m.service.assemble import build_worker, stores
     from r2m.service.engine import build_engine, check_ensemble
     from r2m.service.metrics import WorkerMetrics
+    from r2m.service.update.judge import build_judge
 
     settings = _settings_from(args)
     _log_to_stderr(settings.log_level)
@@ -121,12 +122,13 @@ def _worker(args: argparse.Namespace) -> int:
     _check_model(settings, "worker")
     try:
         check_ensemble(settings)
+        judge = build_judge(settings)  # before the model loads: a judge that cannot be built exits at once
     except ValueError as exc:
         raise SystemExit(f"r2m worker: {exc}") from None
     metrics = WorkerMetrics()
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.host, registry=metrics.registry)
-    worker = build_worker(build_engine(settings), settings, queue, store, metrics)
+    worker = build_worker(build_engine(settings), settings, queue, store, metrics, judge)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -13,6 +13,7 @@ from .headstore import HeadStore, MemoryHeadStore, RedisHeadStore
 from .headsync import HeadSync
 from .metrics import ServiceMetrics, WorkerMetrics
 from .queue import MemoryPreferenceQueue, PreferenceQueue, RedisPreferenceQueue
+from .update.judge import PairJudge, build_judge
 from .update.training import HeadTrainer
 from .update.worker import Worker, WorkerThread
 
@@ -36,16 +37,20 @@ def build_worker(
     queue: PreferenceQueue,
     store: HeadStore,
     metrics: WorkerMetrics,
+    judge: Any = None,
     **overrides: Any,
 ) -> Worker:
     """The update worker on `engine`'s backbone, with the R2M_WORKER_* settings (`overrides`: Worker's own
-    keywords, e.g. a shorter `block_ms` for a worker that shares its process with a server)."""
+    keywords, e.g. a shorter `block_ms` for a worker that shares its process with a server). Its judge: `judge`
+    (a `PairJudge` or a Python judge, e.g. a program's own), else the one R2M_JUDGE names, else none; ValueError
+    naming the setting when that cannot be built."""
     options: dict[str, Any] = {
         "max_batches": settings.worker_max_batches,
         "claim_idle_ms": settings.worker_claim_idle_ms,
         "max_attempts": settings.worker_max_attempts,
     }
-    return Worker(HeadTrainer(engine, settings), queue, store, metrics, **{**options, **overrides})
+    trainer = HeadTrainer(engine, settings, build_judge(settings, judge), metrics)
+    return Worker(trainer, queue, store, metrics, **{**options, **overrides})
 
 
 @dataclass
@@ -59,8 +64,11 @@ class Replica:
     background: list[Any] = field(default_factory=list)  # things with .stop(): the head sync, an embedded worker
 
 
-def start_replica(engine: ScoringEngine, settings: ServiceSettings, metrics: ServiceMetrics) -> Replica:
-    """Start the batcher (in the running event loop), the head sync and, in embedded mode, the update worker."""
+def start_replica(
+    engine: ScoringEngine, settings: ServiceSettings, metrics: ServiceMetrics, judge: PairJudge | None = None
+) -> Replica:
+    """Start the batcher (in the running event loop), the head sync and, in embedded mode, the update worker (with
+    `judge`, built by `build_judge`)."""
     batcher = Batcher(
         engine,
         metrics,
@@ -72,7 +80,7 @@ def start_replica(engine: ScoringEngine, settings: ServiceSettings, metrics: Ser
     store, queue = stores(settings)
     replica = Replica(engine, batcher, store, queue)
     if not settings.redis_url and settings.embedded_worker:
-        worker = build_worker(engine, settings, queue, store, WorkerMetrics(metrics.registry), block_ms=500)
+        worker = build_worker(engine, settings, queue, store, WorkerMetrics(metrics.registry), judge, block_ms=500)
         replica.background.append(WorkerThread(worker).start())
     sync = HeadSync(engine, store, metrics, settings.model, settings.head_poll_s)
     sync.start()

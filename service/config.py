@@ -58,6 +58,12 @@ SETTINGS_GROUPS: dict[str, SettingsGroup] = {
         ("guard", "guard_max_mean_shift", "guard_max_spread_ratio", "guard_min_rank_agreement", "guard_min_items",
          "guard_canary_size"),
     ),
+    "judge": SettingsGroup(
+        "The outside judge the worker asks to label pairs from the posted groups (docs/judge.md).",
+        ("judge", "judge_model", "judge_api_key_env", "judge_pairs", "judge_template", "judge_both_orders",
+         "judge_with_pseudo_labels", "judge_max_tokens", "judge_timeout_s", "judge_deadline_s", "judge_retries",
+         "judge_rpm", "judge_tpm", "judge_concurrency"),
+    ),
     "process": SettingsGroup(
         "Address, logging, shutdown and auth of the processes.",
         ("host", "port", "log_level", "drain_timeout_s", "keep_alive_s", "api_key", "embedded_worker",
@@ -306,6 +312,64 @@ class ServiceSettings(BaseSettings):
     guard_min_items: int = Field(16, ge=2, description="Canary items below which the guard only records its figures.")
     guard_canary_size: int = Field(256, ge=2, description="Recently trained items the guard keeps (a reservoir).")
 
+    # --- judge -------------------------------------------------------------------------------------------------
+    judge: str | None = Field(
+        None,
+        description="Who labels pairs from the posted groups: `openai:<base_url>` (an OpenAI-compatible chat "
+        "endpoint: vLLM, SGLang, TGI, `transformers serve`, a hosted API; e.g. openai:http://vllm:8000/v1), an "
+        "`http(s)://` judge of r2m's pairwise protocol, or `module:function` (a Python callable). Unset: no judge, "
+        "the paper's in-group pseudo-labels only.",
+    )
+    judge_model: str | None = Field(
+        None, description="With an `openai:` judge: the model name its server serves (required there)."
+    )
+    judge_api_key_env: str = Field(
+        "R2M_JUDGE_API_KEY",
+        description="The environment variable holding the `openai:` judge's API key, sent as a Bearer token "
+        "(never logged or shown); unset variable: no key is sent (a local vLLM needs none).",
+    )
+    judge_pairs: int = Field(
+        16,
+        ge=1,
+        description="Pairs the judge labels per preference batch (per RL step): each picked group's best- against "
+        "its worst-scored response by the rewards the worker recomputes, then other pairs of the same groups.",
+    )
+    judge_template: str | None = Field(
+        None,
+        description="A text file with the `openai:` judge's pairwise prompt, holding {prompt}, {response_a} and "
+        "{response_b}; unset: the template shipped with r2m.",
+    )
+    judge_both_orders: bool = Field(
+        True,
+        description="Ask the `openai:` judge each pair in both orders, against position bias; orders that disagree "
+        "are an abstention. Doubles the calls.",
+    )
+    judge_with_pseudo_labels: bool = Field(
+        False,
+        description="With a judge: also train the paper's in-group pseudo-labels (GREBT) beside the judge's labels. "
+        "Off: the judge's labels alone, which is what beat vanilla RL on r2m's own benchmark (docs/judge.md).",
+    )
+    judge_max_tokens: int = Field(
+        4, ge=1, description="Completion tokens an `openai:` judge call may produce (the verdict is one letter)."
+    )
+    judge_timeout_s: float = Field(30.0, gt=0, description="Timeout of one judge request, in seconds.")
+    judge_deadline_s: float = Field(
+        20.0,
+        gt=0,
+        description="Most seconds the judge may take for one update; pairs not labelled by then count as failed and "
+        "the update trains on what it has. Keep it below R2M_WORKER_CLAIM_IDLE_MS, after which another worker "
+        "takes the batch over.",
+    )
+    judge_retries: int = Field(
+        3, ge=0, description="Retries of a judge request on 429, 5xx and connection errors (exponential backoff, "
+        "honouring Retry-After).",
+    )
+    judge_rpm: int = Field(0, ge=0, description="Judge requests per minute this process sends at most (0: no limit).")
+    judge_tpm: int = Field(
+        0, ge=0, description="Judge tokens (prompt + completion) per minute this process spends at most (0: no limit)."
+    )
+    judge_concurrency: int = Field(8, ge=1, description="Judge requests (or Python judge calls) in flight at once.")
+
     # --- process -----------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address `r2m serve` binds (and `r2m worker`'s /metrics).")
     port: int = Field(8000, ge=0, le=65535, description="Port `r2m serve` binds.")
@@ -344,6 +408,29 @@ class ServiceSettings(BaseSettings):
     def _check_heads(self) -> ServiceSettings:
         if self.attn_dim % self.attn_heads:
             raise ValueError(f"R2M_ATTN_DIM={self.attn_dim} must be divisible by R2M_ATTN_HEADS={self.attn_heads}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_judge(self) -> ServiceSettings:
+        spec = self.judge
+        if spec is None:
+            return self
+        if spec.startswith("openai:"):
+            if not spec.removeprefix("openai:").startswith(("http://", "https://")):
+                raise ValueError(f"R2M_JUDGE={spec!r}: give openai:<base_url>, e.g. openai:http://vllm-host:8000/v1")
+            if not self.judge_model:
+                raise ValueError("R2M_JUDGE_MODEL: the openai: judge needs the model name its server serves")
+        elif not spec.startswith(("http://", "https://")):
+            module, sep, name = spec.partition(":")
+            if not (sep and module and name):
+                raise ValueError(
+                    f"R2M_JUDGE={spec!r}: give openai:<base_url>, an http(s):// judge URL or module:function"
+                )
+        if self.judge_deadline_s * 1000 >= self.worker_claim_idle_ms:
+            raise ValueError(
+                f"R2M_JUDGE_DEADLINE_S={self.judge_deadline_s} must stay below R2M_WORKER_CLAIM_IDLE_MS="
+                f"{self.worker_claim_idle_ms} ms, or another worker takes a batch over while it is being judged"
+            )
         return self
 
     @model_validator(mode="after")

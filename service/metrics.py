@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["FAILURE_REASONS", "ServiceMetrics", "WorkerMetrics"]
+__all__ = ["FAILURE_REASONS", "JUDGE_OUTCOMES", "JUDGE_PAIR_RESULTS", "JUDGE_UPDATE_RESULTS", "ServiceMetrics",
+           "WorkerMetrics"]
 
 # Why an update was refused or a batch given up on: the label values of the refusal and dead-letter counters, all
 # exported from the start (at 0) so that dashboards and alerts see them before the first failure.
@@ -19,7 +20,15 @@ FAILURE_REASONS = (
     "guard_rank",
     "update_error",
     "undecodable",
+    "judge_unavailable",
 )
+
+# A judge request's outcome: a verdict (ok), the judge's own abstention, an answer that holds no verdict (garbage),
+# a failure (error: connection, timeout, 4xx/5xx) or a 429 or the client-side rate limit's refusal (rate_limited).
+JUDGE_OUTCOMES = ("ok", "abstain", "garbage", "error", "rate_limited")
+# What became of a pair the judge was asked about, and of an update with a judge.
+JUDGE_PAIR_RESULTS = ("labelled", "abstained", "failed")
+JUDGE_UPDATE_RESULTS = ("trained", "pseudo_labels_only", "nothing_to_train", "judge_unavailable")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -205,3 +214,63 @@ class WorkerMetrics:
         for reason in FAILURE_REASONS:
             self.refused.labels(reason)
             self.dead_letters.labels(reason)
+        self._judge(r)
+
+    def _judge(self, r: CollectorRegistry) -> None:
+        self.judge_requests = Counter(
+            "r2m_judge_requests_total",
+            "Judge requests (an HTTP call, or one call of a Python judge) by outcome: ok, abstain, garbage, error, "
+            "rate_limited.",
+            ["outcome"],
+            registry=r,
+        )
+        self.judge_latency = Histogram(
+            "r2m_judge_request_duration_seconds", "Time of one judge request.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.judge_tokens = Counter(
+            "r2m_judge_tokens_total", "Tokens an OpenAI-compatible judge reported using, by kind.", ["kind"], registry=r
+        )
+        self.judge_pairs = Counter(
+            "r2m_judge_pairs_total", "Pairs the judge was asked about, by result.", ["result"], registry=r
+        )
+        self.judge_cached = Counter(
+            "r2m_judge_cached_pairs_total",
+            "Pairs answered from the verdicts already paid for (a retried or re-merged batch).",
+            registry=r,
+        )
+        self.judge_order_disagreements = Counter(
+            "r2m_judge_order_disagreements_total",
+            "Pairs whose two orders got opposite verdicts (position bias; counted as abstentions).",
+            registry=r,
+        )
+        self.judge_batch_labels = Histogram(
+            "r2m_judge_batch_labels", "Judge labels per preference batch.", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.judge_batch_abstentions = Histogram(
+            "r2m_judge_batch_abstentions", "Judge abstentions per preference batch.", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.judge_surprises = Counter(
+            "r2m_judge_surprises_total",
+            "Labelled pairs where the judge prefers the response the served head scored lower (over "
+            "r2m_judge_pairs_total{result=\"labelled\"}: the reward model's surprise rate).",
+            registry=r,
+        )
+        self.judge_surprise_rate = Gauge(
+            "r2m_judge_surprise_rate", "The last update's share of labels against the served head's order.", registry=r
+        )
+        self.judge_updates = Counter(
+            "r2m_judge_updates_total",
+            "Updates with a judge, by result: trained (on judge labels), pseudo_labels_only (judge failed, "
+            "pseudo-labels trained), nothing_to_train (every pair abstained: acknowledged, no version), "
+            "judge_unavailable (refused: retried, then a dead letter).",
+            ["result"],
+            registry=r,
+        )
+        for outcome in JUDGE_OUTCOMES:
+            self.judge_requests.labels(outcome)
+        for kind in ("prompt", "completion"):
+            self.judge_tokens.labels(kind)
+        for result in JUDGE_PAIR_RESULTS:
+            self.judge_pairs.labels(result)
+        for result in JUDGE_UPDATE_RESULTS:
+            self.judge_updates.labels(result)

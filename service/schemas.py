@@ -344,3 +344,8 @@ class InfoResponse(BaseModel):
     head_version: int
     auth: bool
     model_info: dict[str, Any] = Field(default_factory=dict)
+    judge: dict[str, Any] | None = Field(
+        None,
+        description="The worker's judge (R2M_JUDGE): kind, model, pairs per batch, both orders, with pseudo-labels, "
+        "rate limits; never its key. None: no judge.",
+    )

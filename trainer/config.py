@@ -100,21 +100,24 @@ class TrainConfig:
     judge: str | None = field(
         default=None,
         metadata={
-            "help": "The outside judge of --reward-mode r2m-judge / head-judge: module:function (a Python callable "
-            "f(prompt, response_a, response_b) -> bool or P(a is better)) or an http(s) URL (r2m.trainer.judge)."
+            "help": "The outside judge of --reward-mode r2m-judge / head-judge: 'service' (post the groups; the "
+            "service's judge, R2M_JUDGE, labels them), module:function (a Python callable f(prompt, response_a, "
+            "response_b) -> bool or P(a is better)), an http(s) URL, or openai:<base_url> (an OpenAI-compatible "
+            "endpoint, configured by the R2M_JUDGE_* variables); all but 'service' judge here (r2m.trainer.judge)."
         },
     )
     judge_pairs_per_step: int = field(
         default=4,
         metadata={
             "help": "Pairs from each step's groups the judge labels: each picked group's best- vs worst-scored "
-            "response, groups at random."
+            "response, groups at random (with --judge service: R2M_JUDGE_PAIRS on the service)."
         },
     )
     judge_with_groups: bool = field(
         default=False,
         metadata={
-            "help": "With a judge mode: also post the groups for the in-group pseudo-labels (beside, not instead)."
+            "help": "With a judge mode: also post the groups for the in-group pseudo-labels (beside, not instead; "
+            "with --judge service the groups are posted anyway and R2M_JUDGE_WITH_PSEUDO_LABELS decides)."
         },
     )
     local_feedback: Literal["auto", "on", "off"] = field(
@@ -171,7 +174,7 @@ class TrainConfig:
     sends_hidden: bool = field(init=False, metadata={"help": "Whether /score gets hidden states (or noise)."})
     posts_groups: bool = field(init=False, metadata={"help": "Whether groups are posted to /preferences."})
     posts_pairs: bool = field(init=False, metadata={"help": "Whether labelled pairs are posted to /preferences."})
-    posts_judged: bool = field(init=False, metadata={"help": "Whether judge-labelled pairs are posted."})
+    posts_judged: bool = field(init=False, metadata={"help": "Whether the trainer judges and posts labelled pairs."})
     posts_preferences: bool = field(init=False, metadata={"help": "Whether anything is posted to /preferences."})
     schedule_steps: int = field(init=False, metadata={"help": "T sent to the service for the omega schedule."})
 
@@ -230,9 +233,12 @@ class TrainConfig:
         need(self.omega_steps >= 0, "omega_steps", "must be >= 0 (0: the run's --steps)")
         self.batch_size = self.prompts_per_step * self.group_size
         self.sends_hidden = self.reward_mode in ("r2m", "r2m-frozen", "r2m-noise", "r2m-pairs", "r2m-judge")
-        self.posts_groups = self.reward_mode in ("r2m", "r2m-noise", "head-only") or (judged and self.judge_with_groups)
+        on_service = judged and self.judge == "service"  # the service's judge labels the posted groups
+        self.posts_groups = self.reward_mode in ("r2m", "r2m-noise", "head-only") or (
+            judged and (self.judge_with_groups or on_service)
+        )
         self.posts_pairs = self.reward_mode == "r2m-pairs"
-        self.posts_judged = judged
+        self.posts_judged = judged and not on_service
         self.posts_preferences = self.posts_groups or self.posts_pairs or judged
         self.schedule_steps = self.omega_steps or self.steps
 

@@ -25,6 +25,7 @@ from ..engine import ScoringEngine, build_engine, check_ensemble
 from ..errors import BadInput
 from ..metrics import ServiceMetrics
 from ..schemas import EmbedRequest, PreferencesRequest, ReplayRequest, RollbackRequest, ScoreRequest
+from ..update.judge import build_judge, judge_info
 from . import embed, get_reward, heads, health, preferences, score
 from .deps import ServiceState
 from .drain import EXIT_GRACE_S
@@ -39,15 +40,24 @@ log = logging.getLogger("r2m.service")
 _BODY_MODELS = (ScoreRequest, EmbedRequest, PreferencesRequest, GetRewardRequest, RollbackRequest, ReplayRequest)
 
 
-def create_app(settings: ServiceSettings | None = None, engine: ScoringEngine | None = None) -> FastAPI:
+def create_app(
+    settings: ServiceSettings | None = None, engine: ScoringEngine | None = None, judge: Any = None
+) -> FastAPI:
     """The reward server. With `engine` given it is ready at once; otherwise the model loads in the background
-    after start-up, /healthz answers meanwhile and /readyz says 503 until it is loaded."""
+    after start-up, /healthz answers meanwhile and /readyz says 503 until it is loaded. `judge`: the embedded
+    worker's judge (a Python judge or a `PairJudge`) instead of the one R2M_JUDGE names."""
     settings = settings or ServiceSettings()
     check_ensemble(settings)  # a misconfigured ensemble fails here, before the model loads
     state = ServiceState(settings=settings, metrics=ServiceMetrics())
+    pair_judge = None
+    if not settings.redis_url and settings.embedded_worker:
+        pair_judge = build_judge(settings, judge)  # a judge that cannot be built fails here too
+    elif judge is not None:
+        log.warning("a judge was given, but this replica runs no worker: the judge of `r2m worker` labels the pairs")
+    state.judge_info = judge_info(settings, pair_judge)
 
     def install(m: ScoringEngine) -> None:
-        replica = start_replica(m, settings, state.metrics)
+        replica = start_replica(m, settings, state.metrics, pair_judge)
         state.engine, state.batcher = m, replica.batcher
         state.store, state.queue = replica.store, replica.queue
         state.background.extend(replica.background)

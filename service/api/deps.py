@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -49,8 +49,11 @@ class ServiceState:
     queue: PreferenceQueue | None = None
     background: list = field(default_factory=list)  # things with .stop(timeout), stopped at shutdown
     draining: bool = False  # SIGTERM came: finishing what was accepted, then exiting
+    requests: int = 0  # HTTP requests that reached the gate (`RequestGate`), and those in flight now
+    in_flight: int = 0
     drain: Drain | None = None  # the drain's deadlines and the requests in flight (`api.drain`)
     on_fatal: Callable[[str], None] | None = None  # how the process ends when the model cannot load (`r2m serve`)
+    judge_info: dict[str, Any] | None = None  # what /info shows of the judge (`update.judge.judge_info`)
 
 
 async def get_state(request: Request) -> ServiceState:

@@ -67,4 +67,5 @@ def info(state: StateDep, engine: EngineDep) -> InfoResponse:
         head_version=engine.current.version,
         auth=s.api_key is not None,
         model_info=b.info,
+        judge=state.judge_info,
     )

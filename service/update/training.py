@@ -1,6 +1,10 @@
 """One R2M optimisation phase (docs/method.md, "Updating"): preference batches in, GREBT steps on the feedback attention
 and the score head, a candidate head out. The worker loop (`r2m.service.update.worker`) decides what to do with it.
 
+With a judge (`r2m.service.update.judge`), each batch's groups also yield judge-labelled pairs, picked by the rewards
+the current head recomputes here; they train as labelled pairs, with the paper's pseudo-labels beside them or not
+(R2M_JUDGE_WITH_PSEUDO_LABELS).
+
 The backbone is frozen, so a text's reward-token embedding never changes: `RTECache` keeps them by text hash, and
 on a miss the tokens the API already computed (queued beside the batch) go straight to the backbone.
 """
@@ -20,13 +24,15 @@ from ..backbone import Encoded
 from ..config import ServiceSettings
 from ..engine import ScoringEngine
 from ..headcodec import head_from_bytes, head_to_bytes, optimizer_from_bytes, optimizer_to_bytes, serving_bytes
+from ..metrics import WorkerMetrics
 from ..model import bt_loss, grebt_loss, omega
 from ..rtecache import RTECache
 from ..schemas import PreferencesRequest
 from ..scoring import aggregate, pad_hidden, score_rte
 from .guard import CanaryItem, CanarySet, GuardReport, guard_report
+from .judge import BatchGroups, JudgeReport, PairJudge, PairLabeller
 
-__all__ = ["HeadTrainer", "UpdateRefused", "UpdateStats"]
+__all__ = ["HeadTrainer", "NothingToTrain", "UpdateRefused", "UpdateStats"]
 
 log = logging.getLogger("r2m.worker")
 
@@ -42,6 +48,15 @@ class UpdateRefused(Exception):
         self.report = report
 
 
+class NothingToTrain(Exception):
+    """The judge abstained on every pair of a batch that has nothing else to train (judge labels only): the batch is
+    done, with no new version."""
+
+    def __init__(self, judge: JudgeReport) -> None:
+        super().__init__(f"the judge abstained on all {judge.asked} pairs")
+        self.judge = judge
+
+
 @dataclass
 class UpdateStats:
     loss: float
@@ -55,6 +70,7 @@ class UpdateStats:
     rte_hits: int = 0
     rte_misses: int = 0
     guard: GuardReport | None = None
+    judge: JudgeReport | None = None  # the batches' judge figures, summed; None without a judge
 
     def loss_dict(self) -> dict[str, float]:
         return {"grebt": self.loss, "bt": self.bt, "gre": self.gre, "pair_bt": self.pair_bt}
@@ -72,6 +88,7 @@ class _Flat:
     groups: list[range] = field(default_factory=list)
     given: list[list[float] | None] = field(default_factory=list)
     pairs: list[tuple[int, int]] = field(default_factory=list)
+    by_request: list[list[range]] = field(default_factory=list)  # each request's groups
 
 
 def _flatten(
@@ -85,10 +102,12 @@ def _flatten(
         assert tokens is None or len(tokens) == len(texts), (len(tokens), len(texts))
         base = len(flat.prompts)
         hidden: list[torch.Tensor | None] = []
+        flat.by_request.append([])
         for g in req.groups:
             start = base + len(hidden)
             hidden += [t.to_torch() for t in g.hidden] if g.hidden is not None else [None] * len(g.responses)
             flat.groups.append(range(start, base + len(hidden)))
+            flat.by_request[-1].append(flat.groups[-1])
             flat.given.append(list(g.rewards) if g.rewards is not None else None)
         for p in req.pairs:
             n = base + len(hidden)
@@ -103,11 +122,19 @@ def _flatten(
 
 
 class HeadTrainer:
-    """The trainable head and its optimizer, on top of the frozen backbone of `engine`."""
+    """The trainable head and its optimizer, on top of the frozen backbone of `engine`; with `judge`, the judge that
+    labels pairs of the batches' groups (its requests counted in `metrics`)."""
 
-    def __init__(self, engine: ScoringEngine, settings: ServiceSettings) -> None:
+    def __init__(
+        self,
+        engine: ScoringEngine,
+        settings: ServiceSettings,
+        judge: PairJudge | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
+        self.labeller = PairLabeller(judge, settings, metrics) if judge is not None else None
         device = engine.backbone.device
         self.head = engine.initial_head().to(device).train()
         self.opt = self._optimizer()
@@ -152,28 +179,29 @@ class HeadTrainer:
     def _member_loss(
         self,
         rewards: torch.Tensor,
-        flat: _Flat,
+        groups: Sequence[range],
+        pairs: Sequence[tuple[int, int]],
         rank_by: list[torch.Tensor] | None,
         group_w: torch.Tensor | None,
         pair_w: torch.Tensor | None,
         device: torch.device,
     ) -> tuple[torch.Tensor, float, float, float]:
-        """One member's loss on the batch (GREBT on the groups, BT on the pairs, weighted by their counts) and its
+        """One member's loss on the batch (GREBT on `groups`, BT on `pairs` of rows, weighted by their counts) and its
         BT, GRE and pair-BT terms."""
         terms: list[torch.Tensor] = []
         counts: list[int] = []
         bt = gre = pair_bt = 0.0
-        if flat.groups:
-            groups = [rewards[r.start : r.stop] for r in flat.groups]
-            g = grebt_loss(groups, alpha=self.settings.grebt_alpha, rank_by=rank_by, weights=group_w)
+        if groups:
+            rows = [rewards[r.start : r.stop] for r in groups]
+            g = grebt_loss(rows, alpha=self.settings.grebt_alpha, rank_by=rank_by, weights=group_w)
             terms.append(g.total)
-            counts.append(len(flat.groups))
+            counts.append(len(groups))
             bt, gre = g.bt.item(), g.gre.item()
-        if flat.pairs:
-            idx = torch.tensor(flat.pairs, device=device)
+        if pairs:
+            idx = torch.tensor(pairs, device=device)
             pair = bt_loss(rewards[idx[:, 0]], rewards[idx[:, 1]], pair_w)
             terms.append(pair)
-            counts.append(len(flat.pairs))
+            counts.append(len(pairs))
             pair_bt = pair.item()
         loss = torch.stack([t * n for t, n in zip(terms, counts)]).sum() / sum(counts)
         return loss, bt, gre, pair_bt
@@ -236,19 +264,61 @@ class HeadTrainer:
                     self.cache.put(keys[i], fresh[j].detach().clone())
         return torch.stack(out)  # type: ignore[arg-type]
 
+    def _judge(
+        self,
+        flat: _Flat,
+        batch_ids: Sequence[str],
+        forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+        rank_given: bool,
+    ) -> tuple[list[tuple[int, int]], JudgeReport | None]:
+        """The judge's labelled pairs of rows from the batches' groups, picked by the rewards the current head gives
+        them (or by the rewards the groups carried, R2M_RANK_BY=given). UpdateRefused(`judge_unavailable`) when a
+        batch that has only the judge's labels to train got none because the judge failed (a retry may get some)."""
+        if self.labeller is None or not flat.groups:
+            return [], None
+        with torch.no_grad():
+            out = self.head(*forward[:4], with_feedback=forward[4])  # (N,), or (N, M) for an ensemble
+            if out.ndim == 2:
+                out = aggregate(out, self.engine.aggregation, self.engine.uwo_lambda)[0]
+        served = out.float().cpu().tolist()
+        ranking = list(served)
+        if rank_given:
+            for rows, given in zip(flat.groups, flat.given):
+                for r, v in zip(rows, given or []):
+                    ranking[r] = v
+        batches = [BatchGroups(b, groups) for b, groups in zip(batch_ids, flat.by_request)]
+        judged, reports = self.labeller.label(batches, flat.prompts, flat.responses, ranking, served)
+        total = JudgeReport()
+        for report in reports:
+            total.add(report)
+        if not self.settings.judge_with_pseudo_labels:
+            failed = [b.batch_id for b, rep in zip(batches, reports) if rep.unavailable]
+            if failed:
+                raise UpdateRefused(
+                    "judge_unavailable",
+                    f"the judge gave no label for batch(es) {', '.join(failed)} ({total.failed} of {total.asked} pairs "
+                    "failed: connection, timeout, 429/5xx after retries, or R2M_JUDGE_DEADLINE_S)",
+                )
+        return judged, total
+
     def update(
         self,
         requests: Sequence[PreferencesRequest],
         use_cache: bool = True,
         encoded: Sequence[list[Encoded] | None] | None = None,
+        batch_ids: Sequence[str] | None = None,
     ) -> UpdateStats:
-        """One R2M optimisation phase on the batches' groups (GREBT) and labelled pairs (BT).
+        """One R2M optimisation phase on the batches' groups (GREBT), labelled pairs (BT) and, with a judge, the
+        judge's labelled pairs of the groups (BT; the groups' GREBT only with R2M_JUDGE_WITH_PSEUDO_LABELS).
 
         `encoded[i]`: the tokens of `requests[i].texts()` as the API computed them (None: tokenize here).
+        `batch_ids[i]`: the queue's id of `requests[i]` (default: its own), which seeds the judge's pair choice.
 
-        Raises UpdateRefused when a loss or the updated weights are non-finite, or the guard refuses the candidate
-        (R2M_GUARD_*); the head is then left in an unknown state, and the caller reloads it from the store before
-        training again. After a publish, `commit()` adds the batch's items to the guard's canary.
+        Raises UpdateRefused when a loss or the updated weights are non-finite, the guard refuses the candidate
+        (R2M_GUARD_*), or the judge failed a batch it alone trains (`judge_unavailable`); the head is then left in an
+        unknown state, and the caller reloads it from the store before training again. Raises NothingToTrain when the
+        judge abstained on everything and nothing else trains. After a publish, `commit()` adds the batch's items to
+        the guard's canary.
         """
         started = time.perf_counter()
         hits, misses = self.cache.hits, self.cache.misses
@@ -264,6 +334,13 @@ class HeadTrainer:
             h_pad, mask = pad_hidden([h for h, u in zip(flat.hidden, use) if u and h is not None], None, device)
             sel = torch.tensor(use, device=device)
         rank_given = s.rank_by == "given" and all(g is not None for g in flat.given)
+        ids = list(batch_ids) if batch_ids is not None else [r.batch_id or str(i) for i, r in enumerate(requests)]
+        judged, judge = self._judge(flat, ids, (rte, w, h_pad, mask, sel), rank_given)
+        groups = flat.groups if self.labeller is None or s.judge_with_pseudo_labels else []
+        pairs = flat.pairs + judged
+        if not groups and not pairs:
+            assert judge is not None  # a batch holds a group or a pair, so only a judge-only update gets here
+            raise NothingToTrain(judge)
         self._trained = [
             CanaryItem(rte[i].detach().cpu(), h, wi) for i, (h, wi) in enumerate(zip(flat.hidden, flat.weights))
         ]
@@ -272,13 +349,15 @@ class HeadTrainer:
         members = self.engine.head_config.members
         boot: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)]
         if members > 1:
-            boot = list(self._bootstrap(len(flat.groups), len(flat.pairs), requests))
-        rank_by = [torch.tensor(g, device=device) for g in flat.given] if rank_given else None
+            boot = list(self._bootstrap(len(groups), len(pairs), requests))
+        rank_by = [torch.tensor(g, device=device) for g in flat.given] if rank_given and groups else None
         first: dict[str, float] = {}
         for step in range(s.train_steps):
             out = self.head(rte, w, h_pad, mask, with_feedback=sel)  # (N,), or (N, M) for an ensemble
             cols = [out] if out.ndim == 1 else list(out.unbind(1))
-            parts = [self._member_loss(r, flat, rank_by, boot[m][0], boot[m][1], device) for m, r in enumerate(cols)]
+            parts = [
+                self._member_loss(r, groups, pairs, rank_by, boot[m][0], boot[m][1], device) for m, r in enumerate(cols)
+            ]
             loss = torch.stack([p[0] for p in parts]).mean()  # each member on its own resample of the batch
             if not math.isfinite(loss.item()):
                 raise UpdateRefused("non_finite_loss", f"GREBT loss {loss.item()} at optimizer step {step}")
@@ -308,8 +387,9 @@ class HeadTrainer:
         return UpdateStats(
             **first,
             guard=report,
-            groups=len(flat.groups),
-            pairs=len(flat.pairs),
+            judge=judge,
+            groups=len(groups),
+            pairs=len(pairs),
             seconds=time.perf_counter() - started,
             rte_hits=self.cache.hits - hits,
             rte_misses=self.cache.misses - misses,

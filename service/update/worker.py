@@ -24,7 +24,7 @@ from ..headstore import Conflict, HeadStore, StoreUnavailable
 from ..metrics import WorkerMetrics
 from ..queue import Message, PreferenceQueue, QueueUnavailable
 from ..schemas import PreferencesRequest
-from .training import HeadTrainer, UpdateRefused, UpdateStats
+from .training import HeadTrainer, NothingToTrain, UpdateRefused, UpdateStats
 
 __all__ = ["Batch", "Worker", "WorkerThread", "decode_batch"]
 
@@ -118,6 +118,8 @@ class Worker:
             }
             if stats.guard is not None:
                 meta["guard"] = stats.guard.figures()
+            if stats.judge is not None:
+                meta["judge"] = stats.judge.figures()
         return meta
 
     def _next_messages(self) -> list[Message]:
@@ -181,12 +183,22 @@ class Worker:
                 return 0
             try:
                 todo = list(batches.values())
-                stats = self.trainer.update([b.request for b in todo], encoded=[b.encoded for b in todo])
+                stats = self.trainer.update(
+                    [b.request for b in todo], encoded=[b.encoded for b in todo], batch_ids=list(batches)
+                )
             except (QueueUnavailable, StoreUnavailable):
                 raise
+            except NothingToTrain as nothing:
+                # Every pair abstained and nothing else trains: the batches are done, and no version is published.
+                self.queue.ack(ids(batches))
+                self.metrics.judge_updates.labels("nothing_to_train").inc()
+                log.info("batches %s: %s; nothing to train, acknowledged", sorted(batches), nothing)
+                return 0
             except UpdateRefused as exc:
                 self.trainer.version = None  # the local head is spoilt: reload the served one before the next update
                 self.metrics.refused.labels(exc.reason).inc()
+                if exc.reason == "judge_unavailable":
+                    self.metrics.judge_updates.labels("judge_unavailable").inc()
                 log.error("not publishing the update of batches %s: %s", sorted(batches), exc)
                 self._record_refusal(exc, list(batches))
                 raise _UpdateFailed(exc.reason, exc.detail) from exc
@@ -213,8 +225,9 @@ class Worker:
             self.queue.ack(ids(batches))
             self._observe_update(stats, len(batches), meta["version"])
             g = stats.guard
+            j = stats.judge
             log.info(
-                "version %d: %d batches, %d groups, %d pairs, loss %.4f (bt %.4f, gre %.4f), %.2f s%s",
+                "version %d: %d batches, %d groups, %d pairs, loss %.4f (bt %.4f, gre %.4f), %.2f s%s%s",
                 meta["version"],
                 len(batches),
                 stats.groups,
@@ -226,6 +239,10 @@ class Worker:
                 f"; guard: shift {g.mean_shift:+.2f}, spread {g.spread_ratio:.2f}, rank {g.rank_agreement:.2f} "
                 f"on {g.items} items"
                 if g is not None
+                else "",
+                f"; judge: {j.labels} labels, {j.abstained} abstained, {j.failed} failed of {j.asked} pairs "
+                f"in {j.seconds:.1f} s"
+                if j is not None
                 else "",
             )
             return len(batches)
@@ -280,6 +297,8 @@ class Worker:
         m.version.set(version)
         m.cache_hits.inc(stats.rte_hits)
         m.cache_misses.inc(stats.rte_misses)
+        if stats.judge is not None and stats.judge.asked:
+            m.judge_updates.labels("trained" if stats.judge.labels else "pseudo_labels_only").inc()
         if stats.guard is not None:
             m.guard_mean_shift.set(stats.guard.mean_shift)
             m.guard_spread_ratio.set(stats.guard.spread_ratio)
