@@ -4,10 +4,16 @@ PY := $(VENV)/bin/python
 # torch first, pinned: on CPU machines pip takes the local CPU build; a looser spec can pull multi-GB CUDA wheels.
 TORCH ?= torch==2.13.0
 
+# Serving: the package and its runtime dependencies only.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# Testing: the test toolchain on top (pyproject's `test` extra).
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test]"
 	# The peers' own client code for the integration tests; --no-deps: their pins (flash-attn, deepspeed, ray,
 	# an older transformers) are for training clusters, and the tests import only their HTTP clients.
@@ -18,8 +24,9 @@ $(VENV)/.installed: pyproject.toml
 TREE := build/import-tree
 PARTS := client data service trainer experiments cli
 
-.PHONY: install serve test lint typecheck layers tree
+.PHONY: install install-test serve test lint typecheck layers tree
 install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
 
 tree:
 	@mkdir -p $(TREE)/r2m
@@ -28,13 +35,13 @@ tree:
 serve: install  ## the reward server on embedded defaults (bundled model, CPU, http://127.0.0.1:8000)
 	$(VENV)/bin/r2m serve
 
-lint: install layers typecheck  ## ruff, the layering contracts and the type check
+lint: install-test layers typecheck  ## ruff, the layering contracts and the type check
 	$(VENV)/bin/ruff check .
 
-layers: install tree  ## the top folders depend one way; the client and the data package stay light
+layers: install-test tree  ## the top folders depend one way; the client and the data package stay light
 	PYTHONPATH=$(TREE) $(VENV)/bin/lint-imports --no-cache
 
-typecheck: install tree  ## mypy over the client, the service, the trainer and the command line (and what they import)
+typecheck: install-test tree  ## mypy over the client, the service, the trainer and the command line (and what they import)
 	cd $(TREE) && MYPYPATH=. $(abspath $(VENV))/bin/mypy --config-file $(abspath pyproject.toml) \
 		--python-executable $(abspath $(PY)) --cache-dir $(abspath build/mypy-cache) \
 		-p r2m.client -p r2m.service -p r2m.trainer -p r2m.cli
