@@ -7,8 +7,15 @@
 The loop is in `r2m.trainer.grpo` (its docstring lists the phases); `r2m train --help` has every setting.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import ADVANTAGES, REWARD_MODES, TrainConfig, load_prompts
-from .grpo import GRPOTrainer, Rollout, group_advantages, sequence_forward, train
+
+if TYPE_CHECKING:
+    from .grpo import GRPOTrainer, Rollout, group_advantages, sequence_forward, train
 
 __all__ = [
     "ADVANTAGES",
@@ -21,3 +28,13 @@ __all__ = [
     "sequence_forward",
     "train",
 ]
+
+# The loop imports torch (seconds); the config does not. `r2m --help` builds its flags from the config, so the loop
+# loads on first use.
+_LAZY = {"GRPOTrainer", "Rollout", "group_advantages", "sequence_forward", "train"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(".grpo", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -60,6 +60,15 @@ def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[s
     assert "usage: r2m" in out
 
 
+def test_help_loads_no_model_library() -> None:
+    """`r2m --help` answers in well under a second: building every command's flags imports no torch or
+    transformers (seconds of imports); the commands import them when they run."""
+    code = "import sys\nfrom r2m.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code += "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 def test_serve_help_shows_every_setting_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
