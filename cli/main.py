@@ -191,19 +191,34 @@ def _fit_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hide_deepspeed() -> None:
+    """Keep deepspeed out of a one-process run. Where it is installed (the test toolchain has it), accelerate's
+    unwrap_model, inside every save_pretrained, imports it, and its import probes the accelerators and warns
+    "Setting accelerator to CPU". Python reports a module that sys.modules maps to None as not installed."""
+    if "deepspeed" not in sys.modules:
+        sys.modules["deepspeed"] = None  # type: ignore[assignment]
+
+
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
     from r2m.trainer import TrainConfig, train
+    from r2m.trainer.grpo import SetupError
 
     overrides = dest_values(args, (f.name for f in dataclasses.fields(TrainConfig) if f.init))
-    _log_to_stderr("info")
     try:
         config = TrainConfig(**overrides, api_key=os.environ.get("R2M_API_KEY") or None)
     except ValueError as exc:
         raise SystemExit(f"r2m train: invalid settings: {exc}") from None
-    last = train(config)
+    _log_to_stderr(config.log_level)
+    if config.log_level != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO line per request breaks the progress bar
+    _hide_deepspeed()
+    try:
+        last = train(config)
+    except SetupError as exc:  # found before anything was loaded or written
+        raise SystemExit(f"r2m train: {exc}") from None
     print(json.dumps({k: v for k, v in last.items() if k != "rewards"}, indent=2))
     print(f"wrote {config.out_dir}")
     return 0

@@ -22,7 +22,7 @@ ADVANTAGES: tuple[str, ...] = typing.get_args(Advantage)
 REWARD_MODES: tuple[str, ...] = typing.get_args(RewardMode)
 
 # Fields that may differ between a run and its resumption: where the service is, and the flag itself.
-RESUMABLE_CHANGES = frozenset({"server_url", "api_key", "resume", "device"})
+RESUMABLE_CHANGES = frozenset({"server_url", "api_key", "resume", "device", "log_level"})
 
 
 @dataclass
@@ -151,15 +151,19 @@ class TrainConfig:
     rollout: Literal["hf", "vllm"] = field(
         default="hf",
         metadata={
-            "help": "Rollout engine: 'hf' (Hugging Face generate, CPU or GPU) or 'vllm' (pip install 'r2m[vllm]', "
-            "CUDA only; a vLLM copy of the policy follows the trained weights each step). Old log-probs and the "
-            "hidden states sent to the service come from the trainer's own forward either way."
+            "help": "Rollout engine: 'hf' (Hugging Face generate, CPU or GPU) or 'vllm' (pip install -e '.[vllm]' "
+            "in the checkout; CUDA only; a vLLM copy of the policy follows the trained weights each step). Old "
+            "log-probs and the hidden states sent to the service come from the trainer's own forward either way."
         },
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "With rollout='vllm': share of the GPU vLLM may take (weights + KV cache)."}
     )
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+    log_level: Literal["debug", "info", "warning", "error"] = field(
+        default="info",
+        metadata={"help": "Log level on stderr; httpx's line per request shows at 'debug' only (it breaks the bar)."},
+    )
     log_plain_rewards: bool = field(
         default=False,
         metadata={
@@ -209,6 +213,7 @@ class TrainConfig:
         need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "choose float32, bfloat16 or float16")
         need(self.rollout in ("hf", "vllm"), "rollout", "choose hf or vllm")
         need(self.local_feedback in ("auto", "on", "off"), "local_feedback", "choose auto, on or off")
+        need(self.log_level in ("debug", "info", "warning", "error"), "log_level", "choose debug, info, warning, error")
         need(self.rollout != "vllm" or self.device != "cpu", "rollout", "vLLM rollouts need a CUDA device (device=cpu)")
         need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "must be in (0, 1)")
         need(

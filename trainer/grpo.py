@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import time
 import uuid
@@ -49,8 +51,13 @@ __all__ = [
     "Feedback",
     "GRPOTrainer",
     "Rollout",
+    "SetupError",
+    "check_service",
+    "default_client",
     "group_advantages",
     "noise_like",
+    "policy_hidden_size",
+    "preflight",
     "sequence_forward",
     "train",
 ]
@@ -204,7 +211,6 @@ class GRPOTrainer:
         # ---------------------------------------------------------------------------------------------- setup --
         self.config = c = config
         self.out_dir = Path(c.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         if c.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
@@ -218,13 +224,6 @@ class GRPOTrainer:
         self.judge = judge
 
         checkpoint = self._checkpoint_to_resume()
-        # One id per run, kept in out_dir: a resumed step that posts its groups again reuses the step's batch id,
-        # which the service trains only once; a new run in a fresh out_dir gets new ids.
-        run_id_path = self.out_dir / "run_id"
-        if not run_id_path.exists() or checkpoint is None:
-            run_id_path.write_text(uuid.uuid4().hex[:16])
-        self.run_id = run_id_path.read_text().strip()
-
         self._load_policy(str(checkpoint / "policy") if checkpoint else c.policy)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.start_step = 0
@@ -233,14 +232,16 @@ class GRPOTrainer:
             self.optimizer.load_state_dict(state)
             self.start_step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
             log.info("resumed from %s at step %d", checkpoint, self.start_step)
+        # out_dir is written only once the policy has loaded: a run that cannot start leaves nothing behind.
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # One id per run, kept in out_dir: a resumed step that posts its groups again reuses the step's batch id,
+        # which the service trains only once; a new run in a fresh out_dir gets new ids.
+        run_id_path = self.out_dir / "run_id"
+        if not run_id_path.exists() or checkpoint is None:
+            run_id_path.write_text(uuid.uuid4().hex[:16])
+        self.run_id = run_id_path.read_text().strip()
 
-        if client is None:
-            import os
-
-            from r2m.client import R2MClient
-
-            client = R2MClient(c.server_url, api_key=c.api_key or os.environ.get("R2M_API_KEY") or None)
-        self.client = client
+        self.client = client = default_client(c) if client is None else client
         local = c.local_feedback == "on" or (c.local_feedback == "auto" and local_feedback_default(self.device))
         # Scoring with hidden states goes through the local-feedback wrapper when on; everything else as it is.
         self.feedback_client = LocalFeedbackClient(client, self.device) if local and c.sends_hidden else client
@@ -258,7 +259,7 @@ class GRPOTrainer:
         c = self.config
         checkpoint = self.latest_checkpoint()
         if checkpoint is not None and not c.resume:
-            raise ValueError(
+            raise SetupError(
                 f"out_dir={c.out_dir!r} holds checkpoints of an earlier run; pass resume=True (--resume) to continue "
                 "it, or choose another out_dir"
             )
@@ -267,7 +268,7 @@ class GRPOTrainer:
         if checkpoint is not None:
             saved = TrainConfig.load(checkpoint / "config.json")
             if diff := c.differences(saved):
-                raise ValueError(
+                raise SetupError(
                     f"resume: settings {', '.join(diff)} differ from the checkpoint's {checkpoint / 'config.json'}; "
                     "resume with the same config (or a new out_dir)"
                 )
@@ -693,11 +694,106 @@ class GRPOTrainer:
             close()
 
 
-def train(config: TrainConfig, client: Any = None) -> dict[str, Any]:
-    """Run a whole training (or resume one); returns the last step's metrics."""
-    trainer = GRPOTrainer(config, client)
+# ------------------------------------------------------------------------------- checks before a run spends --
+
+
+class SetupError(ValueError):
+    """A run that cannot start, found before weights load, anything is generated or out_dir is written; the
+    message says which setting to change (`r2m train` prints it as its one line)."""
+
+
+# A Hugging Face hub id: `name` or `owner/name` (huggingface_hub's rule, roughly); a path like ./x or a/b/c is none.
+_HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+
+
+def default_client(config: TrainConfig) -> Any:
+    """The `R2MClient` of `config.server_url`, with its key (or R2M_API_KEY's)."""
+    from r2m.client import R2MClient
+
+    return R2MClient(config.server_url, api_key=config.api_key or os.environ.get("R2M_API_KEY") or None)
+
+
+def policy_hidden_size(policy: str) -> int:
+    """The policy's hidden size (the width of the hidden states it sends), from its config.json alone: a local
+    folder's, or a hub id's from the hub or the local cache."""
+    from transformers import AutoConfig
+
+    path = Path(policy)
+    if not path.exists() and not _HUB_ID.fullmatch(policy):
+        raise SetupError(f"policy={policy!r}: no such folder (give a causal LM's folder or a hub id)")
+    if path.exists() and not (path / "config.json").is_file():
+        raise SetupError(f"policy={policy!r}: no config.json there (give a folder written by save_pretrained)")
     try:
+        config = AutoConfig.from_pretrained(policy)
+    except (OSError, ValueError) as exc:
+        if path.exists():
+            raise SetupError(f"policy={policy!r}: its config.json does not load ({_first_line(exc)})") from None
+        raise SetupError(
+            f"policy={policy!r}: no such folder, and no model of that id this machine can fetch from the Hugging "
+            f"Face hub ({_first_line(exc)})"
+        ) from None
+    width = getattr(config.get_text_config(), "hidden_size", None)
+    if not isinstance(width, int):
+        raise SetupError(f"policy={policy!r}: its config.json gives no hidden_size")
+    return width
+
+
+def check_service(config: TrainConfig, client: Any, hidden_size: int) -> dict[str, Any] | None:
+    """GET /info: the service answers, takes hidden states of the policy's width when the run sends them, and has
+    a judge when the run leaves the judging to it. Returns the service's info (None for a client without `info`,
+    such as a test's stand-in)."""
+    from r2m.client import AuthenticationError, R2MError, ServiceUnavailable, Timeout, TransportError
+
+    if not hasattr(client, "info"):
+        return None
+    url = getattr(client, "base_url", config.server_url)
+    try:
+        info: dict[str, Any] = client.info()
+    except (TransportError, Timeout) as exc:
+        raise SetupError(
+            f"no r2m service at {url} ({_first_line(exc.__cause__ or exc)}): start one with "
+            f"`R2M_POLICY_DIM={hidden_size} r2m serve`, or give --server-url"
+        ) from None
+    except AuthenticationError as exc:
+        raise SetupError(f"the service at {url} refused the key ({exc.status_code}): set R2M_API_KEY") from None
+    except ServiceUnavailable as exc:
+        raise SetupError(f"the service at {url} is not ready ({exc.status_code}): wait for GET /readyz") from None
+    except R2MError as exc:
+        raise SetupError(f"GET {url}/info failed ({_first_line(exc)}): is --server-url an r2m service?") from None
+    served = info.get("policy_dim")
+    if config.sends_hidden and served != hidden_size:
+        raise SetupError(
+            f"the service at {url} takes hidden states of width R2M_POLICY_DIM={served}, but the policy "
+            f"{config.policy!r} has hidden size {hidden_size}: restart the service with R2M_POLICY_DIM={hidden_size}"
+        )
+    if config.judge == SERVICE and config.reward_mode in ("r2m-judge", "head-judge") and not info.get("judge"):
+        raise SetupError(
+            f"judge='service': the service at {url} has no judge; start it with R2M_JUDGE set, or give --judge "
+            "module:function, a URL or openai:<base_url> to judge in the trainer"
+        )
+    return info
+
+
+def preflight(config: TrainConfig, client: Any) -> None:
+    """What `train` checks before it spends: the policy's config.json is there and the service can serve the run
+    (`check_service`). Reads the policy's config only; loads no weights, writes nothing. Raises SetupError."""
+    check_service(config, client, policy_hidden_size(config.policy))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def train(config: TrainConfig, client: Any = None) -> dict[str, Any]:
+    """Check the policy and the service (`preflight`), then run a whole training (or resume one); returns the
+    last step's metrics. Raises SetupError, before anything is loaded or written, when the run cannot start."""
+    own = client is None
+    client = default_client(config) if own else client
+    try:
+        preflight(config, client)
+        trainer = GRPOTrainer(config, client)
         return trainer.run()
     finally:
-        if client is None:
-            trainer.close()
+        if own:
+            client.close()

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from r2m.client import R2MClient
-from r2m.service.launch import Process, start_server
+from r2m.service.launch import Process, free_port, start_server
 from r2m.trainer import GRPOTrainer, TrainConfig, group_advantages, load_prompts, sequence_forward
 
 from ..conftest import save_tiny_policy
@@ -377,6 +377,9 @@ def test_r2m_train_cli_checkpoints_and_resumes(policy_dir: Path, server: Process
     args += ["--out-dir", str(out), "--save-every", "1", "--no-progress", "--advantage", "rloo"]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "HTTP Request" not in done.stderr, "httpx's line per request is off unless --log-level debug"
+    # save_pretrained runs accelerate's unwrap_model, which imports deepspeed where it is installed (as here)
+    assert "accelerator" not in done.stdout + done.stderr, "deepspeed was imported"
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step-000001", "step-000002"]
     last = out / "checkpoints" / "step-000002"
@@ -400,9 +403,47 @@ def test_r2m_train_cli_checkpoints_and_resumes(policy_dir: Path, server: Process
 
     # Resuming with other settings is refused, naming them; so is a fresh run over an earlier run's checkpoints.
     bad = subprocess.run([*args, "--resume", "--group-size", "3"], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "group_size" in bad.stderr
+    assert bad.returncode != 0 and "group_size" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     bad = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "--resume" in bad.stderr
+    assert bad.returncode != 0 and "--resume" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# --- `r2m train` checks before it spends: one line, no traceback, nothing written --------------------------------
+
+
+def refused(policy: str | Path, url: str, out: Path, *flags: str) -> str:
+    """`r2m train` with `policy` against `url`: asserts it failed in one line on stderr and wrote nothing; returns
+    the line."""
+    args = [sys.executable, "-m", "r2m.cli", "train", "--policy", str(policy), "--server-url", url, *flags]
+    args += ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--out-dir", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1, done.stderr[-3000:]
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+    return lines[0]
+
+
+def test_r2m_train_refuses_a_missing_policy(tmp_path: Path):
+    line = refused(tmp_path / "no-such-policy", f"http://127.0.0.1:{free_port()}", tmp_path / "run")
+    assert line.startswith("r2m train: policy=") and "no such folder" in line, line
+
+
+def test_r2m_train_refuses_without_a_service(policy_dir: Path, tmp_path: Path):
+    url = f"http://127.0.0.1:{free_port()}"
+    line = refused(policy_dir, url, tmp_path / "run")
+    assert f"no r2m service at {url}" in line and f"R2M_POLICY_DIM={HIDDEN} r2m serve" in line, line
+
+
+def test_r2m_train_refuses_a_policy_of_another_width(server: Process, tmp_path: Path):
+    wide = save_tiny_policy(tmp_path / "wide", 2 * HIDDEN)
+    line = refused(wide, server.url, tmp_path / "run")
+    assert f"R2M_POLICY_DIM={HIDDEN}" in line and f"hidden size {2 * HIDDEN}" in line, line
+
+
+def test_r2m_train_refuses_a_service_judge_the_service_lacks(policy_dir: Path, server: Process, tmp_path: Path):
+    line = refused(policy_dir, server.url, tmp_path / "run", "--reward-mode", "head-judge", "--judge", "service")
+    assert "has no judge" in line and "R2M_JUDGE" in line, line
 
 
 # --- the pieces, without a server ---------------------------------------------------------------------------------
