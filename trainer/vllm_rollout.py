@@ -1,4 +1,4 @@
-"""Rollouts with vLLM on the training GPU (`pip install "r2m[vllm]"`, then `r2m train --rollout vllm`).
+"""Rollouts with vLLM on the training GPU (`pip install -e ".[vllm]"` in the checkout, then `r2m train --rollout vllm`).
 
 vLLM only samples the token ids. Everything R2M needs from the policy (old log-probs and the last-layer hidden
 states) still comes from the trainer's own forward pass over prompt + response, the same pass as with Hugging Face
@@ -49,7 +49,9 @@ class VLLMRollout:
         try:
             from vllm import LLM
         except ImportError as exc:
-            raise ImportError('rollout="vllm" needs vLLM on a CUDA machine: pip install "r2m[vllm]"') from exc
+            raise ImportError(
+                'rollout="vllm" needs vLLM on a CUDA machine: pip install -e ".[vllm]" in the r2m checkout'
+            ) from exc
         self.llm = LLM(
             model=policy,
             dtype=dtype,

@@ -109,7 +109,7 @@ def test_weight_sync_hands_every_parameter_over_and_drops_the_prefix_cache(fake_
 
 def test_a_clear_error_without_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)
-    with pytest.raises(ImportError, match=r'pip install "r2m\[vllm\]"'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[vllm\]"'):
         VLLMRollout("p", dtype="float32", seed=0, max_model_len=8)
 
 
