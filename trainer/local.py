@@ -146,26 +146,32 @@ class LocalFeedbackClient:
         step: int = 0,
         total_steps: int = 1,
         return_members: bool = False,
+        head_version: int | None = None,
         **_: Any,
     ) -> ScoreResult:
         """As `R2MClient.score`; responses with hidden states get local read-outs. Prefix sharing does not apply
-        (no hidden states travel)."""
+        (no hidden states travel). `head_version`: score with that head only; one the store no longer keeps, or a
+        replica that serves another where the server finishes the call, raises `StaleHead`."""
         if hidden is None or all(h is None for h in hidden):
+            pin: dict[str, Any] = {} if head_version is None else {"head_version": head_version}
             return self.client.score(prompts, responses, step=step, total_steps=total_steps,
-                                     return_members=return_members)  # fmt: skip
+                                     return_members=return_members, **pin)  # fmt: skip
         try:
             omega(step, total_steps, 0.0)  # a bad step is the caller's error, before any request
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         emb = self.client.embed(prompts, responses)
         e = torch.from_numpy(emb.embeddings)
-        version = emb.head_version
+        version = emb.head_version if head_version is None else head_version
         if self.rewards_on == "policy":
             try:
                 done = self._finish_here(version, e, list(hidden), step, total_steps, return_members)
             except InvalidRequest as exc:
                 if exc.status_code != 404:
                     raise
+                if head_version is not None:
+                    served = int(self.client.current_head()["served_version"])
+                    raise StaleHead(f"head {head_version} is no longer kept", head_version=served) from exc
                 # Version v left the store between /embed and the download (heads moving faster than
                 # R2M_HEAD_KEEP): the server finishes with the version it serves now (a 409 there is retried below).
                 log.info("head %d could not be fetched (%s); the server finishes this call", version, exc)
@@ -180,7 +186,7 @@ class LocalFeedbackClient:
                 return self.client.score(prompts, responses, readouts=readouts, head_version=version, step=step,
                                          total_steps=total_steps, return_members=return_members)  # fmt: skip
             except StaleHead as exc:
-                if attempt == self.max_stale_retries:
+                if attempt == self.max_stale_retries or head_version is not None:
                     raise
                 with self._lock:
                     self.stale_retries += 1

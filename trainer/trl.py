@@ -1,13 +1,14 @@
 """TRL adapter: the r2m service as a reward function of TRL's `GRPOTrainer` / `RLOOTrainer`, with R2M updates.
 
-First choice, no extra policy forward (the hidden states come from TRL's own forwards):
+First choice, no extra policy forward (the hidden states come from TRL's and generation's own forwards), in one
+process or several (`accelerate launch --num_processes N train.py`):
 
     from trl import GRPOConfig
     from r2m.client import R2MClient
     from r2m.trainer.trl import R2MGRPOTrainer, R2MRewardFunction
 
     reward = R2MRewardFunction(R2MClient("http://127.0.0.1:8000"))
-    trainer = R2MGRPOTrainer(model=policy, reward_funcs=reward, args=GRPOConfig(num_iterations=2, ...),
+    trainer = R2MGRPOTrainer(model=policy, reward_funcs=reward, args=GRPOConfig(...),
                              train_dataset=ds)  # or R2MRLOOTrainer with RLOOConfig
     trainer.train()
 
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from r2m.client import AuthenticationError, InvalidRequest, R2MClient, R2MError
+from r2m.client import AuthenticationError, InvalidRequest, R2MClient, R2MError, StaleHead
 
 __all__ = [  # noqa: F822 - the two trainers: __getattr__
     "R2MGRPOTrainer",
@@ -54,6 +55,8 @@ def __getattr__(name: str) -> Any:
 
 
 logger = logging.getLogger(__name__)
+
+HEAD_ROUNDS = 3  # rescorings per reward call before its items' head versions are left as they are (logged)
 
 
 def prompt_text(prompt: str | Sequence[Mapping[str, Any]]) -> str:
@@ -136,8 +139,10 @@ class R2MRewardFunction:
         self.local_feedback = local_feedback
         self._feedback_client: Any = None  # decided at the first scoring with hidden states
         self._scored: list[_Scored] = []
-        # Set by R2MGRPOTrainer: it captures the hidden states from TRL's own forward and hands them over here.
+        # Set by R2MGRPOTrainer: it captures the hidden states from TRL's own forward and hands them over here, and
+        # keeps the head versions of one call equal over its processes (`r2m_newest_head`).
         self.hidden_source: Any = None
+        self.score_log: list[dict[str, Any]] = []  # {"step", "head_versions", "rescored"} per call, for inspection
 
     def __call__(
         self,
@@ -155,11 +160,11 @@ class R2MRewardFunction:
         captured = self.hidden_source.take_scoring_hidden() if self.hidden_source is not None else None
         if captured is not None:  # from TRL's own forward (R2MGRPOTrainer): no forward here, nothing kept to post
             hidden = captured if self.send_hidden else None
-            return self._score(texts, responses, hidden, step, total_steps)
+            return self._rewards(texts, responses, hidden, step, total_steps)
         if self.send_hidden and self.model is not None and self.tokenizer is not None and completion_ids is not None:
             ids = [p + list(c) for p, c in zip(self._prompt_ids(prompts), completion_ids)]
             hidden = policy_hidden(self.model, ids, self.pad_id, self.forward_batch_size)
-        rewards = self._score(texts, responses, hidden, step, total_steps)
+        rewards = self._rewards(texts, responses, hidden, step, total_steps)
         # Only training rollouts feed the R2M update; TRL also scores eval generations (model in eval mode).
         if ids is not None and self.model is not None and self.model.training:
             self._scored.extend(
@@ -203,31 +208,101 @@ class R2MRewardFunction:
                 out.append(list(enc["input_ids"]))
         return out
 
-    def _score(
+    def _rewards(
         self, prompts: list[str], responses: list[str], hidden: list[torch.Tensor] | None, step: int, total: int
     ) -> list[float | None]:
-        """The service's rewards; None for each item it rejected or could not be reached for (logged)."""
+        """The service's rewards for one call; under an R2M trainer, all from one head version over every process."""
+        rewards, versions = self._score(prompts, responses, hidden, step, total)
+        rescored = 0
+        newest = getattr(self.hidden_source, "r2m_newest_head", None)
+        if newest is not None:
+            rescored = self._one_head(newest, rewards, versions, prompts, responses, hidden, step, total)
+        self.score_log.append({"step": step, "head_versions": versions, "rescored": rescored})
+        return rewards
+
+    def _one_head(
+        self,
+        newest: Any,
+        rewards: list[float | None],
+        versions: list[int | None],
+        prompts: list[str],
+        responses: list[str],
+        hidden: list[torch.Tensor] | None,
+        step: int,
+        total: int,
+    ) -> int:
+        """Score again, pinned to the newest head version among them, the items an older head scored, until every
+        item of the call carries one version over all processes (a head swap can fall between two ranks' requests,
+        or between the chunks of one). `newest(versions)` is the trainer's collective: the version to move to, or
+        None. Updates `rewards` and `versions` in place; returns the number of items scored again."""
+        rescored = 0
+        for attempt in range(HEAD_ROUNDS + 1):
+            target = newest(versions)  # every rank calls it as often: it breaks out of this loop with the others
+            if target is None:
+                break
+            if attempt == HEAD_ROUNDS:
+                mine = sorted({v for v in versions if v is not None})
+                logger.warning(
+                    "r2m: the rewards of step %d still come from several head versions (here %s, newest %d) after "
+                    "%d rescorings; training on them",
+                    step,
+                    mine,
+                    target,
+                    HEAD_ROUNDS,
+                )
+                break
+            stale = [i for i, v in enumerate(versions) if v is not None and v != target]
+            if not stale:
+                continue
+            again, seen = self._score(
+                [prompts[i] for i in stale],
+                [responses[i] for i in stale],
+                None if hidden is None else [hidden[i] for i in stale],
+                step,
+                total,
+                head_version=target,
+            )
+            for i, r, v in zip(stale, again, seen):
+                if r is not None:  # a failed rescoring keeps the reward of the older head
+                    rewards[i], versions[i] = r, v
+            rescored += len(stale)
+        return rescored
+
+    def _score(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        hidden: list[torch.Tensor] | None,
+        step: int,
+        total: int,
+        head_version: int | None = None,
+    ) -> tuple[list[float | None], list[int | None]]:
+        """The service's rewards and the head version behind each; None for each item it rejected or could not be
+        reached for (logged). `head_version`: that head, unless the replica has moved past it (then its own)."""
         client = self.client if hidden is None else self._scoring_client()
         try:
-            return list(client.score(prompts, responses, hidden=hidden, step=step, total_steps=total).rewards)
+            return _score_call(client, prompts, responses, hidden, step, total, head_version)
         except AuthenticationError:
             raise
         except InvalidRequest as exc:
             logger.warning("r2m rejected a batch of %d items (%s); scoring them one by one", len(prompts), exc)
         except R2MError as exc:
             logger.error("r2m could not score %d items, their rewards are None: %s", len(prompts), exc)
-            return [None] * len(prompts)
+            return [None] * len(prompts), [None] * len(prompts)
         rewards: list[float | None] = []
+        versions: list[int | None] = []
         for i, (p, r) in enumerate(zip(prompts, responses)):
             h = None if hidden is None else [hidden[i]]
             try:
-                rewards.append(client.score([p], [r], hidden=h, step=step, total_steps=total).rewards[0])
+                one, version = _score_call(client, [p], [r], h, step, total, head_version)
             except AuthenticationError:
                 raise
             except R2MError as exc:
                 logger.warning("r2m could not score item %d, its reward is None: %s", i, exc)
-                rewards.append(None)
-        return rewards
+                one, version = [None], [None]
+            rewards += one
+            versions += version
+        return rewards, versions
 
 
 class R2MPreferenceCallback(TrainerCallback):
@@ -238,7 +313,10 @@ class R2MPreferenceCallback(TrainerCallback):
     recomputes their hidden states with the updated policy (one no-grad forward), groups them by prompt (TRL makes
     `num_generations` completions per prompt; groups with fewer than 2 scored completions are dropped) and posts
     them with their rewards, `step=state.global_step`, `total_steps=state.max_steps` and the batch id
-    `<run_id>-<step>` (a retried post is trained once). A failed post is logged and training goes on.
+    `<run_id>-<step>` (a retried post is trained once; `<run_id>-<step>-r<rank>` with several processes, each
+    posting the groups it scored: a group split between two processes goes as its parts, a part of one row is
+    dropped; `R2MGRPOTrainer` posts it whole).
+    A failed post is logged and training goes on.
 
     Args:
         reward_fn: the `R2MRewardFunction` given to `GRPOTrainer(reward_funcs=...)`.
@@ -287,7 +365,10 @@ class R2MPreferenceCallback(TrainerCallback):
             k += len(g)
             groups.append(group)
         step, total_steps = _steps(state)
-        posted = post_groups(self.reward_fn.client, groups, step, total_steps, f"{self.run_id}-{step}")
+        batch_id = f"{self.run_id}-{step}"
+        if getattr(args, "world_size", 1) > 1:  # each process posts what it scored: one batch id per rank
+            batch_id += f"-r{args.process_index}"
+        posted = post_groups(self.reward_fn.client, groups, step, total_steps, batch_id)
         if posted is not None:
             self.posted.append(posted)
 
@@ -313,13 +394,40 @@ def policy_hidden(model: torch.nn.Module, ids: Sequence[Sequence[int]], pad_id: 
     return out
 
 
+def _score_call(
+    client: Any,
+    prompts: list[str],
+    responses: list[str],
+    hidden: list[torch.Tensor] | None,
+    step: int,
+    total: int,
+    head_version: int | None,
+) -> tuple[list[float | None], list[int | None]]:
+    """One `score` call: (rewards, the head version of each). Pinned to `head_version` when given; a replica that
+    serves another by then (409) scores with its own, and the caller's next round agrees on that one."""
+    pin: dict[str, Any] = {} if head_version is None else {"head_version": head_version}  # older clients lack it
+    try:
+        result = client.score(prompts, responses, hidden=hidden, step=step, total_steps=total, **pin)
+    except StaleHead:
+        if head_version is None:
+            raise
+        result = client.score(prompts, responses, hidden=hidden, step=step, total_steps=total)
+    return list(result.rewards), list(result.head_versions)
+
+
 def post_groups(client: Any, groups: list[dict], step: int, total_steps: int, batch_id: str) -> dict | None:
-    """Post one step's groups to /preferences; the record of what was queued, or None (logged) when it failed: a
-    failed post costs that step's update, never the RL run."""
+    """Post one step's groups to /preferences; the record of what was queued, or None (logged once, by the process
+    that posted) when it failed: a failed post costs that batch's update, never the RL run."""
     try:
         result = client.post_preferences(groups, step=step, total_steps=total_steps, batch_id=batch_id)
     except R2MError as exc:
-        logger.error("r2m: the preferences of step %d (%d groups) were not queued: %s", step, len(groups), exc)
+        logger.error(
+            "r2m: the preferences of step %d (batch %s, %d groups) were not queued: %s",
+            step,
+            batch_id,
+            len(groups),
+            exc,
+        )
         return None
     return {"step": step, "batch_ids": result.batch_ids, "groups": groups}
 

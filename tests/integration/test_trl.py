@@ -1,10 +1,16 @@
-"""TRL's real `GRPOTrainer` (trl 1.16) trains a tiny Llama on CPU with `R2MRewardFunction` and
-`R2MPreferenceCallback` against a real embedded r2m server: rewards come from the service with the policy's hidden
-states, and the posted groups advance the head version."""
+"""TRL's real `GRPOTrainer` and `RLOOTrainer` (trl 1.16) train a tiny Llama on CPU with r2m against a real r2m
+server: `R2MRewardFunction` and `R2MPreferenceCallback` in plain TRL, and the subclasses, in one process and in two
+(`torch.distributed.run`, gloo; tests/integration/trl_ranks.py): rewards come from the service with the policy's
+hidden states, no more policy forwards than plain TRL, and the posted groups advance the head version."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,13 +19,16 @@ import pytest
 import torch
 
 from r2m.client import R2MClient
-from r2m.service.launch import Process, start_server
+from r2m.service.launch import Process, free_port, start_server, start_worker
 from tests.conftest import CHAT_TEMPLATE, save_tiny_policy
+from tests.integration.conftest import start_redis
 
 trl = pytest.importorskip("trl", reason="trl is not installed: pip install -e '.[test]'")
 datasets = pytest.importorskip("datasets")
 
 from r2m.trainer.trl import R2MPreferenceCallback, R2MRewardFunction, prompt_text  # noqa: E402
+from tests.integration import trl_ranks  # noqa: E402
+from tests.integration.trl_ranks import Forwards  # noqa: E402
 
 HIDDEN = 32
 MAX_HIDDEN_TOKENS = 64
@@ -71,8 +80,8 @@ class SpyClient(R2MClient):
         super().__init__(*args, **kwargs)
         self.calls: list[dict[str, Any]] = []
 
-    def score(self, prompts, responses, hidden=None, *, step=0, total_steps=1):  # type: ignore[override]
-        result = super().score(prompts, responses, hidden, step=step, total_steps=total_steps)
+    def score(self, prompts, responses, hidden=None, *, step=0, total_steps=1, **kw):  # type: ignore[override]
+        result = super().score(prompts, responses, hidden, step=step, total_steps=total_steps, **kw)
         self.calls.append(
             dict(prompts=prompts, responses=responses, hidden=hidden, step=step, total=total_steps, result=result)
         )
@@ -212,6 +221,36 @@ def test_reward_function_in_local_feedback_mode_gives_the_server_side_rewards(
         assert local == pytest.approx(remote, abs=1e-4) and local != [None, None]
 
 
+def test_local_feedback_scores_with_the_head_it_is_pinned_to(fresh_server: Process, policy_dir: Path) -> None:
+    """What the subclasses' head agreement relies on with local feedback: `head_version` scores with that head."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r2m.client import StaleHead
+    from r2m.trainer.local import LocalFeedbackClient
+    from r2m.trainer.trl import policy_hidden
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    prompt, responses = "hello world", ["the answer is yes", "no idea"]
+    hidden = policy_hidden(model, [tok(prompt + " " + r)["input_ids"] for r in responses], tok.pad_token_id)
+    with R2MClient(fresh_server.url) as client:
+        local = LocalFeedbackClient(client)
+        before = local.score(prompt, responses, hidden=hidden, step=3, total_steps=10)
+        assert before.head_versions == [0, 0]
+        client.post_preferences([{"prompt": prompt, "responses": responses, "hidden": hidden}], step=3,
+                                total_steps=10, batch_id="pin")  # fmt: skip
+        deadline = time.monotonic() + 30
+        while client.current_head()["served_version"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        now = local.score(prompt, responses, hidden=hidden, step=3, total_steps=10)
+        pinned = local.score(prompt, responses, hidden=hidden, step=3, total_steps=10, head_version=0)
+        assert now.head_version >= 1 and now.rewards != pytest.approx(before.rewards, abs=1e-6)
+        assert pinned.head_versions == [0, 0] and pinned.rewards == pytest.approx(before.rewards, abs=1e-5)
+        with pytest.raises(StaleHead):  # the server finishes there, and the replica serves another head
+            LocalFeedbackClient(client, rewards_on="server").score(prompt, responses, hidden=hidden, step=3,
+                                                                   total_steps=10, head_version=0)  # fmt: skip
+
+
 def test_prompt_text_takes_the_last_user_message() -> None:
     chat = [
         {"role": "system", "content": "be kind"},
@@ -238,29 +277,6 @@ def _dataset():  # noqa: ANN202
     return datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS])
 
 
-class _Forwards:
-    """Counts the policy's decoder forwards outside `generate` (sampling costs the same in both trainers)."""
-
-    def __init__(self, trainer: Any) -> None:
-        self.n, self.generating = 0, False
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        core = model.get_base_model() if hasattr(model, "get_base_model") else model
-        core.base_model.register_forward_pre_hook(self._count)
-        real = core.generate
-
-        def generate(*a: Any, **k: Any) -> Any:
-            self.generating = True
-            try:
-                return real(*a, **k)
-            finally:
-                self.generating = False
-
-        core.generate = generate
-
-    def _count(self, *args: Any) -> None:
-        self.n += 0 if self.generating else 1
-
-
 def test_r2m_grpo_trainer_runs_no_more_policy_forwards_than_plain_trl(fresh_server: Process, policy_dir: Path) -> None:
     server = fresh_server
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -275,7 +291,7 @@ def test_r2m_grpo_trainer_runs_no_more_policy_forwards_than_plain_trl(fresh_serv
     plain = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy_dir), reward_funcs=length_reward,
                         args=_args(policy_dir.parent / "plain"), train_dataset=_dataset(),
                         processing_class=tok)  # fmt: skip
-    plain_forwards = _Forwards(plain)
+    plain_forwards = Forwards(plain)
     plain.train()
 
     model = AutoModelForCausalLM.from_pretrained(policy_dir)
@@ -316,7 +332,7 @@ def test_r2m_grpo_trainer_runs_no_more_policy_forwards_than_plain_trl(fresh_serv
         return real_step(*a, **k)
 
     trainer.optimizer.step = step_with_snapshot
-    forwards = _Forwards(trainer)
+    forwards = Forwards(trainer)
     trainer.train()
     counts = {"plain": plain_forwards.n, "r2m": forwards.n}
     # num_iterations = 2: TRL runs the old-log-prob forward the hidden states come from; no forward is added.
@@ -350,33 +366,79 @@ def test_r2m_grpo_trainer_runs_no_more_policy_forwards_than_plain_trl(fresh_serv
     assert client.current_head()["version"] > 0
 
 
-def test_r2m_grpo_trainer_with_one_iteration_runs_at_most_one_forward_more(server: Process, policy_dir: Path) -> None:
+def test_r2m_grpo_trainer_with_one_iteration_takes_the_states_from_generation(
+    fresh_server: Process, policy_dir: Path
+) -> None:
+    server = fresh_server
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
-    from r2m.trainer.trl import R2MGRPOTrainer
+    from r2m.trainer.trl import R2MGRPOTrainer, policy_hidden
 
-    counts, losses = {}, {}
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    fresh = AutoModelForCausalLM.from_pretrained(policy_dir).eval()  # the initial weights, for a separate forward
+    client = SpyClient(server.url)
+    direct: dict[str, Any] = {}
+    ids: list[tuple[list, list]] = []
+
+    class Reward(R2MRewardFunction):
+        def __call__(self, prompts: Any, completions: Any, completion_ids: Any = None, **kw: Any) -> Any:
+            out = super().__call__(prompts, completions, completion_ids, **kw)
+            if not direct:  # step 0, head 0: the same samples' states from a separate forward, scored now
+                seqs = [p + c for p, c in zip(*ids[0])]
+                hidden = policy_hidden(fresh, seqs, tok.pad_token_id)
+                with R2MClient(server.url) as other:
+                    res = other.score([prompt_text(p) for p in prompts], [c[0]["content"] for c in completions],
+                                      hidden=hidden, step=0, total_steps=2)  # fmt: skip
+                direct.update(hidden=hidden, rewards=res.rewards, head=res.head_version)
+            return out
+
+    counts: dict[str, dict[str, int]] = {}
     for name in ("plain", "r2m"):
         model = AutoModelForCausalLM.from_pretrained(policy_dir)
-        tok = AutoTokenizer.from_pretrained(policy_dir)
         args = _args(policy_dir.parent / f"one-{name}", num_iterations=1)
         if name == "plain":
             trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [1.0] * len(completions),
                                   args=args, train_dataset=_dataset(), processing_class=tok)  # fmt: skip
         else:
-            trainer = R2MGRPOTrainer(model=model, reward_funcs=R2MRewardFunction(SpyClient(server.url)), args=args,
-                                     train_dataset=_dataset(), processing_class=tok)  # fmt: skip
-        forwards = _Forwards(trainer)
+            trainer = R2MGRPOTrainer(model=model, reward_funcs=Reward(client), args=args, train_dataset=_dataset(),
+                                     processing_class=tok, r2m_run_id="gen")  # fmt: skip
+
+            def recording(prompts: Any, real: Any = trainer._generate) -> Any:
+                out = real(prompts)
+                ids.append((out[0], out[1]))
+                return out
+
+            trainer._generate = recording
+        forwards = Forwards(trainer)
         trainer.train()
-        counts[name] = forwards.n
-        losses[name] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    steps = 2
-    assert counts["r2m"] == counts["plain"] + steps, counts  # the one forward TRL skips, once per generation batch
-    assert trainer.r2m_posted and all(len(g["hidden"]) == 2 for p in trainer.r2m_posted for g in p["groups"])
+        counts[name] = forwards.counts()
+    generation_batches = 2
+    # Plain TRL runs no forward before the rewards at num_iterations = 1; neither does the subclass. Generation's
+    # own forwards give the states, plus one cached one-token step per batch for the last sampled token.
+    assert counts["r2m"]["full"] == counts["plain"]["full"] > 0, counts
+    assert counts["r2m"]["generate"] == counts["plain"]["generate"] > 0, counts
+    assert counts["plain"]["cached"] == 0 and counts["r2m"]["cached"] == generation_batches, counts
+
+    # Generation-time states equal a separate forward's over the same tokens (float32), and so do the rewards.
+    first = client.calls[0]
+    assert direct["head"] == first["result"].head_version == 0
+    assert [h.shape for h in first["hidden"]] == [h.shape for h in direct["hidden"]]
+    for a, b in zip(first["hidden"], direct["hidden"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert direct["rewards"] == pytest.approx(first["result"].rewards, abs=1e-4)
+
+    # The posts carry the training forward's states, row for row: at one iteration its first micro-batch runs
+    # with the sampling weights, so they equal the scoring states.
+    post = trainer.r2m_posted[0]
+    assert post["batch_ids"] == ["gen-0"]
+    assert [r for g in post["groups"] for r in g["responses"]] == first["responses"]
+    for got, scored in zip([h for g in post["groups"] for h in g["hidden"]], first["hidden"]):
+        torch.testing.assert_close(got, scored, atol=1e-4, rtol=1e-4)
+    assert [p["step"] for p in trainer.r2m_posted] == [0, 1]
 
 
-def test_r2m_grpo_trainer_with_lora_and_gradient_checkpointing(server: Process, policy_dir: Path) -> None:
+def test_r2m_grpo_trainer_with_lora_and_gradient_checkpointing(server: Process, policy_dir: Path, caplog) -> None:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -386,14 +448,17 @@ def test_r2m_grpo_trainer_with_lora_and_gradient_checkpointing(server: Process, 
     trainer = R2MGRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(policy_dir),
         reward_funcs=R2MRewardFunction(client),
-        # One iteration and a KL term: the subclass runs the one scoring forward itself, after TRL's reference
-        # forward, which under PEFT is the policy with its adapter disabled (never what the rewards get).
+        # One iteration and a KL term: the scoring states come from generation (adapter on, checkpointing off as
+        # TRL generates), never from TRL's reference forward, which under PEFT is the policy with its adapter off.
         args=_args(policy_dir.parent / "lora", gradient_checkpointing=True, beta=0.04, num_iterations=1),
         train_dataset=_dataset(),
         processing_class=AutoTokenizer.from_pretrained(policy_dir),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
-    trainer.train()
+    forwards = Forwards(trainer)
+    with caplog.at_level("WARNING", logger="r2m.trainer.trl"):
+        trainer.train()
+    assert forwards.cached == 2 and "generation's forwards" not in caplog.text  # states from generation, each step
     assert len(client.calls) == 2 and all(h.shape[1] == HIDDEN for h in client.calls[0]["hidden"])
     assert [p["step"] for p in trainer.r2m_posted] == [0, 1]
     for post in trainer.r2m_posted:
@@ -420,7 +485,7 @@ def test_r2m_rloo_trainer_runs_as_many_policy_forwards_as_plain_rloo(server: Pro
         else:
             trainer = R2MRLOOTrainer(model=model, reward_funcs=R2MRewardFunction(client), args=args(name),
                                      train_dataset=_dataset(), processing_class=tok)  # fmt: skip
-        forwards = _Forwards(trainer)
+        forwards = Forwards(trainer)
         trainer.train()
         counts[name] = forwards.n
     # RLOO always runs the old-log-prob forward (its KL term is in the reward): scoring adds none, posting none.
@@ -431,3 +496,119 @@ def test_r2m_rloo_trainer_runs_as_many_policy_forwards_as_plain_rloo(server: Pro
     assert len(posted) == 4 and all(torch.isfinite(h).all() for h in posted)
     for got, scored in zip(posted, client.calls[0]["hidden"]):
         assert got.shape == scored.shape and not torch.allclose(got, scored, atol=1e-3)  # after one update
+
+
+# --- two processes: torch.distributed.run, gloo (tests/integration/trl_ranks.py) ----------------------------------
+
+RANKS_PREFIX = "r2mtrl"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory, policy_dir: Path) -> Iterator[dict[str, Any]]:
+    """trl_ranks.py in two CPU processes against `r2m serve` and `r2m worker` on one Redis (so that every version's
+    batch ids can be read back): each rank's record, and how often each batch id went into a published version."""
+    import redis
+
+    tmp = tmp_path_factory.mktemp("ranks")
+    store = start_redis(tmp)
+    env = {**SERVER_ENV, "R2M_REDIS_URL": store.url, "R2M_REDIS_PREFIX": RANKS_PREFIX, "R2M_HEAD_KEEP": "200"}
+    server = start_server(tmp, env)
+    worker = start_worker(tmp, env)
+    try:
+        out = tmp / "out"
+        out.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), trl_ranks.__file__, "--url", server.url, "--policy", str(policy_dir),
+               "--out", str(out)]  # fmt: skip
+        run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                             timeout=900)  # fmt: skip
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-8000:]
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        posted = [b for r in ranks for p in r["posts"]["posted"] for b in p["batch_ids"]]
+        posted += [b for r in ranks for k in (1, 2) for ids in r["counts"][f"r2m-{k}-posted"] for b in ids]
+        r = redis.Redis.from_url(store.url)
+        deadline = time.monotonic() + 60
+        while not all(r.smismember(f"{RANKS_PREFIX}:heads:applied", posted)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        applied: Counter[str] = Counter()
+        for key in r.scan_iter(match=f"{RANKS_PREFIX}:head:*:meta", count=1000):
+            applied.update(json.loads(r.get(key))["batch_ids"])
+        yield {"ranks": ranks, "posted": posted, "applied": applied, "log": server.output()[-3000:]}
+    finally:
+        worker.stop()
+        server.stop()
+        store.stop()
+
+
+@pytest.mark.slow
+def test_two_processes_run_as_many_policy_forwards_as_plain_trl(two_ranks: dict[str, Any]) -> None:
+    generation_batches = 2
+    for rank in two_ranks["ranks"]:
+        c = rank["counts"]
+        for iterations in (1, 2):
+            plain, r2m = c[f"plain-{iterations}"], c[f"r2m-{iterations}"]
+            assert r2m["full"] == plain["full"] and r2m["generate"] == plain["generate"] > 0, c
+            assert plain["cached"] == 0, c
+            # num_iterations 1: states from generation plus one cached one-token step per batch; 2: TRL's forward
+            assert r2m["cached"] == (generation_batches if iterations == 1 else 0), c
+        assert c["plain-1"]["full"] < c["plain-2"]["full"]  # num_iterations 2: TRL's own old-log-prob forward
+        # Both ranks scored each step with one head version.
+        for iterations in (1, 2):
+            for entry in c[f"r2m-{iterations}-scores"]:
+                assert len(set(entry["head_versions"])) == 1, entry
+    for iterations in (1, 2):
+        per_step = [
+            {(e["step"], v) for e in rank["counts"][f"r2m-{iterations}-scores"] for v in e["head_versions"]}
+            for rank in two_ranks["ranks"]
+        ]
+        assert per_step[0] == per_step[1], per_step
+
+
+@pytest.mark.slow
+def test_two_processes_post_each_group_once_with_one_head_per_step(two_ranks: dict[str, Any]) -> None:
+    rank0, rank1 = (r["posts"] for r in two_ranks["ranks"])
+    steps = trl_ranks.STEPS
+
+    # Every rank's scores of a step carry one head version, the other rank's too. At the forced swap, rank 1 scored
+    # after a version rank 0's first request had not seen: rank 0 scored its items again, pinned to that version.
+    versions = [{e["step"]: set(e["head_versions"]) for e in r["scores"]} for r in (rank0, rank1)]
+    assert list(versions[0]) == list(versions[1]) == list(range(steps))
+    for step in range(steps):
+        assert len(versions[0][step]) == 1 and versions[0][step] == versions[1][step], versions
+    race = [c for c in rank0["calls"] if c["step"] == trl_ranks.RACE_STEP]
+    assert race[0]["pin"] is None and race[-1]["pin"] == max(versions[0][trl_ranks.RACE_STEP]), race
+    assert max(race[0]["versions"]) < race[-1]["pin"], race
+    assert [e["rescored"] > 0 for e in rank0["scores"]] == [s == trl_ranks.RACE_STEP for s in range(steps)]
+
+    # Each rank posts the groups whose first row it holds: 3 rows per rank, 2 per group, so group 1 straddles the
+    # ranks and rank 0 posts it whole, with rank 1's row, its reward and its hidden states.
+    for step in range(steps):
+        r0 = [p for p in rank0["posted"] if p["step"] == step]
+        assert [p["batch_ids"] for p in r0] == [[f"posts-{step}-r0"]]
+        assert [len(g["responses"]) for g in r0[0]["groups"]] == [2, 2]
+        straddling = r0[0]["groups"][1]
+        assert straddling["responses"] == [
+            rank0["returned"][step]["responses"][2],
+            rank1["returned"][step]["responses"][0],
+        ]
+        assert straddling["rewards"] == pytest.approx(
+            [rank0["returned"][step]["rewards"][2], rank1["returned"][step]["rewards"][0]]
+        )
+        assert all(len(shape) == 2 and shape[1] == HIDDEN for g in r0[0]["groups"] for shape in g["hidden"])
+        r1 = [p for p in rank1["posted"] if p["step"] == step]
+        if step == trl_ranks.FAIL_STEP:
+            assert r1 == []
+        else:
+            assert [p["batch_ids"] for p in r1] == [[f"posts-{step}-r1"]]
+            assert [g["responses"] for g in r1[0]["groups"]] == [rank1["returned"][step]["responses"][1:]]
+
+    # The worker trained every posted batch exactly once; none is missing.
+    posted, applied = two_ranks["posted"], two_ranks["applied"]
+    assert len(posted) == len(set(posted))
+    assert {b: applied[b] for b in posted} == {b: 1 for b in posted}, (applied, two_ranks["log"])
+    assert {b for b in applied if b.startswith(("posts-", "count"))} == set(posted)
+
+    # Rank 1's failed post is logged once, by rank 1; nothing else went wrong.
+    failed = [m for m in rank1["logged"] if "were not queued" in m]
+    assert len(failed) == 1 and f"posts-{trl_ranks.FAIL_STEP}-r1" in failed[0], rank1["logged"]
+    assert rank0["logged"] == [] and len(rank1["logged"]) == 1, (rank0["logged"], rank1["logged"])
