@@ -245,12 +245,6 @@ class GRPOTrainer:
         local = c.local_feedback == "on" or (c.local_feedback == "auto" and local_feedback_default(self.device))
         # Scoring with hidden states goes through the local-feedback wrapper when on; everything else as it is.
         self.feedback_client = LocalFeedbackClient(client, self.device) if local and c.sends_hidden else client
-        on_service = c.judge == SERVICE and c.reward_mode in ("r2m-judge", "head-judge")
-        if on_service and hasattr(client, "info") and not client.info().get("judge"):
-            raise ValueError(
-                f"judge='service': the service at {c.server_url} has no judge; start it with R2M_JUDGE set, or "
-                "give --judge module:function, a URL or openai:<base_url> to judge in the trainer"
-            )
         self.batch: Rollout | None = None  # the latest step's rollout, for callers that inspect a step
 
     def _checkpoint_to_resume(self) -> Path | None:

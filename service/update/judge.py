@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 
 import httpx
 import torch
+from pydantic import ValidationError
 
 from ..config import ServiceSettings
 from ..metrics import WorkerMetrics
@@ -600,7 +601,10 @@ def load_judge(spec: str, settings: ServiceSettings | None = None) -> Any:
     from the environment when `settings` is None), an `HTTPJudge` (an http(s) URL), or the Python callable of
     `module:function` itself. ValueError, naming the spec, when it names none."""
     if spec.startswith("openai:"):
-        s = settings or ServiceSettings(judge=spec)
+        try:
+            s = settings or ServiceSettings(judge=spec)
+        except ValidationError as exc:  # one line, naming the setting (R2M_JUDGE_MODEL unset, most likely)
+            raise ValueError(f"judge={spec!r}: {exc.errors()[0]['msg']}") from None
         import os
 
         return OpenAIJudge(

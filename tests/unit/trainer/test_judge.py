@@ -66,3 +66,18 @@ def test_bad_judge_specs_say_what_to_give() -> None:
     with pytest.raises(ValueError, match="no callable 'nope'"):
         load_judge("json:nope")
     assert load_judge("json:dumps") is json.dumps
+
+
+def test_judge_service_posts_the_groups_and_judges_nothing_here() -> None:
+    from r2m.trainer.config import TrainConfig
+
+    here = TrainConfig(policy="p", reward_mode="r2m-judge", judge=f"{__name__}:_longer")
+    assert here.posts_judged and not here.posts_groups
+    service = TrainConfig(policy="p", reward_mode="r2m-judge", judge="service")
+    assert service.posts_groups and not service.posts_judged and service.sends_hidden
+    head = TrainConfig(policy="p", reward_mode="head-judge", judge="service")
+    assert head.posts_groups and not head.posts_judged and not head.sends_hidden
+
+
+def _longer(prompt: str, a: str, b: str) -> bool:
+    return len(a) > len(b)
