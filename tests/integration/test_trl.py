@@ -525,7 +525,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, policy_dir: Path) -> Ite
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-8000:]
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
         posted = [b for r in ranks for p in r["posts"]["posted"] for b in p["batch_ids"]]
-        posted += [b for r in ranks for k in (1, 2) for ids in r["counts"][f"r2m-{k}-posted"] for b in ids]
+        for key in ("r2m-1-posted", "r2m-2-posted", "rloo-posted"):
+            posted += [b for r in ranks for ids in r["counts"][key] for b in ids]
         r = redis.Redis.from_url(store.url)
         deadline = time.monotonic() + 60
         while not all(r.smismember(f"{RANKS_PREFIX}:heads:applied", posted)) and time.monotonic() < deadline:
@@ -552,16 +553,19 @@ def test_two_processes_run_as_many_policy_forwards_as_plain_trl(two_ranks: dict[
             # num_iterations 1: states from generation plus one cached one-token step per batch; 2: TRL's forward
             assert r2m["cached"] == (generation_batches if iterations == 1 else 0), c
         assert c["plain-1"]["full"] < c["plain-2"]["full"]  # num_iterations 2: TRL's own old-log-prob forward
+        # RLOO always runs the old-log-prob forward: the subclass takes the states from it.
+        assert c["rloo-r2m"] == c["rloo-plain"] and c["rloo-plain"]["full"] > 0, c
         # Both ranks scored each step with one head version.
-        for iterations in (1, 2):
-            for entry in c[f"r2m-{iterations}-scores"]:
+        for key in ("r2m-1-scores", "r2m-2-scores", "rloo-scores"):
+            for entry in c[key]:
                 assert len(set(entry["head_versions"])) == 1, entry
-    for iterations in (1, 2):
+    for key in ("r2m-1-scores", "r2m-2-scores", "rloo-scores"):
         per_step = [
-            {(e["step"], v) for e in rank["counts"][f"r2m-{iterations}-scores"] for v in e["head_versions"]}
-            for rank in two_ranks["ranks"]
+            {(e["step"], v) for e in rank["counts"][key] for v in e["head_versions"]} for rank in two_ranks["ranks"]
         ]
         assert per_step[0] == per_step[1], per_step
+    # Group 1 of each generation batch straddles the ranks (3 rows each, 2 per group): rank 0 posts it whole.
+    assert [r["counts"]["rloo-groups"] for r in two_ranks["ranks"]] == [[[2, 2]] * 2, [[2]] * 2]
 
 
 @pytest.mark.slow
@@ -606,7 +610,7 @@ def test_two_processes_post_each_group_once_with_one_head_per_step(two_ranks: di
     posted, applied = two_ranks["posted"], two_ranks["applied"]
     assert len(posted) == len(set(posted))
     assert {b: applied[b] for b in posted} == {b: 1 for b in posted}, (applied, two_ranks["log"])
-    assert {b for b in applied if b.startswith(("posts-", "count"))} == set(posted)
+    assert {b for b in applied if b.startswith(("posts-", "count", "rloo-"))} == set(posted)
 
     # Rank 1's failed post is logged once, by rank 1; nothing else went wrong.
     failed = [m for m in rank1["logged"] if "were not queued" in m]

@@ -70,13 +70,13 @@ class Forwards:
         return {"full": self.full, "generate": self.generate, "cached": self.cached}
 
 
-def _args(out: Path, **kw: Any) -> Any:
+def _args(out: Path, config: Any = None, **kw: Any) -> Any:
     from trl import GRPOConfig
 
     base = dict(output_dir=str(out), per_device_train_batch_size=3, num_generations=2, max_completion_length=8,
                 max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
                 seed=0, bf16=False)  # fmt: skip
-    return GRPOConfig(**{**base, **kw})
+    return (config or GRPOConfig)(**{**base, **kw})
 
 
 def _dataset() -> Any:
@@ -86,12 +86,12 @@ def _dataset() -> Any:
 
 
 def counts(url: str, policy: Path, out: Path) -> dict[str, Any]:
-    """Forwards per rank of plain TRL and the subclass, at num_iterations 1 and 2 (2 steps each)."""
+    """Forwards per rank of plain TRL and the subclasses: GRPO at num_iterations 1 and 2, RLOO at 1 (2 steps each)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOTrainer
+    from trl import GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from r2m.client import R2MClient
-    from r2m.trainer.trl import R2MGRPOTrainer, R2MRewardFunction
+    from r2m.trainer.trl import R2MGRPOTrainer, R2MRewardFunction, R2MRLOOTrainer
 
     def length_reward(prompts: Any, completions: Any, **kw: Any) -> list[float]:
         return [float(len(c[0]["content"])) for c in completions]
@@ -114,6 +114,22 @@ def counts(url: str, policy: Path, out: Path) -> dict[str, Any]:
             if name == "r2m":
                 result[f"r2m-{iterations}-posted"] = [p["batch_ids"] for p in trainer.r2m_posted]
                 result[f"r2m-{iterations}-scores"] = trainer.r2m_reward.score_log
+    for name in ("plain", "r2m"):
+        model, tok = AutoModelForCausalLM.from_pretrained(policy), AutoTokenizer.from_pretrained(policy)
+        args = _args(out / f"rloo-{name}", RLOOConfig)
+        if name == "plain":
+            trainer = RLOOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=_dataset(),
+                                  processing_class=tok)  # fmt: skip
+        else:
+            trainer = R2MRLOOTrainer(model=model, reward_funcs=R2MRewardFunction(R2MClient(url)), args=args,
+                                     train_dataset=_dataset(), processing_class=tok, r2m_run_id="rloo")  # fmt: skip
+        forwards = Forwards(trainer)
+        trainer.train()
+        result[f"rloo-{name}"] = forwards.counts()
+        if name == "r2m":
+            result["rloo-posted"] = [p["batch_ids"] for p in trainer.r2m_posted]
+            result["rloo-groups"] = [[len(g["responses"]) for g in p["groups"]] for p in trainer.r2m_posted]
+            result["rloo-scores"] = trainer.r2m_reward.score_log
     return result
 
 
