@@ -231,16 +231,17 @@ class _R2MTRL(_TRLTrainer):
 
     def _r2m_close_generation(self, recorder: _Recorder, prompt_ids: list, completion_ids: list) -> None:
         """One cached decoding step over each row's last sampled token, which generation samples but never feeds
-        back: its row is the last one a full forward would give. Run under the generation context TRL uses (ZeRO-3:
-        parameters gathered; every rank runs it, a forward there is a collective), and skipped elsewhere when
-        generation's own forwards reached it (ZeRO-3 peers keep decoding until all have finished)."""
+        back: its row is the last one a full forward would give. Run under the generation context TRL uses. Under
+        ZeRO-3 every rank runs it (a forward there is a collective), even one whose generation already fed that
+        token (finished peers keep decoding until all have: their extra rows are dropped); elsewhere it is skipped
+        when generation fed it already (a deferred stop check) or did not go as expected."""
         from trl.models import unwrap_model_for_generation
 
         width, prompt_mask = self._r2m_prompt_layout(prompt_ids)
         new = max((len(c) for c in completion_ids), default=0)
         cached = sum(o.shape[1] for o in recorder.outputs)  # positions generation fed (and cached)
         if cached != width + new - 1 and not self._dist.is_zero3:
-            return  # none missing, or generation did not go as expected (then `_r2m_generation_rows` says so)
+            return  # `_r2m_generation_rows` then finds every row, or says it cannot
         pad = self._tokenizer.pad_token_id
         rows = len(completion_ids)
         seq = torch.full((rows, cached + 1), pad, dtype=torch.long)
