@@ -49,7 +49,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_DISABLE_TELEMETRY=1 \
     R2M_HOST=0.0.0.0 \
     R2M_PORT=8000 \
-    R2M_WORKER_METRICS_PORT=9101
+    R2M_WORKER_METRICS_PORT=9101 \
+    MALLOC_MMAP_THRESHOLD_=131072 \
+    MALLOC_ARENA_MAX=2
+# The malloc settings are those `r2m serve` and `r2m worker` set for themselves (service/allocator.py), here for
+# every process of the image.
 
 # The project from its own files; torch is already there and inside pyproject's range, so pip keeps it.
 COPY pyproject.toml README.md /tmp/r2m-src/

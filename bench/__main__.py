@@ -17,6 +17,7 @@ Sections (numbers as in the performance issue):
     peer       8  OpenRLHF's serve_rm vs r2m's /get_reward on the same model, OpenRLHF's client: seq/s, rewards
     ensemble   9  /score seq/s with R2M_ENSEMBLE=5 vs 1 on the default model; the update time of 5 heads vs 1
     local     10  feedback at the policy vs on the server: body bytes per response at T=256/700, seq/s vs vanilla
+    memory    11  peak and idle RSS of `r2m serve` under 200 connections at two in-flight budgets
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer", "ensemble", "local")
+SECTIONS = (
+    "codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer", "ensemble", "local", "memory"
+)
 
 
 def _run_prefix(opts: argparse.Namespace) -> dict:

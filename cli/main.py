@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -53,6 +53,13 @@ def _log_to_stderr(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _tune_allocator() -> str:
+    """malloc settings for large request buffers, before any thread or large allocation (r2m.service.allocator)."""
+    from r2m.service.allocator import tune_allocator
+
+    return tune_allocator()
+
+
 def _passive_omp() -> None:
     """Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise). The server's event loop,
     tokenizer and swap threads share the cores with torch's intra-op pool; spinning threads starve them. Must run
@@ -62,6 +69,7 @@ def _passive_omp() -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     _passive_omp()
+    allocator = _tune_allocator()
     import uvicorn
 
     from r2m.service.api.app import create_app
@@ -69,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args)
     _log_to_stderr(settings.log_level)
+    logging.getLogger("r2m.service").info("%s", allocator)
     _check_model(settings, "serve")
     try:
         app = create_app(settings)
@@ -102,6 +111,7 @@ def _check_model(settings: ServiceSettings, command: str) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    allocator = _tune_allocator()
     import signal
     import threading
 
@@ -114,6 +124,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args)
     _log_to_stderr(settings.log_level)
+    logging.getLogger("r2m.worker").info("%s", allocator)
     if not settings.redis_url:
         raise SystemExit("r2m worker: set R2M_REDIS_URL (or --redis-url); `r2m serve` without Redis has its own worker")
     store, queue = stores(settings)
@@ -244,11 +255,8 @@ def _forward_overopt(argv: Sequence[str]) -> int:
     return overopt_main(list(argv))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="r2m", description="R2M reward model as a service.")
-    parser.add_argument("--version", action="version", version=f"r2m {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_serve(sub: Any) -> None:
+    """`r2m serve` and its settings flags, in groups."""
     serve = sub.add_parser(
         "serve",
         help="run the reward server (embedded defaults: bundled model, CPU)",
@@ -260,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service_flags(serve)
     serve.set_defaults(func=_serve)
 
+
+def _add_worker(sub: Any) -> None:
+    """`r2m worker`: the settings a worker reads, and its dead-letter commands."""
     worker = sub.add_parser(
         "worker",
         help="run the R2M update worker on the Redis preference stream",
@@ -285,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(func=_worker)
 
+
+def _add_fit_rm(sub: Any) -> None:
+    """`r2m fit-rm`."""
     fit = sub.add_parser(
         "fit-rm",
         help="fit an encoder reward model's score head (Bradley-Terry) on a preference set",
@@ -312,17 +326,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.set_defaults(func=_fit_rm)
 
+
+def _add_train(sub: Any) -> None:
+    """`r2m train`: one flag per TrainConfig field."""
     train_cmd = sub.add_parser(
         "train",
         help="GRPO/RLOO on a causal LM with rewards and R2M updates from a running service",
         description="Train a policy with GRPO or RLOO against the r2m service at --server-url; writes "
         "OUT_DIR/metrics.jsonl and OUT_DIR/checkpoints/.",
     )
-    from r2m.trainer.config import REWARD_MODES, TrainConfig  # stdlib and r2m.data only: cheap at parser build
+    from r2m.trainer.config import TrainConfig  # stdlib and r2m.data only: cheap at parser build
 
     add_flags(train_cmd, config_flags(TrainConfig))
     train_cmd.epilog = "Set R2M_API_KEY in the environment when the service requires a key."
     train_cmd.set_defaults(func=_train)
+
+
+def _add_demo(sub: Any) -> None:
+    """`r2m demo`."""
+    from r2m.trainer.config import REWARD_MODES  # stdlib and r2m.data only: cheap at parser build
 
     demo = sub.add_parser(
         "demo",
@@ -339,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the policy, warm-up and rollouts [default: 0]")
     demo.set_defaults(func=_demo)
 
+
+def _add_overopt(sub: Any) -> None:
+    """`r2m overopt`, listed for `r2m --help`; `main` hands its arguments to the benchmark."""
     overopt = sub.add_parser(
         "overopt",
         help="the offline reward over-optimization benchmark (every reward mode, seeds, table and plots)",
@@ -347,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,  # listed here for `r2m --help`; main() hands `r2m overopt ...` to the benchmark's parser
     )
     overopt.add_argument("overopt_args", nargs=argparse.REMAINDER, help="flags of the benchmark")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r2m", description="R2M reward model as a service.")
+    parser.add_argument("--version", action="version", version=f"r2m {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_serve, _add_worker, _add_fit_rm, _add_train, _add_demo, _add_overopt):
+        add(sub)
     return parser
 
 

@@ -141,14 +141,14 @@ def prepare_score_items(req: ScoreRequest, engine: ScoringEngine, settings: Serv
     w = omega(req.step, req.total_steps, settings.omega_floor)
     limit = max_tokens_of(engine, settings)
     # Each shared prefix becomes one tensor, checked once; its items hold references to it, never copies.
-    prefixes = [check_hidden(t, f"prefixes[{j}]", settings).clone() for j, t in enumerate(req.prefixes)]
+    prefixes = [check_hidden(t, f"prefixes[{j}]", settings) for j, t in enumerate(req.prefixes)]
     out = []
     for i, item in enumerate(req.items):
         hidden = prefix = None
         if item.policy_hidden is not None:
             path = f"items[{i}].policy_hidden"
             if item.prefix is None:
-                hidden = check_hidden(item.policy_hidden, path, settings).clone()
+                hidden = check_hidden(item.policy_hidden, path, settings)
             else:
                 prefix = prefixes[item.prefix]  # the schema checked the index
                 if item.policy_hidden.dtype != req.prefixes[item.prefix].dtype:
@@ -156,8 +156,7 @@ def prepare_score_items(req: ScoreRequest, engine: ScoringEngine, settings: Serv
                         f"{path}: dtype {item.policy_hidden.dtype} differs from its prefix's, "
                         f"prefixes[{item.prefix}] ({req.prefixes[item.prefix].dtype}); send both in one dtype"
                     )
-                own = check_hidden(item.policy_hidden, path, settings, min_rows=0, prefix_rows=int(prefix.shape[0]))
-                hidden = own.clone()
+                hidden = check_hidden(item.policy_hidden, path, settings, min_rows=0, prefix_rows=int(prefix.shape[0]))
         encoded = tokenize(engine, item.prompt, item.response, f"items[{i}]", limit)
         if item.readout is not None:
             readout = check_readout(item.readout, f"items[{i}].readout", engine.backbone.rm_dim, settings)

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..allocator import release_free_memory
 from ..assemble import start_replica
 from ..batcher import BadReward, Overloaded, StaleReadouts
 from ..config import ServiceSettings
@@ -86,7 +87,9 @@ def create_app(
             install(engine)
         else:
             loader = asyncio.create_task(load())
+        trimmer = asyncio.create_task(_release_memory_when_idle(state))
         yield
+        trimmer.cancel()
         if loader is not None and not loader.done():
             loader.cancel()
         # Under a drain the threads get what is left of its deadline; one still busy then ends with the process.
@@ -114,6 +117,22 @@ def create_app(
     _install_error_handlers(app)
     _install_openapi(app)
     return app
+
+
+IDLE_RELEASE_S = 2.0
+
+
+async def _release_memory_when_idle(state: ServiceState) -> None:
+    """After a burst, once no request has arrived for IDLE_RELEASE_S and none is in flight, the heaps' free pages go
+    back to the kernel (`allocator.release_free_memory`), so that an idle replica's memory returns to its baseline."""
+    released_at = checked = state.requests
+    while True:
+        await asyncio.sleep(IDLE_RELEASE_S)
+        quiet = state.requests == checked and state.in_flight == 0
+        if quiet and state.requests != released_at:
+            await asyncio.to_thread(release_free_memory)
+            released_at = state.requests
+        checked = state.requests
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -93,6 +93,8 @@ class RequestGate:
             await _send_json(send, 503, _DRAINING, {"retry-after": "1", "connection": "close"})
             return
         flight = drain.enter() if drain is not None else None
+        self.state.requests += 1
+        self.state.in_flight += 1
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -138,6 +140,7 @@ class RequestGate:
                 raise
             await _send_json(send_wrapper, 503, _DRAINING, {"retry-after": "1", "connection": "close"})
         finally:
+            self.state.in_flight -= 1
             if drain is not None:
                 drain.leave()
             await budget.release(reserved)

@@ -270,6 +270,25 @@ def test_requests_over_the_memory_budget_wait_get_503_and_are_all_scored_by_the_
     assert unbounded > budget, "without the budget the same burst must need more: else the test shows nothing"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [256 * 2**20, None], ids=["256MiB", "default"])
+def test_the_process_stays_in_its_memory_budget_under_json_load_and_shrinks_after(
+    tmp_path: Path, budget: int | None
+) -> None:
+    """40 connections of JSON /score bodies, every other one with a (256, 2048) float32 tensor (2.8 MB of base64):
+    the resident peak stays within baseline + budget + 10%, and 10 s after the load RSS is within 20% of the warm
+    baseline (bench section 11 runs the same at 200 connections for 150 s)."""
+    from bench.memory import measure
+
+    m = measure(budget, connections=40, seconds=15.0, tmp=tmp_path)
+    mib = 2**20
+    print({k: v // mib if isinstance(v, int) else v for k, v in m.items()})
+    assert m["counts"].get("200", 0) > 20, m["counts"]
+    assert not [k for k in m["counts"] if k not in ("200", "503")], m["counts"]
+    assert m["peak"] <= m["baseline"] + 1.1 * m["budget"], f"peak {m['peak'] // mib} MiB, {m}"
+    assert m["idle"] <= 1.2 * m["baseline"], f"RSS stayed at {m['idle'] // mib} MiB after the load, {m}"
+
+
 # --- draining on SIGTERM --------------------------------------------------------------------------------------------
 
 
