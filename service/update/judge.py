@@ -232,7 +232,11 @@ def run_bounded(tasks: Sequence[Callable[[], T]], concurrency: int, deadline: fl
                 if not todo or time.monotonic() >= deadline:
                     return
                 i = todo.popleft()
-            result = tasks[i]()
+            try:
+                result: T | None = tasks[i]()
+            except Exception:  # noqa: BLE001 - a task that breaks is a failed one, and must not hang the wait
+                log.exception("a judge task failed")
+                result = None
             with cond:
                 results[i], done[i] = result, True
                 cond.notify_all()

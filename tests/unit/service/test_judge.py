@@ -319,3 +319,15 @@ def _body(req: PreferencesRequest) -> bytes:
     from r2m.service.schemas import as_payload
 
     return encode_binary(*pack_request(as_payload(req)))
+
+
+def test_a_task_that_breaks_fails_alone_and_the_wait_ends() -> None:
+    from r2m.service.update.judge import run_bounded
+
+    def boom() -> int:
+        raise RuntimeError("a bug in a judge")
+
+    started = time.monotonic()
+    assert run_bounded([boom, lambda: 2], 2, float("inf")) == [None, 2]
+    assert run_bounded([lambda: time.sleep(5) or 1, lambda: 2], 2, time.monotonic() + 0.3) == [None, 2]
+    assert time.monotonic() - started < 2
