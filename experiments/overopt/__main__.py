@@ -1,12 +1,14 @@
 """`python -m experiments.overopt` (or `r2m overopt`): the offline reward over-optimization benchmark.
 
-    python -m experiments.overopt                       # the full table: 12 arms x 5 paired seeds
-    python -m experiments.overopt --grid                # the dev-seed grid that chose the service learning rates
-    python -m experiments.overopt --quick --out-dir /tmp/overopt-quick   # CI: 4 arms, 1 seed, a few steps
+    python -m experiments.overopt --grid                # tune every arm on the dev seeds; writes chosen.json
+    python -m experiments.overopt                       # the table: every arm x ten paired seeds
+    python -m experiments.overopt rescore --gold my_pkg.gold:reward   # every finished run, scored by another gold
+    python -m experiments.overopt --quick --out-dir /tmp/overopt-quick   # CI size: a few arms, one seed, 6 steps
 
-Writes OUT_DIR/results.json (every curve), OUT_DIR/results.md (the table), OUT_DIR/*.png (plots); the SFT
-policy, the proxy RM and the pair files are cached in OUT_DIR/artefacts/ and reused by every arm (and by a rerun
-with the same settings). See experiments/overopt/README.md.
+Writes OUT_DIR/results.json (every curve), OUT_DIR/results.md (the tables), OUT_DIR/*.png (plots); each run's
+evaluation samples stay in OUT_DIR/runs/<arm>-seed<s>/eval_texts.json for `rescore`. The SFT policy, the proxy RM
+and the pair files are cached in OUT_DIR/artefacts/ and reused by every arm (and by a rerun with the same settings).
+See experiments/overopt/README.md.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .arms import ARMS, CHOSEN, COMPARISONS, FOLLOWS, GRID, chosen, grid_points, updating
-from .report import compare, describe_overoptimization, markdown_tables, plot_curves, summarise
+from .arms import ARMS, CHOSEN, COMPARISONS, ENVELOPE, FOLLOWS, KL_BUDGETS, TUNE_KL, chosen, grid_points, tuned
+from .report import gold_at_budget, markdown_tables, plot_curves, summarise
 from .run import ArmSpec, RunSettings, run_and_report
+from .task import DEFAULT_GOLD
 
-REPORTED_SEEDS = (0, 1, 2, 3, 4)
-DEV_SEEDS = (100, 101)  # the grid and the schedule were fixed on these; never on the reported ones
-QUICK_ARMS = ("vanilla", "r2m", "r2m-judge-4", "ensemble")
+REPORTED_SEEDS = tuple(range(10))
+DEV_SEEDS = (100, 101)  # the grids and the schedule were fixed on these; never on the reported ones
+QUICK_ARMS = ("vanilla-b0.01", "vanilla-b0.1", "r2m-judge-4", "refit-4")
 
 # The task's artefacts: an SFT policy, the proxy's noisy training pairs, held-out gold pairs, the proxy RM.
 ARTEFACTS = {
@@ -42,7 +45,8 @@ ARTEFACTS = {
     "proxy_l2": 1e-5,  # fit-rm's default
     "heldout_pairs": 256,
     "seed": 7,  # of the SFT corpus and init, the pair sets and the proxy split (the RL seeds are the arms')
-    "ensemble": 5,  # proxy heads fitted on bootstrap resamples of its pairs (member 0: the proxy itself)
+    "prompts": "train/eval split of task.PROMPTS: SFT, proxy pairs and RL on TRAIN_PROMPTS; held-out pairs on EVAL",
+    "gold": DEFAULT_GOLD,
 }
 QUICK_ARTEFACTS = {**ARTEFACTS, "sft_answers": 2000, "sft_steps": 60, "proxy_pairs": 200, "heldout_pairs": 64}
 
@@ -56,7 +60,7 @@ def prepare(out: Path, spec: dict[str, Any], say: Any) -> dict[str, Any]:
     from r2m.service.update.fit import fit_encoder_rm
 
     from .policy import build_sft_policy
-    from .task import gold_reward, labelled_pairs
+    from .task import EVAL_PROMPTS, TRAIN_PROMPTS, labelled_pairs, load_gold
 
     art = out / "artefacts"
     manifest = art / "artefacts.json"
@@ -66,6 +70,7 @@ def prepare(out: Path, spec: dict[str, Any], say: Any) -> dict[str, Any]:
     torch.set_num_threads(1)  # the CPU is shared: more threads than free cores spin and crawl
     art.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    gold = load_gold(spec["gold"])
     say(f"[1/3] SFT policy: word-level Llama, width {spec['width']}, {spec['sft_answers']} templated answers")
     policy = build_sft_policy(
         art / "policy",
@@ -77,29 +82,17 @@ def prepare(out: Path, spec: dict[str, Any], say: Any) -> dict[str, Any]:
         say=say,
     )
     say(f"  {policy['params']} parameters, SFT loss {policy['sft_loss']:.3f}, {policy['seconds']} s")
-    train = labelled_pairs(
-        spec["proxy_pairs"], seed=spec["seed"] + 1, noise_temperature=spec["proxy_label_temperature"]
-    )
-    heldout = labelled_pairs(spec["heldout_pairs"], seed=spec["seed"] + 2, noise_temperature=None)
+    (art / "train_prompts.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    train = labelled_pairs(spec["proxy_pairs"], spec["seed"] + 1, spec["proxy_label_temperature"], gold, TRAIN_PROMPTS)
+    heldout = labelled_pairs(spec["heldout_pairs"], spec["seed"] + 2, None, gold, EVAL_PROMPTS)
     write_jsonl(train, art / "proxy_pairs.jsonl")
     write_jsonl(heldout, art / "heldout_pairs.jsonl")
     say(f"  proxy RM: MiniLM + a linear head fitted by Bradley-Terry on {len(train)} noisy gold-labelled pairs")
-    fit = fit_encoder_rm(
-        art / "proxy",
-        data=art / "proxy_pairs.jsonl",
-        seed=spec["seed"],
-        l2=spec["proxy_l2"],
-        device="cpu",
-        ensemble=spec["ensemble"],  # the ensemble arms' members: bootstrap resamples of the same 500 pairs
-    )
-
-    # Gold units for the proxy: the least-squares affine map proxy -> gold over the held-out pairs' texts.
+    fit = fit_encoder_rm(art / "proxy", data=art / "proxy_pairs.jsonl", seed=spec["seed"], l2=spec["proxy_l2"],
+                         device="cpu")  # fmt: skip
     backbone = load_backbone(str(art / "proxy"), device="cpu", dtype="float32")
     texts = [(p["prompt"], p[k]) for p in heldout for k in ("chosen", "rejected")]
     proxy = backbone.plain_reward(backbone.embed([backbone.encode(p, r) for p, r in texts])).tolist()
-    gold = [gold_reward(p, r) for p, r in texts]
-    mp, mg = sum(proxy) / len(proxy), sum(gold) / len(gold)
-    a = sum((x - mp) * (y - mg) for x, y in zip(proxy, gold)) / sum((x - mp) ** 2 for x in proxy)
     plain_acc = sum(proxy[2 * i] > proxy[2 * i + 1] for i in range(len(heldout))) / len(heldout)
     result = {
         "spec": spec,
@@ -108,13 +101,13 @@ def prepare(out: Path, spec: dict[str, Any], say: Any) -> dict[str, Any]:
         "proxy_fit": fit,
         "proxy_label_agreement": sum(r["gold_agrees"] for r in train) / len(train),
         "proxy_heldout_gold_accuracy": plain_acc,
-        "calibration": {"a": a, "b": mg - a * mp},
         "seconds": round(time.perf_counter() - started, 1),
     }
     manifest.write_text(json.dumps(result, indent=2) + "\n")
     say(
         f"  proxy: {100 * fit['heldout_accuracy']:.0f}% on its own held-out noisy pairs, "
-        f"{100 * plain_acc:.0f}% on {len(heldout)} held-out gold pairs; artefacts in {result['seconds']} s"
+        f"{100 * plain_acc:.0f}% on {len(heldout)} held-out gold pairs of the evaluation prompts; "
+        f"artefacts in {result['seconds']} s"
     )
     return result
 
@@ -122,8 +115,10 @@ def prepare(out: Path, spec: dict[str, Any], say: Any) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="r2m overopt",
-        description="Offline reward over-optimization benchmark: GRPO against a MiniLM proxy RM served by r2m, "
-        "gold reward measured as RL goes on, per arm and paired seed. See experiments/overopt/README.md.",
+        description="Offline reward over-optimization benchmark: GRPO on the task's training prompts against a "
+        "MiniLM proxy RM served by r2m, gold measured on held-out prompts as RL goes on, per arm and paired seed; "
+        "gold at equal KL against the best vanilla. See experiments/overopt/README.md. `r2m overopt rescore --help`: "
+        "score finished runs with another gold.",
     )
     p.add_argument("--out-dir", default="runs/overopt", help="results, plots and cached artefacts [runs/overopt]")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="arms [all of them]")
@@ -132,19 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=None, help=f"RL steps per run [{RunSettings.steps}]")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one core each [2]")
+    p.add_argument("--gold", default=DEFAULT_GOLD, help=f"the gold reward, module:function [{DEFAULT_GOLD}]")
     p.add_argument(
         "--quick", action="store_true", help=f"CI: {', '.join(QUICK_ARMS)}; one seed, 6 steps, small artefacts"
     )
     p.add_argument(
         "--grid",
         action="store_true",
-        help=f"choose each updating arm's service learning rates on the dev seeds {DEV_SEEDS} (arms.GRID) and "
+        help=f"tune every arm on the dev seeds {DEV_SEEDS} (six points each, chosen by gold at KL <= {TUNE_KL:g}); "
         f"writes {CHOSEN.name} beside the code and OUT_DIR/grid.json",
-    )
-    p.add_argument(
-        "--grid-inits",
-        action="store_true",
-        help="with --grid: also run r2m at its choice with the plain and zero feedback-attention inits (4 more runs)",
     )
     return p
 
@@ -156,80 +147,124 @@ def _run_all(specs: list[ArmSpec], workers: int) -> list[dict]:
         return pool.map(run_and_report, specs, chunksize=1)
 
 
-def _spec(arm: str, seed: int, settings: RunSettings, art: dict, a: Path, out: Path, tag: str = "") -> ArmSpec:
+def _spec(arm: str, seed: int, settings: RunSettings, art: dict, out: Path, tag: str = "") -> ArmSpec:
+    a = out / "artefacts"
+    spec = ARMS[arm]
     return ArmSpec(
         arm=arm,
-        mode=ARMS[arm].reward_mode,
+        mode=spec.reward_mode,
         seed=seed,
         policy=str(a / "policy"),
         proxy=str(a / "proxy"),
+        prompts=str(a / "train_prompts.txt"),
         train_pairs=str(a / "proxy_pairs.jsonl"),
         heldout_pairs=str(a / "heldout_pairs.jsonl"),
         out_dir=str(out / "runs" / f"{arm}{tag}-seed{seed}"),
         policy_dim=art["policy_dim"],
-        settings=replace(settings, judge_pairs=ARMS[arm].judge, ensemble=ARMS[arm].ensemble),
+        settings=replace(settings, judge_pairs=spec.judge, refit=spec.refit, kl_coef=spec.kl_coef, lr=spec.lr),
     )
 
 
-def grid(
-    out: Path, base: RunSettings, art: dict, workers: int, arms: Sequence[str], say: Any, with_inits: bool = False
-) -> dict:
-    """Every updating arm (but those in FOLLOWS) on every grid point and dev seed; the choice: the highest mean gold
-    (over the curve, the dev seeds' mean). With `with_inits`, then r2m at its choice with each feedback init."""
-    a = out / "artefacts"
-    points = [dict(g) for g in GRID]
-    todo = [a_ for a_ in arms if updating(a_) and a_ not in FOLLOWS]
+def _tune_score(run: dict) -> float:
+    """What the grids maximise: gold at the last evaluation whose KL is within TUNE_KL (not mean gold, which rewards
+    a run that barely moves)."""
+    return gold_at_budget(run["evals"], TUNE_KL)[1]
+
+
+def grid(out: Path, base: RunSettings, art: dict, workers: int, arms: Sequence[str], say: Any) -> dict:
+    """Every tuned arm on its six points and the dev seeds, and vanilla's six arms there too (its grid); each
+    choice is the point with the best mean over the dev seeds of gold at KL <= TUNE_KL."""
+    todo = [a for a in arms if a in tuned()]
     specs = [
-        _spec(arm, seed, replace(base, **pt), art, a, out, f"-g{GRID.index(pt)}")
+        _spec(arm, seed, replace(base, **pt), art, out, f"-g{i}")
         for arm in todo
-        for pt in grid_points(arm)
+        for i, pt in enumerate(grid_points(arm))
         for seed in DEV_SEEDS
     ]
-    # Vanilla on the dev seeds too: the schedule (T, omega_steps, the policy's lr) was checked on
-    # vanilla's curve there (its gold must peak and fall within the run while the feedback has its full weight).
-    fixed = [a_ for a_ in arms if a_ == "vanilla"]
-    specs += [_spec(arm, seed, base, art, a, out, "-ref") for arm in fixed for seed in DEV_SEEDS]
-    say(f"[2/3] grid: {len(todo)} updating arms x up to {len(points)} points x {len(DEV_SEEDS)} dev seeds, and "
-        f"vanilla: {len(specs)} runs ({', '.join(f'{k} takes {v} choice' for k, v in FOLLOWS.items())})")  # fmt: skip
+    vanillas = [a for a in arms if a in ENVELOPE]
+    specs += [_spec(arm, seed, base, art, out) for arm in vanillas for seed in DEV_SEEDS]
+    say(f"[2/3] grid: {len(todo)} arms x 6 points and {len(vanillas)} vanilla arms, x {len(DEV_SEEDS)} dev seeds: "
+        f"{len(specs)} runs ({', '.join(f'{k} takes {v} choice' for k, v in FOLLOWS.items())})")  # fmt: skip
     runs = _run_all(specs, workers)
-    reference = {
-        arm: [{"seed": r["seed"], "gold": [(e["step"], round(e["gold"], 3)) for e in r["evals"]]}
-              for r in runs if r["arm"] == arm]
-        for arm in fixed
-    }  # fmt: skip
-    table: dict[str, list[dict]] = {}
+    table: dict[str, list[dict[str, Any]]] = {}
     for arm in todo:
         for pt in grid_points(arm):
-            rs = [r for r in runs if r["arm"] == arm and r["settings"]["service_lr"] == pt["service_lr"]
-                  and r["settings"]["service_phi_lr"] == pt["service_phi_lr"]]  # fmt: skip
-            mean_gold = [sum(e["gold"] for e in r["evals"]) / len(r["evals"]) for r in rs]
-            table.setdefault(arm, []).append({**pt, "mean_gold": sum(mean_gold) / len(mean_gold),
-                                              "per_seed": mean_gold})  # fmt: skip
-    choice = {arm: {k: v for k, v in max(rows, key=lambda x: x["mean_gold"]).items() if k.startswith("service")}
+            rs = [r for r in runs if r["arm"] == arm and all(r["settings"][k] == v for k, v in pt.items())]
+            per_seed = [_tune_score(r) for r in rs]
+            table.setdefault(arm, []).append({**pt, "score": sum(per_seed) / len(per_seed), "per_seed": per_seed})
+    vanilla_rows: list[dict[str, Any]] = []
+    for arm in vanillas:
+        per_seed = [_tune_score(r) for r in runs if r["arm"] == arm]
+        vanilla_rows.append({"arm": arm, "score": sum(per_seed) / len(per_seed), "per_seed": per_seed})
+    choice = {arm: {k: v for k, v in max(rows, key=lambda x: x["score"]).items() if k not in ("score", "per_seed")}
               for arm, rows in table.items()}  # fmt: skip
-    choice.update({arm: dict(choice[lead]) for arm, lead in FOLLOWS.items() if arm in arms and lead in choice})
-    inits = {}
-    if "r2m" in choice and with_inits:
-        init_specs = [
-            _spec("r2m", seed, replace(base, **choice["r2m"], attn_init=init), art, a, out, f"-init-{init}")
-            for init in ("plain", "zero")  # the grid ran the default (base.attn_init) already
-            for seed in DEV_SEEDS
-        ]
-        best = max(table["r2m"], key=lambda x: x["mean_gold"])
-        inits[base.attn_init] = list(best["per_seed"])
-        say(f"  feedback inits: {len(init_specs)} runs of r2m at {choice['r2m']}")
-        for r in _run_all(init_specs, workers):
-            inits.setdefault(r["settings"]["attn_init"], []).append(
-                sum(e["gold"] for e in r["evals"]) / len(r["evals"])
-            )
-    result = {"dev_seeds": list(DEV_SEEDS), "grid": points, "table": table, "chosen": choice, "follows": FOLLOWS,
-              "reference": reference,
-              "inits": {k: {"mean_gold": sum(v) / len(v), "per_seed": v} for k, v in inits.items()}}  # fmt: skip
+    result = {
+        "dev_seeds": list(DEV_SEEDS),
+        "tune_by": f"gold at the last evaluation with KL <= {TUNE_KL:g}, mean of the dev seeds",
+        "table": table,
+        "vanilla": vanilla_rows,
+        "vanilla_tuned": max(vanilla_rows, key=lambda x: x["score"])["arm"] if vanilla_rows else None,
+        "chosen": choice,
+        "follows": FOLLOWS,
+    }
     (out / "grid.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
+def report(runs: list[dict], arms: Sequence[str], out: Path, meta: dict, say: Any) -> str:
+    """results.json, results.md and the plots from finished runs; returns the tables."""
+    summary = summarise(runs, KL_BUDGETS, ENVELOPE)
+    tables = markdown_tables(summary, list(arms), COMPARISONS)
+    plots = plot_curves(runs, list(arms), ENVELOPE, out)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}) + "\n")
+    lines = [
+        f"Date: {meta['date']}. Command: `{meta['command']}`. Wall time: {meta['wall_s'] / 60:.1f} min.",
+        f"RL seeds {', '.join(map(str, meta['seeds']))}, paired across arms (sampling and feedback-attention init); "
+        "intervals are 95% t-intervals over seeds (one SFT policy and one proxy RM shared by every run). RL on "
+        f"{meta['settings']['prompt_source']}; gold {meta['settings']['gold']}.",
+        "",
+        tables,
+    ]
+    (out / "results.md").write_text("\n".join(lines))
+    say(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in plots))
+    return tables
+
+
+def rescore(argv: Sequence[str]) -> int:
+    """`r2m overopt rescore --gold module:function`: every finished run's evaluations scored by another gold, and the
+    report written again under OUT_DIR/rescored-<name>/."""
+    p = argparse.ArgumentParser(prog="r2m overopt rescore", description=rescore.__doc__)
+    p.add_argument("--out-dir", default="runs/overopt", help="the benchmark's folder [runs/overopt]")
+    p.add_argument("--gold", required=True, help="module:function (prompt, response, finished) -> float")
+    args = p.parse_args(argv)
+    from .task import load_gold
+
+    gold = load_gold(args.gold)
+    out = Path(args.out_dir).resolve()
+    results = json.loads((out / "results.json").read_text())
+    runs = []
+    for r in results["runs"]:
+        path = out / "runs" / f"{r['arm']}-seed{r['seed']}" / "eval_texts.json"
+        saved = json.loads(path.read_text())
+        r = json.loads(json.dumps(r))
+        by_step = {e["step"]: e for e in saved["evals"]}
+        for e in r["evals"]:
+            texts = by_step[e["step"]]
+            golds = [gold(p, t, f) for p, t, f in zip(saved["prompts"], texts["texts"], texts["finished"])]
+            e["gold"] = sum(golds) / len(golds)
+        runs.append(r)
+    target = out / f"rescored-{args.gold.replace(':', '.').replace('/', '_')}"
+    target.mkdir(exist_ok=True)
+    settings = {**results["meta"]["settings"], "gold": args.gold}
+    meta = {**results["meta"], "rescored_with": args.gold, "settings": settings}
+    report(runs, results["meta"]["arms"], target, meta, print)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["rescore"]:
+        return rescore(argv[1:])
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         raise SystemExit("r2m overopt: --workers must be >= 1")
@@ -242,38 +277,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    base = RunSettings(steps=6, omega_steps=4, eval_every=3, pairs_per_step=4) if args.quick else RunSettings()
-    if args.steps is not None:
-        base = replace(base, steps=args.steps)
+    base = RunSettings(steps=6, omega_steps=4, eval_every=3, eval_samples_per_prompt=4) if args.quick else RunSettings()
+    base = replace(base, gold=args.gold, **({"steps": args.steps} if args.steps is not None else {}))
     arms = args.arms or (QUICK_ARMS if args.quick else tuple(ARMS))
-    art = prepare(out, QUICK_ARTEFACTS if args.quick else ARTEFACTS, say)
+    art = prepare(out, {**(QUICK_ARTEFACTS if args.quick else ARTEFACTS), "gold": args.gold}, say)
     if args.grid:
-        result = grid(out, base, art, args.workers, arms, say, with_inits=args.grid_inits)
-        if not args.quick:
+        result = grid(out, base, art, args.workers, arms, say)
+        if not args.quick:  # a grid of some arms keeps the others' earlier choices
+            earlier = json.loads(CHOSEN.read_text()) if CHOSEN.is_file() else {}
+            if earlier.get("tune_by") == result["tune_by"]:
+                for key in ("table", "chosen"):
+                    result[key] = {**earlier.get(key, {}), **result[key]}
+                fresh = {r["arm"] for r in result["vanilla"]}
+                result["vanilla"] = [r for r in earlier.get("vanilla", []) if r["arm"] not in fresh] + result["vanilla"]
+                if result["vanilla"]:
+                    result["vanilla_tuned"] = max(result["vanilla"], key=lambda x: x["score"])["arm"]
             CHOSEN.write_text(json.dumps(result, indent=2) + "\n")
         say(json.dumps(result["chosen"], indent=1))
         say(f"wrote {out / 'grid.json'}" + ("" if args.quick else f" and {CHOSEN}"))
         say(f"done in {time.perf_counter() - started:.0f} s")
         return 0
     seeds = args.seeds if args.seeds is not None else ((0,) if args.quick else REPORTED_SEEDS)
-    specs = [
-        _spec(arm, seed, replace(base, **chosen(arm)), art, out / "artefacts", out) for seed in seeds for arm in arms
-    ]
-    say(
-        f"[2/3] {len(specs)} runs ({len(arms)} arms x {len(seeds)} seeds, {base.steps} steps), {args.workers} at a time"
-    )
+    specs = [_spec(arm, seed, replace(base, **chosen(arm)), art, out) for seed in seeds for arm in arms]
+    say(f"[2/3] {len(specs)} runs ({len(arms)} arms x {len(seeds)} seeds, {base.steps} steps), "
+        f"{args.workers} at a time")
     runs = _run_all(specs, args.workers)
-
     say("[3/3] report")
-    summary = summarise(runs, art["calibration"])
-    tables = markdown_tables(summary, list(ARMS), COMPARISONS)
-    plots = plot_curves(runs, list(ARMS), out)
-    wall = time.perf_counter() - started
-    command = "python -m experiments.overopt " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    command = "python -m experiments.overopt " + shlex.join(argv)
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command.strip(),
-        "wall_s": round(wall, 1),
+        "wall_s": round(time.perf_counter() - started, 1),
         "arms": list(arms),
         "seeds": list(seeds),
         "dev_seeds": list(DEV_SEEDS),
@@ -281,26 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chosen": {arm: chosen(arm) for arm in arms if chosen(arm)},
         "artefacts": art,
     }
-    comparisons = [c for a_, b_ in COMPARISONS if (c := compare(summary, a_, b_)) is not None]
-    (out / "results.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "comparisons": comparisons, "runs": runs}) + "\n"
-    )
-    lines = [
-        f"Date: {meta['date']}. Command: `{meta['command']}`. Wall time: {wall / 60:.1f} min "
-        f"(artefacts {art['seconds']} s when built).",
-        f"RL seeds {', '.join(map(str, seeds))}, paired across arms (sampling and feedback-attention init); "
-        "intervals are 95% t-intervals over seeds (one SFT policy and one proxy RM shared by every run).",
-        f"Proxy: {100 * art['proxy_heldout_gold_accuracy']:.1f}% agreement with gold on "
-        f"{art['spec']['heldout_pairs']} held-out pairs (plain, no policy feedback).",
-        "",
-        tables,
-    ]
-    if "vanilla" in summary["arms"]:
-        lines.append(f"Vanilla: {describe_overoptimization(summary['arms']['vanilla'])}.\n")
-    (out / "results.md").write_text("\n".join(lines))
-    say(tables)
-    say(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in plots))
-    say(f"done in {wall:.0f} s")
+    say(report(runs, arms, out, meta, say))
+    say(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -11,7 +11,7 @@ import torch
 
 from r2m.trainer.tiny import ANSWER_TEMPLATE, tiny_llama, word_tokenizer
 
-from .task import PROMPTS, sample_answer, vocabulary
+from .task import TRAIN_PROMPTS, sample_answer, vocabulary
 
 __all__ = ["build_sft_policy"]
 
@@ -42,7 +42,7 @@ def build_sft_policy(
     rng = random.Random(seed)
     texts = []
     for _ in range(n_answers):
-        prompt = rng.choice(PROMPTS)
+        prompt = rng.choice(TRAIN_PROMPTS)  # the evaluation prompts stay unseen
         rendered = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )

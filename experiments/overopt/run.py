@@ -8,6 +8,7 @@ scored by the head updated on step t (the paper's loop) and a run is a function 
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -27,13 +28,14 @@ from r2m.service.engine import build_engine
 from r2m.service.launch import free_port
 from r2m.trainer import GRPOTrainer, Rollout, TrainConfig, sequence_forward
 from r2m.trainer.grpo import FEEDBACK, noise_like
+from r2m.trainer.judge import choose_pairs, label_pairs
 
-from .task import PROMPTS, GoldJudge, gold_terms
+from .task import DEFAULT_GOLD, EVAL_PROMPTS, PROMPTS, GoldFn, GoldJudge, gold_terms, load_gold
 
 __all__ = ["ArmSpec", "RunSettings", "run_and_report", "run_arm"]
 
-EVAL_SAMPLES_PER_PROMPT = 8  # 32 prompts x 8 = 256 samples per evaluation
 EVAL_SEED = 31337  # the evaluation samples' seed: the same for every arm, seed and step
+PROMPT_SOURCE = "task.TRAIN_PROMPTS: 32 prompts (4 phrasings x 8 topics); evaluation on task.EVAL_PROMPTS (16)"
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ class RunSettings:
     """Everything an arm's run depends on besides its arm and seed (fixed on the dev seeds; see the README)."""
 
     steps: int = 40
-    # T of the omega schedule: w(t) reaches its floor Omega at t ~ 0.44 T = step 9, while vanilla is at its best
-    # (around step 10) and before it collapses: the feedback has its full weight while the over-optimization happens.
+    # T of the omega schedule: w(t) reaches its floor Omega at t ~ 0.44 T = step 9, while vanilla climbs towards
+    # its best and before it collapses: the feedback has its full weight while the over-optimization happens.
     omega_steps: int = 20
     prompts_per_step: int = 16
     group_size: int = 4
@@ -50,8 +52,11 @@ class RunSettings:
     lr: float = 1.5e-4
     kl_coef: float = 0.01
     eval_every: int = 4
-    # The R2M service (R2M_* settings): the paper's Omega and alpha; the learning rates are each updating arm's
-    # choice on the dev seeds (arms.GRID, chosen.json).
+    eval_samples_per_prompt: int = 16  # x 16 evaluation prompts = 256 samples per evaluation
+    prompt_source: str = PROMPT_SOURCE
+    gold: str = DEFAULT_GOLD  # module:function; the judge and every evaluation derive from it
+    # The R2M service (R2M_* settings): the paper's Omega and alpha; the learning rates and steps are each tuned
+    # arm's choice on the dev seeds (arms.GRIDS, chosen.json).
     omega_floor: float = 0.6
     grebt_alpha: float = 0.3
     service_lr: float = 1e-5
@@ -59,12 +64,11 @@ class RunSettings:
     service_train_steps: int = 1
     attn_dim: int = 64
     attn_init: str = "scaled"
-    pairs_per_step: int = 16
-    judge_pairs: int = 0
+    judge_pairs: int = 0  # per step: the service's judge, or the refit arm's own
     judge_temperature: float = 1.0  # the proxy's own label noise (ARTEFACTS["proxy_label_temperature"])
-    ensemble: int = 1
-    aggregation: str = "uwo"
-    uwo_lambda: float = 1.0
+    refit: bool = False
+    refit_l2: float = 1e-5
+    refit_weight: float = 1.0  # a judge label counts this many of the proxy's own pairs in the refit
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,8 @@ class ArmSpec:
     seed: int
     policy: str
     proxy: str
-    train_pairs: str
+    prompts: str  # the RL prompts file (the task's training split)
+    train_pairs: str  # the proxy's own labelled pairs (the refit arms refit on them)
     heldout_pairs: str
     out_dir: str
     policy_dim: int
@@ -85,19 +90,22 @@ class ArmSpec:
 
 
 @contextmanager
-def serve_proxy(proxy_dir: str, policy_dim: int, s: RunSettings, seed: int) -> Iterator[tuple[str, Any]]:
+def serve_proxy(
+    proxy_dir: str, policy_dim: int, s: RunSettings, seed: int, judge: Any = None
+) -> Iterator[tuple[str, Any]]:
     """r2m's app (embedded mode) serving the proxy RM on a free loopback port; yields (url, the engine). Every
-    setting is given here: no R2M_* variable or .env file reaches it."""
+    setting is given here: no R2M_* variable or .env file reaches it. With `judge`, the service's worker labels
+    `s.judge_pairs` pairs of every posted batch with it, instead of the in-group pseudo-labels: the path a user
+    with a judge runs."""
     import uvicorn
 
+    judged = {"judge_pairs": s.judge_pairs, "judge_with_pseudo_labels": False} if judge is not None else {}
     settings = isolated_settings(
         model=proxy_dir,
         seed=seed,  # the feedback attention's init varies with the RL seed, paired across arms
         attn_init=s.attn_init,
         train_lr_score=s.service_phi_lr,
-        ensemble=s.ensemble,
-        aggregation=s.aggregation,
-        uwo_lambda=s.uwo_lambda,
+        **judged,
         device="cpu",
         dtype="float32",
         policy_dim=policy_dim,
@@ -116,7 +124,12 @@ def serve_proxy(proxy_dir: str, policy_dim: int, s: RunSettings, seed: int) -> I
     model = build_engine(settings)
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, model), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(settings, model, **({"judge": judge} if judge is not None else {})),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
     )
     thread = threading.Thread(target=server.run, name="overopt-uvicorn", daemon=True)
     thread.start()
@@ -211,12 +224,20 @@ def hidden_similarity(
     }
 
 
+def eval_prompts(s: RunSettings) -> list[str]:
+    """The evaluation samples' prompts, in order: each held-out prompt `eval_samples_per_prompt` times."""
+    return [p for p in EVAL_PROMPTS for _ in range(s.eval_samples_per_prompt)]
+
+
 @torch.no_grad()
-def evaluate(trainer: GRPOTrainer, model: Any, with_similarity: bool = False) -> dict[str, Any]:
-    """Gold, frozen proxy and KL to the reference on a fixed set of 256 samples (32 prompts x 8, seeded); with
-    `with_similarity`, the hidden-state similarity of hacked and normal samples."""
+def evaluate(
+    trainer: GRPOTrainer, model: Any, s: RunSettings, gold: GoldFn, with_similarity: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Gold, frozen proxy and KL to the reference on a fixed set of samples of the held-out prompts (seeded: the same
+    for every arm, seed and step); with `with_similarity`, the hidden-state similarity of hacked and normal samples.
+    Returns (the figures, the samples' texts and finished flags: what `rescore` scores with another gold)."""
     c, tok = trainer.config, trainer.tokenizer
-    prompts = [p for p in PROMPTS for _ in range(EVAL_SAMPLES_PER_PROMPT)]
+    prompts = eval_prompts(s)
     enc = trainer.encode_prompts(prompts)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(EVAL_SEED)
@@ -242,22 +263,23 @@ def evaluate(trainer: GRPOTrainer, model: Any, with_similarity: bool = False) ->
     logp, _ = sequence_forward(trainer.policy, sequences, attention, prompt_len, c.temperature)
     ref, _ = sequence_forward(trainer.reference, sequences, attention, prompt_len, c.temperature)
     kl = ((logp - ref) * mask).sum(1)  # (N,) log pi/pi_ref of each sample: its mean estimates KL(pi || pi_ref)
-    terms = [gold_terms(p, r, f) for p, r, f in zip(prompts, texts, finished)]
+    golds = [gold(p, r, f) for p, r, f in zip(prompts, texts, finished)]
+    terms = [gold_terms(p, r, f) for p, r, f in zip(prompts, texts, finished)]  # the default gold's terms, to read
     proxy = frozen_proxy(model, prompts, texts)
     n = len(prompts)
-    if with_similarity:
-        similarity = hidden_similarity(trainer, prompts, texts, [g.reward for g in terms], proxy)
-    return {
-        **({"similarity": similarity} if with_similarity else {}),
-        "gold": sum(g.reward for g in terms) / n,
+    figures = {
+        "gold": sum(golds) / n,
         "proxy": sum(proxy) / n,
         "kl": kl.mean().item(),
         "length": mask.sum(1).float().mean().item(),
         "finished": sum(finished) / n,
         "repeats": sum(g.repeats for g in terms) / n,
         "distinct_good": sum(g.distinct_good for g in terms) / n,
-        "samples": texts[:: EVAL_SAMPLES_PER_PROMPT * 4][:4],  # a few to read
+        "samples": texts[:: s.eval_samples_per_prompt * 4][:4],  # a few to read
     }
+    if with_similarity:
+        figures["similarity"] = hidden_similarity(trainer, prompts, texts, golds, proxy)
+    return figures, {"texts": texts, "finished": finished, "kl": [round(x, 4) for x in kl.tolist()]}
 
 
 def heldout_accuracy(trainer: GRPOTrainer, client: SyncedClient, pairs: list[dict], with_hidden: str | None) -> float:
@@ -309,6 +331,52 @@ def feedback_share(trainer: GRPOTrainer, model: Any, batch: Any, w: float, group
     return float(v_fb / (v_fb + v_rte)) if float(v_fb + v_rte) > 0 else 0.0
 
 
+class Refit:
+    """The judge's labels used without R2M, as a user of a plain reward model would: each step the judge labels
+    `judge_pairs` pairs of the step's own groups (chosen as the service's judge chooses them, by the served rewards),
+    and the proxy's linear head is refit (Bradley-Terry, L-BFGS, as `r2m fit-rm` fits it) on its own labelled pairs
+    plus every judge label so far, each label weighted `refit_weight`; the replica then serves the refit head."""
+
+    def __init__(self, model: Any, base_pairs: list[dict], judge: GoldJudge, s: RunSettings, seed: int) -> None:
+        self.model = model
+        self.judge = judge
+        self.s = s
+        self.seed = seed
+        self.base = self._diffs([(p["prompt"], p["chosen"], p["rejected"]) for p in base_pairs])  # (N, D)
+        self.labelled: list[torch.Tensor] = []
+        self.labels = 0
+
+    def _diffs(self, triples: Sequence[tuple[str, str, str]]) -> torch.Tensor:
+        backbone = self.model.backbone
+        texts = [(p, r) for p, c, rj in triples for r in (c, rj)]
+        rte = self.model.embed([backbone.encode(p, r) for p, r in texts]).float().cpu()
+        return rte[0::2] - rte[1::2]
+
+    def step(self, t: int, prompts: Sequence[str], responses: Sequence[str], rewards: Sequence[float]) -> int:
+        """Label the step's pairs, refit, swap the served head; returns the labels taken this step."""
+        from r2m.service.engine import HeadVersion
+        from r2m.service.update.fit import fit_bt
+
+        picks = choose_pairs(list(rewards), self.s.group_size, self.s.judge_pairs, torch.Generator().manual_seed(
+            self.seed * 1000 + t))  # fmt: skip
+        won = label_pairs(self.judge, prompts, responses, picks)
+        if won:
+            self.labelled.append(self._diffs([(prompts[i], responses[i], responses[j]) for i, j in won]))
+            self.labels += len(won)
+        judged = torch.cat(self.labelled) if self.labelled else self.base[:0]
+        diff = torch.cat([self.base, judged])
+        weights = torch.cat([torch.ones(len(self.base)), torch.full((len(judged),), self.s.refit_weight)])
+        weight = fit_bt(diff, self.s.refit_l2, weights=weights)
+        current = self.model.current
+        head = copy.deepcopy(current.head)
+        with torch.no_grad():
+            head.score.weight.copy_(weight.reshape(1, -1))
+            if head.score.bias is not None:  # rewards only matter up to a constant for GRPO: keep the proxy's
+                head.score.bias.copy_(current.head.score.bias)
+        self.model.swap(HeadVersion(version=current.version + 1, head=head, meta={"refit_labels": self.labels}))
+        return len(won)
+
+
 def _finished(batch: Any, eos_ids: torch.Tensor) -> list[bool]:
     return torch.isin(batch.sequences[:, batch.prompt_len :], eos_ids).any(dim=1).tolist()
 
@@ -316,11 +384,12 @@ def _finished(batch: Any, eos_ids: torch.Tensor) -> list[bool]:
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
-def _train_config(spec: ArmSpec, url: str, out: Path, with_judge: bool) -> TrainConfig:
-    """The arm's `r2m train` settings, against the proxy served at `url`."""
+def _train_config(spec: ArmSpec, url: str, out: Path) -> TrainConfig:
+    """The arm's `r2m train` settings, against the proxy served at `url`, on the task's training prompts."""
     s = spec.settings
     return TrainConfig(
         policy=spec.policy,
+        prompts=spec.prompts,
         server_url=url,
         steps=s.steps,
         omega_steps=s.omega_steps,
@@ -330,10 +399,6 @@ def _train_config(spec: ArmSpec, url: str, out: Path, with_judge: bool) -> Train
         lr=s.lr,
         kl_coef=s.kl_coef,
         reward_mode=spec.mode,  # type: ignore[arg-type]
-        pairs=spec.train_pairs if spec.mode == "r2m-pairs" else None,
-        pairs_per_step=s.pairs_per_step,
-        judge="experiments.overopt.task:GoldJudge" if with_judge else None,  # the instance run_arm passes is what runs
-        judge_pairs_per_step=max(1, s.judge_pairs),
         seed=spec.seed,
         out_dir=str(out / "trainer"),
         save_every=0,
@@ -343,54 +408,67 @@ def _train_config(spec: ArmSpec, url: str, out: Path, with_judge: bool) -> Train
 
 
 def _step_record(
-    t: int, m: dict[str, Any], batch: Rollout, model: Any, eos_ids: torch.Tensor, group_size: int
+    t: int, m: dict[str, Any], batch: Rollout, model: Any, eos_ids: torch.Tensor, s: RunSettings, gold: GoldFn
 ) -> dict[str, Any]:
     """Step t's line of the result: its metrics `m`, and the gold and frozen-proxy rewards of its own samples."""
     finished = _finished(batch, eos_ids)
-    gold = [gold_terms(p, r, f).reward for p, r, f in zip(batch.prompts, batch.responses, finished)]
+    golds = [gold(p, r, f) for p, r, f in zip(batch.prompts, batch.responses, finished)]
     proxy = frozen_proxy(model, batch.prompts, batch.responses)
     return {
         "step": t,
-        "gold": sum(gold) / len(gold),
-        "reward": m["rewards/mean"],  # what this arm optimises (the proxy, R2M-corrected or not)
+        "gold": sum(golds) / len(golds),
+        "reward": m["rewards/mean"],  # what this arm optimises (the proxy, R2M-corrected or refit, or not)
         "reward_std": m["rewards/std"],
         "group_std": m["rewards/group_std_mean"],
-        "acc_on_policy": on_policy_accuracy(m["rewards"], gold, group_size),
-        "acc_on_policy_proxy": on_policy_accuracy(proxy, gold, group_size),
+        "acc_on_policy": on_policy_accuracy(m["rewards"], golds, s.group_size),
+        "acc_on_policy_proxy": on_policy_accuracy(proxy, golds, s.group_size),
         "kl": m["kl"],
         "length": m["response_length/mean"],
         "head_version": m["head_version"],
         "omega": m["omega"],
-        "judge_labels": m.get("judge/labels", 0),
         "seconds": sum(v for k, v in m.items() if k.startswith("time/")),
+        "prompt_ids": sorted({PROMPTS.index(p) for p in batch.prompts}),  # task.PROMPTS: < 32 the training split
     }
 
 
 def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
-    """Train one arm on one seed; writes and returns {"arm", "seed", "steps": [...], "evals": [...], ...}."""
+    """Train one arm on one seed; writes OUT/result.json ({"arm", "seed", "steps": [...], "evals": [...], ...}) and
+    OUT/eval_texts.json (every evaluation's samples, for `rescore`); returns the result."""
     from r2m.service.model import omega
 
     torch.set_num_threads(1)  # two runs share the two cores
     s = spec.settings
+    gold = load_gold(s.gold)
     started = time.perf_counter()
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heldout = read_jsonl(spec.heldout_pairs)
     hidden_kind = FEEDBACK[spec.mode].score  # what the arm's /score gets: "policy", "noise" or None
-    judge = GoldJudge(spec.seed, s.judge_temperature, s.max_new_tokens) if s.judge_pairs else None
-    with serve_proxy(spec.proxy, spec.policy_dim, s, spec.seed) as (url, model):
+    judge = GoldJudge(spec.seed, s.judge_temperature, s.max_new_tokens, gold) if s.judge_pairs else None
+    service_judge = judge if not s.refit else None
+    with serve_proxy(spec.proxy, spec.policy_dim, s, spec.seed, service_judge) as (url, model):
         client = SyncedClient(R2MClient(url, timeout=120.0))
-        trainer = GRPOTrainer(_train_config(spec, url, out, judge is not None), client, judge=judge)
+        trainer = GRPOTrainer(_train_config(spec, url, out), client)
+        refit = Refit(model, read_jsonl(spec.train_pairs), judge, s, spec.seed) if s.refit and judge else None
+        texts: list[dict[str, Any]] = []
+
+        def evaluation(step: int, last: bool) -> dict[str, Any]:
+            figures, record = evaluate(trainer, model, s, gold, with_similarity=step == 0 or last)
+            texts.append({"step": step, **record})
+            return {"step": step, **figures}
+
         try:
             acc_before = heldout_accuracy(trainer, client, heldout, hidden_kind)
-            steps, evals = [], [{"step": 0, **evaluate(trainer, model, with_similarity=True)}]
+            steps, evals = [], [evaluation(0, False)]
             for t in range(s.steps):
                 m = trainer.train_step(t)
                 batch = trainer.batch
                 assert batch is not None
-                steps.append(_step_record(t, m, batch, model, trainer.eos_ids, s.group_size))
+                steps.append(_step_record(t, m, batch, model, trainer.eos_ids, s, gold))
+                if refit is not None:
+                    steps[-1]["judge_labels"] = refit.step(t, batch.prompts, batch.responses, m["rewards"])
                 if (t + 1) % s.eval_every == 0 or t + 1 == s.steps:
-                    e = {"step": t + 1, **evaluate(trainer, model, with_similarity=t + 1 == s.steps)}
+                    e = evaluation(t + 1, t + 1 == s.steps)
                     if hidden_kind == "policy":
                         w = omega(min(t, s.omega_steps), s.omega_steps, s.omega_floor)
                         e["feedback_share"] = feedback_share(trainer, model, batch, w, s.group_size)
@@ -403,7 +481,7 @@ def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
                             flush=True,
                         )
             acc_after = heldout_accuracy(trainer, client, heldout, hidden_kind)
-            final_head = client.current_head()["version"]
+            final_head = client.current_head()["served_version"]
         finally:
             trainer.close()
     result = {
@@ -414,11 +492,13 @@ def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
         "steps": steps,
         "evals": evals,
         "heldout_accuracy": {"before": acc_before, "after": acc_after},
+        "judge_labels": judge.calls if judge else 0,
         "judge_agreement": judge.agree / judge.calls if judge and judge.calls else None,
         "refused_updates": client.refused,
         "final_head_version": final_head,
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    (out / "eval_texts.json").write_text(json.dumps({"prompts": eval_prompts(s), "evals": texts}) + "\n")
     (out / "result.json").write_text(json.dumps(result) + "\n")
     return result
 

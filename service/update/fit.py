@@ -24,7 +24,7 @@ from ..backbone import ENCODER_RM_CONFIG, Backbone, load_backbone, load_encoder,
 from ..device import resolve_device
 from ..members import MEMBERS_FILE, save_members
 
-__all__ = ["fit_encoder_rm", "fit_members", "fit_rm_members"]
+__all__ = ["fit_bt", "fit_encoder_rm", "fit_members", "fit_rm_members"]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def fit_encoder_rm(
         embed(held, "rejected"),
     )
     diff = tr_c - tr_r  # (N, D): a linear head's reward margin is weight . diff; the bias cancels
-    w = _fit_bt(diff, l2)
+    w = fit_bt(diff, l2)
     # BT leaves the bias free; centre the rewards of the training responses on 0 so that scores read as +/-.
     bias = (-torch.cat([tr_c, tr_r]) @ w).mean().reshape(1)
     report = {
@@ -138,16 +138,22 @@ def _write_encoder_rm(
     (out / ENCODER_RM_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _fit_bt(diff: torch.Tensor, l2: float, anchor: torch.Tensor | None = None) -> torch.Tensor:
-    """The linear head `(D,)` minimising the BT loss of margins `diff @ w` plus `l2 |w - anchor|^2` (L-BFGS)."""
+def fit_bt(
+    diff: torch.Tensor, l2: float, anchor: torch.Tensor | None = None, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The linear head `(D,)` minimising the BT loss of margins `diff @ w` (`diff`: chosen minus rejected
+    embeddings, `(N, D)`; each pair weighted by `weights` `(N,)` when given) plus `l2 |w - anchor|^2` (L-BFGS)."""
     start = anchor.clone() if anchor is not None else torch.zeros(diff.shape[1])
     weight = start.requires_grad_(True)
     opt = torch.optim.LBFGS([weight], lr=1.0, max_iter=500, line_search_fn="strong_wolfe")
     centre = anchor if anchor is not None else torch.zeros_like(start)
+    share = None if weights is None else weights.float() / weights.float().sum()
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = -F.logsigmoid(diff @ weight).mean() + l2 * (weight - centre).square().sum()
+        terms = F.logsigmoid(diff @ weight)
+        fit = terms.mean() if share is None else (terms * share).sum()
+        loss = -fit + l2 * (weight - centre).square().sum()
         loss.backward()
         return loss
 
@@ -164,7 +170,7 @@ def fit_members(
     members = [base]
     for k in range(1, n):
         rows = torch.randint(len(diff), (len(diff),), generator=torch.Generator().manual_seed(seed * 1000 + k))
-        members.append(_fit_bt(diff[rows], l2, anchor=base if anchored else None))
+        members.append(fit_bt(diff[rows], l2, anchor=base if anchored else None))
     return torch.stack(members)
 
 
