@@ -16,7 +16,8 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,10 +26,11 @@ from ..config import ServiceSettings
 from ..engine import ScoringEngine
 from ..headcodec import head_from_bytes, head_to_bytes, optimizer_from_bytes, optimizer_to_bytes, serving_bytes
 from ..metrics import WorkerMetrics
-from ..model import bt_loss, grebt_loss, omega
+from ..model import bt_loss, grebt_loss
 from ..rtecache import RTECache
 from ..schemas import PreferencesRequest
 from ..scoring import aggregate, pad_hidden, score_rte
+from .batch import Flat, flatten
 from .guard import CanaryItem, CanarySet, GuardReport, guard_report
 from .judge import BatchGroups, JudgeReport, PairJudge, PairLabeller
 
@@ -74,51 +76,6 @@ class UpdateStats:
 
     def loss_dict(self) -> dict[str, float]:
         return {"grebt": self.loss, "bt": self.bt, "gre": self.gre, "pair_bt": self.pair_bt}
-
-
-@dataclass
-class _Flat:
-    """Every response of a batch in one list, with the index ranges that make up its groups and pairs."""
-
-    prompts: list[str] = field(default_factory=list)
-    responses: list[str] = field(default_factory=list)
-    encoded: list[Encoded | None] = field(default_factory=list)  # the API's tokens; None: tokenize here
-    hidden: list[torch.Tensor | None] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    groups: list[range] = field(default_factory=list)
-    given: list[list[float] | None] = field(default_factory=list)
-    pairs: list[tuple[int, int]] = field(default_factory=list)
-    by_request: list[list[range]] = field(default_factory=list)  # each request's groups
-
-
-def _flatten(
-    requests: Sequence[PreferencesRequest], omega_floor: float, encoded: Sequence[list[Encoded] | None]
-) -> _Flat:
-    """The batches in `PreferencesRequest.texts()` order; each hidden-state tensor is converted here, once."""
-    flat = _Flat()
-    for req, tokens in zip(requests, encoded):
-        w = omega(req.step, req.total_steps, omega_floor)
-        texts = req.texts()
-        assert tokens is None or len(tokens) == len(texts), (len(tokens), len(texts))
-        base = len(flat.prompts)
-        hidden: list[torch.Tensor | None] = []
-        flat.by_request.append([])
-        for g in req.groups:
-            start = base + len(hidden)
-            hidden += [t.to_torch() for t in g.hidden] if g.hidden is not None else [None] * len(g.responses)
-            flat.groups.append(range(start, base + len(hidden)))
-            flat.by_request[-1].append(flat.groups[-1])
-            flat.given.append(list(g.rewards) if g.rewards is not None else None)
-        for p in req.pairs:
-            n = base + len(hidden)
-            hidden += [t.to_torch() if t is not None else None for t in (p.chosen_hidden, p.rejected_hidden)]
-            flat.pairs.append((n, n + 1))
-        flat.prompts += [p for p, _ in texts]
-        flat.responses += [r for _, r in texts]
-        flat.encoded += tokens if tokens is not None else [None] * len(texts)
-        flat.hidden += hidden
-        flat.weights += [w] * len(texts)
-    return flat
 
 
 class HeadTrainer:
@@ -266,7 +223,7 @@ class HeadTrainer:
 
     def _judge(
         self,
-        flat: _Flat,
+        flat: Flat,
         batch_ids: Sequence[str],
         forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
         rank_given: bool,
@@ -323,7 +280,7 @@ class HeadTrainer:
         started = time.perf_counter()
         hits, misses = self.cache.hits, self.cache.misses
         s = self.settings
-        flat = _flatten(requests, s.omega_floor, encoded or [None] * len(requests))
+        flat = flatten(requests, s.omega_floor, encoded or [None] * len(requests))
         device = self.engine.backbone.device
         rte = self.rtes(flat.prompts, flat.responses, use_cache, flat.encoded).to(device)  # (N, D_rm)
         w = torch.tensor(flat.weights, dtype=torch.float32, device=device)
@@ -351,31 +308,8 @@ class HeadTrainer:
         if members > 1:
             boot = list(self._bootstrap(len(groups), len(pairs), requests))
         rank_by = [torch.tensor(g, device=device) for g in flat.given] if rank_given and groups else None
-        first: dict[str, float] = {}
-        for step in range(s.train_steps):
-            out = self.head(rte, w, h_pad, mask, with_feedback=sel)  # (N,), or (N, M) for an ensemble
-            cols = [out] if out.ndim == 1 else list(out.unbind(1))
-            parts = [
-                self._member_loss(r, groups, pairs, rank_by, boot[m][0], boot[m][1], device) for m, r in enumerate(cols)
-            ]
-            loss = torch.stack([p[0] for p in parts]).mean()  # each member on its own resample of the batch
-            if not math.isfinite(loss.item()):
-                raise UpdateRefused("non_finite_loss", f"GREBT loss {loss.item()} at optimizer step {step}")
-            if step == 0:
-                with torch.no_grad():
-                    rewards = out if out.ndim == 1 else out.mean(dim=1)
-                    stds = [rewards[r.start : r.stop].std(correction=0).item() for r in flat.groups]
-                first = {
-                    "loss": loss.item(),
-                    "bt": sum(p[1] for p in parts) / len(parts),
-                    "gre": sum(p[2] for p in parts) / len(parts),
-                    "pair_bt": sum(p[3] for p in parts) / len(parts),
-                    "group_reward_std": sum(stds) / len(stds) if stds else 0.0,
-                }
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.head.parameters(), s.train_max_grad_norm)
-            self.opt.step()
+        inputs = (rte, w, h_pad, mask, sel)
+        first = self._optimize(inputs, flat.groups, groups, pairs, rank_by, boot, device)
         if not self.head.is_finite():
             raise UpdateRefused("non_finite_weights", "the updated head's weights hold NaN or Inf")
         report = None
@@ -394,3 +328,43 @@ class HeadTrainer:
             rte_hits=self.cache.hits - hits,
             rte_misses=self.cache.misses - misses,
         )
+
+    def _optimize(
+        self,
+        inputs: tuple[Any, ...],
+        all_groups: list[range],
+        groups: list[range],
+        pairs: list[tuple[int, int]],
+        rank_by: list[torch.Tensor] | None,
+        boot: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+        device: torch.device,
+    ) -> dict[str, float]:
+        """R2M_TRAIN_STEPS optimizer steps of the loss on `groups` and `pairs` (each member on its own resample of
+        the batch); returns the first step's loss terms and the mean reward std inside `all_groups`."""
+        rte, w, h_pad, mask, sel = inputs
+        first: dict[str, float] = {}
+        for step in range(self.settings.train_steps):
+            out = self.head(rte, w, h_pad, mask, with_feedback=sel)  # (N,), or (N, M) for an ensemble
+            cols = [out] if out.ndim == 1 else list(out.unbind(1))
+            parts = [
+                self._member_loss(r, groups, pairs, rank_by, boot[m][0], boot[m][1], device) for m, r in enumerate(cols)
+            ]
+            loss = torch.stack([p[0] for p in parts]).mean()
+            if not math.isfinite(loss.item()):
+                raise UpdateRefused("non_finite_loss", f"GREBT loss {loss.item()} at optimizer step {step}")
+            if step == 0:
+                with torch.no_grad():
+                    rewards = out if out.ndim == 1 else out.mean(dim=1)
+                    stds = [rewards[r.start : r.stop].std(correction=0).item() for r in all_groups]
+                first = {
+                    "loss": loss.item(),
+                    "bt": sum(p[1] for p in parts) / len(parts),
+                    "gre": sum(p[2] for p in parts) / len(parts),
+                    "pair_bt": sum(p[3] for p in parts) / len(parts),
+                    "group_reward_std": sum(stds) / len(stds) if stds else 0.0,
+                }
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.settings.train_max_grad_norm)
+            self.opt.step()
+        return first

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from r2m.service import config
 from r2m.service.config import CACHE_SHARES, REPLICA_ONLY, SETTINGS_GROUPS, ServiceSettings, isolated_settings
+from r2m.service.config import defaults as config_defaults
 
 
 def test_every_setting_is_in_one_group_in_the_class_order() -> None:
@@ -27,7 +27,7 @@ def test_the_cache_sizes_are_shares_of_one_budget() -> None:
 def test_an_old_cache_variable_still_wins_and_is_logged_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config._deprecated.cache_clear()
+    config_defaults.deprecated.cache_clear()
     monkeypatch.setenv("R2M_RTE_CACHE_MB", "100")
     monkeypatch.setenv("R2M_CACHE_MB", "1300")
     with caplog.at_level(logging.WARNING, logger="r2m.service.config"):
@@ -39,7 +39,7 @@ def test_an_old_cache_variable_still_wins_and_is_logged_once(
 
 
 def test_the_derived_sizes_log_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    config._deprecated.cache_clear()
+    config_defaults.deprecated.cache_clear()
     with caplog.at_level(logging.WARNING, logger="r2m.service.config"):
         isolated_settings(cache_mb=64)
     assert not caplog.records

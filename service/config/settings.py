@@ -1,119 +1,16 @@
 """Service configuration: one settings class, read from `R2M_*` environment variables (or a `.env` file), its
-fields in groups (`SETTINGS_GROUPS`: one `--help` section and one docs/settings.md table each)."""
+fields in the groups of `groups.SETTINGS_GROUPS` (a banner comment each)."""
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = [
-    "CACHE_SHARES",
-    "REPLICA_ONLY",
-    "SETTINGS_GROUPS",
-    "ServiceSettings",
-    "SettingsGroup",
-    "default_inflight_bytes",
-    "isolated_settings",
-]
+from .defaults import CACHE_SHARES, cache_share, default_inflight_bytes, deprecated
 
-
-class SettingsGroup(NamedTuple):
-    description: str
-    fields: tuple[str, ...]  # in the class's order
-
-
-# The class below lists its fields group by group, under a banner each; a new group is one more entry here (a test
-# checks that the groups and the class list the same fields in the same order).
-SETTINGS_GROUPS: dict[str, SettingsGroup] = {
-    "model": SettingsGroup(
-        "The reward model, its feedback head and where they run; model, widths and seed are the same on every "
-        "replica and worker.",
-        ("model", "policy_dim", "attn_dim", "attn_heads", "omega_floor", "seed", "attn_init", "attn_init_scale",
-         "ensemble", "aggregation", "uwo_lambda", "ensemble_members", "device", "dtype", "cpu_half_hidden",
-         "get_reward_special_tokens"),
-    ),
-    "limits": SettingsGroup(
-        "What one process takes on: request sizes, batching, queues and the memory of its caches.",
-        ("max_tokens", "max_hidden_tokens", "max_hidden_abs", "max_items_per_request", "max_batch_tokens",
-         "batch_wait_ms", "max_queue_items", "max_request_bytes", "max_inflight_bytes", "inflight_wait_s",
-         "cache_mb", "rte_cache_mb", "embed_cache_mb", "guard_canary_mb"),
-    ),
-    "store": SettingsGroup(
-        "Redis: the preference stream and head store that replicas and workers share.",
-        ("redis_url", "redis_prefix", "head_keep", "head_poll_s"),
-    ),
-    "update": SettingsGroup(
-        "The R2M update (GREBT) run on each preference batch, and its retries.",
-        ("train_lr", "train_lr_score", "train_steps", "train_weight_decay", "train_max_grad_norm", "grebt_alpha",
-         "rank_by", "worker_max_batches", "worker_claim_idle_ms", "worker_max_attempts"),
-    ),
-    "guard": SettingsGroup(
-        "The check of each candidate head on a canary of trained items before it is published.",
-        ("guard", "guard_max_mean_shift", "guard_max_spread_ratio", "guard_min_rank_agreement", "guard_min_items",
-         "guard_canary_size"),
-    ),
-    "judge": SettingsGroup(
-        "The outside judge the worker asks to label pairs from the posted groups (docs/judge.md).",
-        ("judge", "judge_model", "judge_api_key_env", "judge_pairs", "judge_template", "judge_both_orders",
-         "judge_with_pseudo_labels", "judge_max_tokens", "judge_timeout_s", "judge_deadline_s", "judge_retries",
-         "judge_rpm", "judge_tpm", "judge_concurrency"),
-    ),
-    "process": SettingsGroup(
-        "Address, logging, shutdown and auth of the processes.",
-        ("host", "port", "log_level", "drain_timeout_s", "keep_alive_s", "api_key", "embedded_worker",
-         "worker_metrics_port"),
-    ),
-}  # fmt: skip
-
-# What only a replica reads (its HTTP edge, batcher and /embed cache). `r2m worker` has no flag for these but accepts
-# their R2M_* variables: replicas and workers share one env file.
-REPLICA_ONLY = frozenset({
-    "get_reward_special_tokens", "max_tokens", "max_hidden_tokens", "max_hidden_abs", "max_items_per_request",
-    "batch_wait_ms", "max_queue_items", "max_request_bytes", "max_inflight_bytes", "inflight_wait_s",
-    "embed_cache_mb", "head_poll_s", "port", "drain_timeout_s", "keep_alive_s", "api_key", "embedded_worker",
-})  # fmt: skip
-
-# R2M_CACHE_MB's shares, in parts of their sum: the worker's RTE cache saves a backbone forward on every update, the
-# canary holds whole hidden states, and the /embed cache only bridges an /embed to the /score that follows it.
-CACHE_SHARES = {"rte_cache_mb": 8, "guard_canary_mb": 4, "embed_cache_mb": 1}
-
-
-def _cache_share(data: dict[str, Any], name: str) -> int:
-    return data["cache_mb"] * CACHE_SHARES[name] // sum(CACHE_SHARES.values())
-
-
-@functools.cache
-def _deprecated(name: str) -> None:
-    logging.getLogger(__name__).warning(
-        "R2M_%s is deprecated: set R2M_CACHE_MB, which gives this cache %d/%d of itself (the value set still wins)",
-        name.upper(), CACHE_SHARES[name], sum(CACHE_SHARES.values()),
-    )  # fmt: skip
-
-
-def default_inflight_bytes() -> int:
-    """A quarter of the memory this process may use (the machine's, or its container's cgroup limit when lower),
-    between 256 MiB and 8 GiB (1 GiB where neither can be read)."""
-    sizes = []
-    try:
-        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
-            sizes.append(int(text))
-    if not sizes:
-        return 2**30
-    return int(min(max(min(sizes) // 4, 256 * 2**20), 8 * 2**30))
+__all__ = ["ServiceSettings", "isolated_settings"]
 
 
 class ServiceSettings(BaseSettings):
@@ -227,20 +124,20 @@ class ServiceSettings(BaseSettings):
         "the first two, a replica (with Redis) the third, `r2m serve` in embedded mode all three.",
     )
     rte_cache_mb: int = Field(
-        default_factory=lambda data: _cache_share(data, "rte_cache_mb"),
+        default_factory=lambda data: cache_share(data, "rte_cache_mb"),
         ge=0,
         description="Deprecated, set R2M_CACHE_MB: memory for the worker's reward-token-embedding cache in MiB "
         "(default: 8/13 of R2M_CACHE_MB).",
     )
     embed_cache_mb: int = Field(
-        default_factory=lambda data: _cache_share(data, "embed_cache_mb"),
+        default_factory=lambda data: cache_share(data, "embed_cache_mb"),
         ge=0,
         description="Deprecated, set R2M_CACHE_MB: memory for a replica's cache of the RTEs /embed returned, so that "
         "the /score with local read-outs that follows skips the backbone (a miss recomputes them: slower, same "
         "rewards), in MiB (default: 1/13 of R2M_CACHE_MB).",
     )
     guard_canary_mb: int = Field(
-        default_factory=lambda data: _cache_share(data, "guard_canary_mb"),
+        default_factory=lambda data: cache_share(data, "guard_canary_mb"),
         ge=0,
         description="Deprecated, set R2M_CACHE_MB: memory for the guard's canary items (their hidden states) in MiB "
         "(default: 4/13 of R2M_CACHE_MB).",
@@ -436,7 +333,7 @@ class ServiceSettings(BaseSettings):
     @model_validator(mode="after")
     def _warn_cache_overrides(self) -> ServiceSettings:
         for name in sorted(self.model_fields_set & CACHE_SHARES.keys()):
-            _deprecated(name)
+            deprecated(name)
         return self
 
 
