@@ -236,13 +236,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from r2m.trainer.demo import DemoConfig, run_demo
+    from r2m.experiments.overopt.demo import DemoConfig, run_demo
 
-    if args.steps < 1:
-        raise SystemExit("r2m demo: --steps must be >= 1")
+    if args.steps < 2:
+        raise SystemExit("r2m demo: --steps must be >= 2")
+    _hide_deepspeed()
     try:
-        run_demo(DemoConfig(steps=args.steps, out_dir=args.out_dir, reward_mode=args.reward_mode, seed=args.seed))
-    except KeyboardInterrupt:  # the demo's server is already stopped (run_demo's finally)
+        run_demo(DemoConfig(arms=tuple(args.arms), steps=args.steps, out_dir=args.out_dir, seed=args.seed))
+    except KeyboardInterrupt:  # each arm's server stops with its worker process
         print("r2m demo: interrupted", file=sys.stderr)
         return 130
     return 0
@@ -344,21 +345,24 @@ def _add_train(sub: Any) -> None:
 
 def _add_demo(sub: Any) -> None:
     """`r2m demo`."""
-    from r2m.trainer.config import REWARD_MODES  # stdlib and r2m.data only: cheap at parser build
+    from r2m.experiments.overopt.arms import ARMS  # stdlib only: cheap at parser build
+    from r2m.experiments.overopt.demo import DEFAULT_ARMS
 
     demo = sub.add_parser(
         "demo",
-        help="a newcomer's first command: embedded server + tiny policy + GRPO, per-step rewards and a plot",
-        description="Start the embedded server and worker, train a tiny policy with GRPO on the bundled prompts, "
-        "print per-step reward, in-group reward spread and head version, and write OUT_DIR/demo.png. "
-        "Under a minute on 2 CPU cores; no GPU, no Redis, no downloads.",
+        help="a newcomer's first command: over-optimization and what R2M does about it, gold reward known",
+        description="GRPO on the over-optimization benchmark's task at a small size (a tiny policy, a MiniLM proxy "
+        "RM, a known gold reward), the same seed for each arm, against the proxy served by r2m; prints gold, the "
+        "plain proxy, the optimised reward and KL every few steps, writes OUT_DIR/demo.png and says what happened. "
+        "About a minute on 2 CPU cores once its artefacts are cached; no GPU, no Redis, no downloads.",
     )
-    demo.add_argument("--steps", type=int, default=30, help="RL steps [default: 30]")
+    demo.add_argument("--steps", type=int, default=20, help="RL steps per arm [default: 20]")
     demo.add_argument(
-        "--out-dir", default="runs/demo", help="folder for policy/, metrics.jsonl, demo.png [default: runs/demo]"
-    )
-    demo.add_argument("--reward-mode", default="r2m", choices=REWARD_MODES, help="what the service sees [default: r2m]")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the policy, warm-up and rollouts [default: 0]")
+        "--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS), metavar="ARM",
+        help=f"the benchmark's arms to run (experiments/overopt/arms.py) [default: {' '.join(DEFAULT_ARMS)}]",
+    )  # fmt: skip
+    demo.add_argument("--out-dir", default="runs/demo", help="folder for demo.png, demo.json, artefacts/")
+    demo.add_argument("--seed", type=int, default=0, help="RL seed of every arm [default: 0]")
     demo.set_defaults(func=_demo)
 
 

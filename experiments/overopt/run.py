@@ -384,7 +384,7 @@ def _finished(batch: Any, eos_ids: torch.Tensor) -> list[bool]:
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
-def _train_config(spec: ArmSpec, url: str, out: Path) -> TrainConfig:
+def train_config(spec: ArmSpec, url: str, out: Path) -> TrainConfig:
     """The arm's `r2m train` settings, against the proxy served at `url`, on the task's training prompts."""
     s = spec.settings
     return TrainConfig(
@@ -448,7 +448,7 @@ def run_arm(spec: ArmSpec, verbose: bool = False) -> dict[str, Any]:
     service_judge = judge if not s.refit else None
     with serve_proxy(spec.proxy, spec.policy_dim, s, spec.seed, service_judge) as (url, model):
         client = SyncedClient(R2MClient(url, timeout=120.0))
-        trainer = GRPOTrainer(_train_config(spec, url, out), client)
+        trainer = GRPOTrainer(train_config(spec, url, out), client)
         refit = Refit(model, read_jsonl(spec.train_pairs), judge, s, spec.seed) if s.refit and judge else None
         texts: list[dict[str, Any]] = []
 

@@ -141,7 +141,13 @@ def load_gold(spec: str = DEFAULT_GOLD) -> GoldFn:
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise ValueError(f"--gold {spec!r}: give module:function")
-    fn = getattr(importlib.import_module(module), name, None)
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError:
+        if module.split(".")[0] not in ("experiments", "trainer", "service", "data"):
+            raise
+        found = importlib.import_module(f"r2m.{module}")  # the repo's top folders install as r2m.<folder>
+    fn = getattr(found, name, None)
     if not callable(fn):
         raise ValueError(f"--gold {spec!r}: {module} has no callable {name!r}")
     return fn
