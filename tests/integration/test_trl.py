@@ -32,16 +32,7 @@ from tests.integration.trl_ranks import Forwards  # noqa: E402
 
 HIDDEN = 32
 MAX_HIDDEN_TOKENS = 64
-PROMPTS = [
-    "hello world what is the answer",
-    "please help me cook",
-    "how do you travel to the new world",
-    "what is python code",
-    "can you help with math",
-    "say thanks to the people",
-    "what time is it now",
-    "give me a good question",
-]
+PROMPTS = trl_ranks.PROMPTS  # the two-process driver trains on the same prompts
 SERVER_ENV = {
     "R2M_POLICY_DIM": str(HIDDEN),
     "R2M_ATTN_DIM": "32",
@@ -300,18 +291,7 @@ def test_r2m_grpo_trainer_runs_no_more_policy_forwards_than_plain_trl(fresh_serv
     direct: dict[str, Any] = {}
     ids: list[tuple[list, list]] = []
 
-    class Reward(R2MRewardFunction):
-        def __call__(self, prompts: Any, completions: Any, completion_ids: Any = None, **kw: Any) -> Any:
-            out = super().__call__(prompts, completions, completion_ids, **kw)
-            if not direct:  # step 0, head 0: today's extra-forward path on the same samples, scored now
-                seqs = [p + c for p, c in zip(*ids[0])]
-                with torch.no_grad():  # a copy of the initial policy: the trainer's model runs only TRL's forwards
-                    hidden = policy_hidden(fresh, seqs, tok.pad_token_id)
-                with R2MClient(server.url) as other:
-                    res = other.score([prompt_text(p) for p in prompts], [c[0]["content"] for c in completions],
-                                      hidden=hidden, step=0, total_steps=2)  # fmt: skip
-                direct.update(hidden=hidden, rewards=res.rewards, head=res.head_version)
-            return out
+    Reward = _scored_beside_a_separate_forward(server.url, fresh, tok, ids, direct)
 
     trainer = R2MGRPOTrainer(model=model, reward_funcs=Reward(client), args=_args(policy_dir.parent / "r2m"),
                              train_dataset=_dataset(), processing_class=tok, r2m_run_id="sub")  # fmt: skip
@@ -373,7 +353,7 @@ def test_r2m_grpo_trainer_with_one_iteration_takes_the_states_from_generation(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
-    from r2m.trainer.trl import R2MGRPOTrainer, policy_hidden
+    from r2m.trainer.trl import R2MGRPOTrainer
 
     tok = AutoTokenizer.from_pretrained(policy_dir)
     fresh = AutoModelForCausalLM.from_pretrained(policy_dir).eval()  # the initial weights, for a separate forward
@@ -381,17 +361,7 @@ def test_r2m_grpo_trainer_with_one_iteration_takes_the_states_from_generation(
     direct: dict[str, Any] = {}
     ids: list[tuple[list, list]] = []
 
-    class Reward(R2MRewardFunction):
-        def __call__(self, prompts: Any, completions: Any, completion_ids: Any = None, **kw: Any) -> Any:
-            out = super().__call__(prompts, completions, completion_ids, **kw)
-            if not direct:  # step 0, head 0: the same samples' states from a separate forward, scored now
-                seqs = [p + c for p, c in zip(*ids[0])]
-                hidden = policy_hidden(fresh, seqs, tok.pad_token_id)
-                with R2MClient(server.url) as other:
-                    res = other.score([prompt_text(p) for p in prompts], [c[0]["content"] for c in completions],
-                                      hidden=hidden, step=0, total_steps=2)  # fmt: skip
-                direct.update(hidden=hidden, rewards=res.rewards, head=res.head_version)
-            return out
+    Reward = _scored_beside_a_separate_forward(server.url, fresh, tok, ids, direct)
 
     counts: dict[str, dict[str, int]] = {}
     for name in ("plain", "r2m"):
@@ -616,3 +586,26 @@ def test_two_processes_post_each_group_once_with_one_head_per_step(two_ranks: di
     failed = [m for m in rank1["logged"] if "were not queued" in m]
     assert len(failed) == 1 and f"posts-{trl_ranks.FAIL_STEP}-r1" in failed[0], rank1["logged"]
     assert rank0["logged"] == [] and len(rank1["logged"]) == 1, (rank0["logged"], rank1["logged"])
+
+
+def _scored_beside_a_separate_forward(url: str, fresh: Any, tok: Any, ids: list, direct: dict[str, Any]) -> Any:
+    """R2M's reward function that, on its first call (step 0, head 0), also scores the same samples with the states
+    of a separate forward of `fresh` (a copy of the initial policy, so the trainer's model runs only TRL's forwards)
+    and keeps them, their rewards and the head in `direct`. `ids[0]`: the first generation's (prompt, completion)
+    token ids."""
+    from r2m.trainer.trl import policy_hidden
+
+    class Reward(R2MRewardFunction):
+        def __call__(self, prompts: Any, completions: Any, completion_ids: Any = None, **kw: Any) -> Any:
+            out = super().__call__(prompts, completions, completion_ids, **kw)
+            if not direct:
+                seqs = [p + c for p, c in zip(*ids[0])]
+                with torch.no_grad():
+                    hidden = policy_hidden(fresh, seqs, tok.pad_token_id)
+                with R2MClient(url) as other:
+                    res = other.score([prompt_text(p) for p in prompts], [c[0]["content"] for c in completions],
+                                      hidden=hidden, step=0, total_steps=2)  # fmt: skip
+                direct.update(hidden=hidden, rewards=res.rewards, head=res.head_version)
+            return out
+
+    return Reward
