@@ -13,7 +13,8 @@ Sections (numbers as in the performance issue):
     serve      4  /score seq/s through `r2m serve` at concurrency 1, 8, 32 vs the bare backbone in-process; p50/p99
     overhead   5  /score with 256 x 2048 bf16 hidden states vs without, same server and client
     grebt      6  GREBT update on 256 groups with and without the RTE cache
-    swap       7  publish-to-served latency through Redis; /score seq/s during a stream of swaps vs without
+    swap       7  bytes per version in Redis, publish-to-served latency, /score seq/s during a stream of swaps vs
+                  without; at the default widths and at 8B widths
     peer       8  OpenRLHF's serve_rm vs r2m's /get_reward on the same model, OpenRLHF's client: seq/s, rewards
     ensemble   9  /score seq/s with R2M_ENSEMBLE=5 vs 1 on the default model; the update time of 5 heads vs 1
     local     10  feedback at the policy vs on the server: body bytes per response at T=256/700, seq/s vs vanilla
@@ -133,6 +134,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--grebt-rows", type=int, default=32, help="hidden-state rows per response [32]")
     g.add_argument("--swap-versions", type=int, default=40, help="head versions published for the latency [40]")
     g.add_argument("--swap-interval", type=float, default=1.0, help="seconds between swaps in the stream [1]")
+    g.add_argument("--swap-widths", nargs="+", choices=["default", "8b"], default=["default", "8b"],
+                   help="head widths of section 7: default (--policy-dim, d=2048, the model's D_rm) and 8b (D_rm and "
+                   "D_policy 4096, d 2048, on a random 4096-wide RM) [default 8b]")
     g.add_argument("--peer-samples", type=int, default=256, help="samples sent to each server per round [256]")
     g.add_argument("--peer-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="r2m's dtype in the peer section; serve_rm runs bf16 on CPU [bfloat16]")

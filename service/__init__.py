@@ -6,11 +6,12 @@
 - `update/`: the write side. `worker` (read, train, check, publish, acknowledge), `training` (one GREBT phase),
   `judge/` (the outside judge), `guard` (the canary checks), `fit` (`r2m fit-rm`).
 - `kernels/`: CPU kernels of the feedback attention (`precision`, `widen`, `percore`); they import nothing of r2m.
-- the read side, here: `model` (feedback attention, omega, score head, GREBT loss), `backbone` (the frozen reward
-  model; `device`, `members`), `initial` (head version 0), `scoring` (rewards from embeddings and a head),
-  `engine` (backbone + the swappable head), `batcher`, `headsync` (a replica follows the store), `headstore` and
-  `headcodec` (versions and their bytes), `queue` (the preference stream), `schemas` and `validation` (the wire
-  requests), `config/` (the settings, their groups and derived defaults), `metrics`, `backoff`, `allocator`.
+- the read side, here: `model` (omega, the head, GREBT loss), `attention` (the feedback attention, trainable and as
+  served), `backbone` (the frozen reward model; `device`, `members`), `initial` (head version 0), `scoring` (rewards
+  from embeddings and a head), `engine` (backbone + the swappable head), `batcher`, `headsync` (a replica follows
+  the store), `headstore`, `redisheads` and `headcodec` (versions, their Redis layout and their bytes), `queue`
+  (the preference stream), `schemas` and `validation` (the wire requests), `config/` (the settings, their groups
+  and derived defaults), `metrics`, `backoff`, `allocator`.
 - `assemble` puts a replica's and a worker's parts together for the app and the CLI; `launch` starts real r2m
   processes on loopback.
 """

@@ -9,10 +9,11 @@ from typing import Any
 from .batcher import Batcher
 from .config import ServiceSettings
 from .engine import ScoringEngine
-from .headstore import HeadStore, MemoryHeadStore, RedisHeadStore
+from .headstore import HeadStore, MemoryHeadStore
 from .headsync import HeadSync
 from .metrics import ServiceMetrics, WorkerMetrics
 from .queue import MemoryPreferenceQueue, PreferenceQueue, RedisPreferenceQueue
+from .redisheads import RedisHeadStore
 from .update.judge import PairJudge, build_judge
 from .update.training import HeadTrainer
 from .update.worker import Worker, WorkerThread

@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .backbone import Backbone, Encoded, load_backbone
 from .config import ServiceSettings
+from .headcodec import serving_head
 from .initial import initial_head
 from .kernels import precision
 from .members import attach_members, count_members, members_path
@@ -86,9 +87,9 @@ class ScoringEngine:
         self.uwo_lambda = uwo_lambda
         self.rte_cache = RTECache(rte_cache_bytes)  # /embed's RTEs, for the /score with read-outs that follows
         self._init = (seed, init, init_scale)
-        head = self.initial_head().to(backbone.device).eval().requires_grad_(False)
-        with torch.no_grad():
-            head.attention.fused()
+        # Version 0 as the serving copy the worker publishes of it holds it: built here, it scores exactly as it does
+        # on a replica that loads it from the store.
+        head = serving_head(self.initial_head()).to(backbone.device).eval().requires_grad_(False)
         self._current = HeadVersion(version=0, head=head, meta={"created": time.time()})
         self._previous: HeadVersion | None = None  # what served before the last swap: the revert target
         self.bad_versions: set[int] = set()  # versions this replica refuses to serve (never swapped in again)
@@ -104,10 +105,13 @@ class ScoringEngine:
         return self._current
 
     def swap(self, new: HeadVersion) -> HeadVersion:
-        """Install `new` as the head for every batch that starts after this call; returns the old one."""
+        """Install `new` as the head for every batch that starts after this call; returns the old one.
+
+        A replica serves the serving form (`R2MHead.serves`); a trainable head given here is converted first, as
+        its serving copy would hold it (fused here, on the caller's thread: `HeadSync` loads serving copies)."""
+        if not new.head.serves:
+            new = replace(new, head=serving_head(new.head))
         new.head.to(self.backbone.device).eval().requires_grad_(False)
-        with torch.no_grad():
-            new.head.attention.fused()  # built here (the swap thread), not by the first batch that the head scores
         with self._swap_lock:
             old, self._current = self._current, new
             self._previous = old

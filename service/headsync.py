@@ -1,6 +1,10 @@
 """A replica follows the head store: on each announcement (or on the catch-up timer) it loads the latest version,
 checks its hash and config, and swaps it in. The batcher takes one head snapshot per batch, so the swap lands
-between batches: no request is scored by two heads, and none waits for the swap."""
+between batches: no request is scored by two heads, and none waits for the swap.
+
+Nothing of a swap runs on a request's path: the fetch, the hash, the decode and the finiteness check run on this
+thread, on one torch thread (a busy second core is left to the batches), and what it loads is the serving copy, the
+matrices a batch multiplies, so nothing is fused or built when the head is installed (a reference assignment)."""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ import time
 
 from .backoff import Backoff
 from .engine import HeadVersion, ScoringEngine
-from .headcodec import head_from_bytes, sha256
+from .headcodec import serving_from_bytes, sha256
 from .headstore import HeadStore, StoreUnavailable
+from .kernels.percore import one_thread_here
 from .metrics import ServiceMetrics
 
 __all__ = ["HeadSync"]
@@ -42,6 +47,9 @@ class HeadSync:
             self._thread.join(timeout=self.poll_s + 5 if timeout is None else timeout)
 
     def _run(self) -> None:
+        # Each torch op of a load (widening, the finiteness check) on two OpenMP threads waits for the second core
+        # whenever a batch holds it: 15 ms instead of 1 for a 3 MB head on a busy 2-core machine.
+        one_thread_here()
         backoff = Backoff()
         seen: int | None = None  # the store's latest version as last observed here
         while not self._stop.is_set():
@@ -73,8 +81,8 @@ class HeadSync:
 
         The phases are timed (`r2m_head_swap_phase_seconds{phase}`, and the served version's `served_swap_ms` in
         `GET /heads/current`): notice (publication to the start of this load: the pub/sub trip or the catch-up
-        timer), fetch (meta and weights from the store), hash, load (decode, config and finiteness checks) and
-        fused (the attention's fused weights, built before the swap)."""
+        timer), fetch (meta and serving copy from the store), hash, load (decode, config and finiteness checks) and
+        install (the swap itself)."""
         started = time.perf_counter()
         phases: dict[str, float] = {}
         meta = self.store.meta(version)
@@ -82,16 +90,16 @@ class HeadSync:
             return False  # pruned meanwhile; a newer one is announced
         if meta.get("created"):
             phases["notice"] = max(0.0, time.time() - float(meta["created"]))
-        # The float16 serving copy when the publisher made one (half the bytes); the float32 master otherwise.
+        # The serving copy when the publisher made one; the float32 master otherwise (fused here, once).
         serving = "serving_sha256" in meta
-        weights = self.store.serving(version) if serving else self.store.weights(version)
-        if weights is None:
+        blob = self.store.serving(version) if serving else self.store.weights(version)
+        if blob is None:
             return False
         mark = time.perf_counter()
         phases["fetch"] = mark - started
         expected = self.engine.head_config.to_dict()
         problem = None
-        digest = sha256(weights)
+        digest = sha256(blob)
         phases["hash"] = time.perf_counter() - mark
         mark = time.perf_counter()
         if digest != meta.get("serving_sha256" if serving else "sha256"):
@@ -102,7 +110,7 @@ class HeadSync:
             problem = f"trained for model {meta.get('model')!r}, this replica serves {self.model_name!r}"
         if problem is None:
             try:
-                head = head_from_bytes(weights, self.engine.head_config)
+                head = serving_from_bytes(blob, self.engine.head_config)
             except ValueError as exc:
                 problem = str(exc)
             else:
@@ -116,8 +124,8 @@ class HeadSync:
         phases["load"] = time.perf_counter() - mark
         mark = time.perf_counter()
         new = HeadVersion(version=version, head=head, meta=meta)
-        self.engine.swap(new)  # builds the fused weights before it installs the head
-        phases["fused"] = time.perf_counter() - mark
+        self.engine.swap(new)
+        phases["install"] = time.perf_counter() - mark
         new.swap_ms.update({k: round(1000 * v, 3) for k, v in phases.items()})
         for phase, seconds in phases.items():
             self.metrics.head_swap_phase_seconds.labels(phase).observe(seconds)

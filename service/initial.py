@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from .backbone import Backbone
-from .headcodec import SERVING_DTYPE
-from .model import HeadConfig, R2MHead
+from .model import FeedbackAttention, HeadConfig, R2MHead
 
 __all__ = ["ATTN_INITS", "initial_head", "readout_gain"]
 
@@ -20,11 +19,13 @@ ATTN_INITS = ("scaled", "plain", "zero")
 
 def readout_gain(head: R2MHead, n: int = 64, seed: int = 0) -> float:
     """Mean norm of the read-out `W_o W_v x` for pooled hidden states x of unit RMS per dimension (what a policy's
-    final RMSNorm/LayerNorm emits with a gain near 1): the read-out's size per unit of hidden-state RMS."""
+    final RMSNorm/LayerNorm emits with a gain near 1): the read-out's size per unit of hidden-state RMS. Any form of
+    the head (trainable or serving)."""
     attn = head.attention
     x = torch.randn(n, attn.policy_dim, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return float(attn.w_o(attn.w_v(x)).norm(dim=1).mean())
+        pooled = x[:, None, :].expand(n, attn.n_heads, attn.policy_dim).to(head.score.weight.dtype)
+        return float(attn.project(pooled).norm(dim=1).mean())
 
 
 def initial_head(
@@ -41,17 +42,15 @@ def initial_head(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = R2MHead(config)
+    attention = head.attention
+    assert isinstance(attention, FeedbackAttention)  # the trainable form: version 0's master
     with torch.no_grad():
         if init == "zero":
-            head.attention.w_o.weight.zero_()
+            attention.w_o.weight.zero_()
         elif init == "scaled":
             # Two significant digits: replicas on other devices or dtypes measure the same factor.
             factor = float(f"{init_scale * backbone.reference_rte_norm() / readout_gain(head):.2g}")
-            head.attention.w_o.weight.mul_(factor)
-        # Start from weights the float16 serving copy holds exactly, so version 0 scores the same on a replica
-        # that built it and on one that loaded it from the store (`headcodec.SERVING_DTYPE`).
-        for p in head.attention.parameters():
-            p.copy_(p.to(SERVING_DTYPE))
+            attention.w_o.weight.mul_(factor)
         n = config.members
         if n > 1 and (backbone.members_weight is None or backbone.members_weight.shape[0] < n):
             have = 0 if backbone.members_weight is None else backbone.members_weight.shape[0]

@@ -21,6 +21,7 @@ FAILURE_REASONS = (
     "update_error",
     "undecodable",
     "judge_unavailable",
+    "store_full",
 )
 
 # A judge request's outcome: a verdict (ok), the judge's own abstention, an answer that holds no verdict (garbage),
@@ -111,7 +112,7 @@ class ServiceMetrics:
         self.head_swap_phase_seconds = Histogram(
             "r2m_head_swap_phase_seconds",
             "Where a swap's time goes: notice (publication to load start), fetch, hash, load (decode and checks), "
-            "fused (the attention's fused weights).",
+            "install.",
             ["phase"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
@@ -206,6 +207,13 @@ class WorkerMetrics:
             "r2m_group_reward_std", "Mean reward std inside groups in the last update (degeneration).", registry=r
         )
         self.version = Gauge("r2m_worker_head_version", "Head version the worker trains from.", registry=r)
+        self.store_bytes = Gauge(
+            "r2m_head_store_bytes",
+            "Bytes the head store holds after the last publish, by part: weights, serving (the kept versions' masters "
+            "and serving copies), meta, optimizer (the newest version's); in Redis as Redis counts them.",
+            ["part"],
+            registry=r,
+        )
         self.queue_length = Gauge("r2m_queue_length", "Batches in the preference stream.", registry=r)
         self.queue_pending = Gauge("r2m_queue_pending", "Batches delivered to a worker, not acknowledged.", registry=r)
         self.queue_lag = Gauge("r2m_queue_lag", "Batches not yet delivered to any worker.", registry=r)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 
 from r2m.client import InvalidRequest, R2MClient, ScoreResult, StaleHead
-from r2m.service.headcodec import head_from_bytes
+from r2m.service.headcodec import serving_from_bytes
 from r2m.service.kernels import precision
 from r2m.service.model import HeadConfig, R2MHead, omega
 from r2m.service.scoring import Scores, pad_hidden, score_rte
@@ -105,7 +105,7 @@ class LocalFeedbackClient:
             if head is not None:
                 return head
         blob = self.client.head_weights(version, copy="serving")
-        head = head_from_bytes(blob, _config_of(blob)).to(self.device).eval().requires_grad_(False)
+        head = serving_from_bytes(blob, _config_of(blob)).to(self.device).eval().requires_grad_(False)
         with self._lock:
             self._heads[version] = head
             for old in sorted(self._heads)[:-2]:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import HeadVersion
-from ..headcodec import head_to_bytes, sha256
+from ..headcodec import head_to_bytes, serving_bytes, sha256
 from ..headstore import StoreUnavailable
 from ..headstore import rollback as rollback_to
 from ..schemas import HeadInfo, RollbackRequest
@@ -59,26 +59,35 @@ async def current(state: StateDep, engine: EngineDep) -> HeadInfo:
 async def download(
     version: int, state: StateDep, engine: EngineDep, copy: Literal["master", "serving"] = "master"
 ) -> Response:
-    """A kept head version's weights as safetensors. `copy=serving`: the weights replicas score with (the float16
-    serving copy of the attention where the publisher made one), what a local-feedback client must compute with."""
+    """A kept head version's weights as safetensors. `copy=serving`: what replicas score with (the serving copy,
+    where the publisher made one), what a local-feedback client must compute with."""
     served = engine.current
-    blob = None
+    blob: bytes | None = None
+    digest: str | None = None
     if state.store is not None:
         try:
-            if copy == "serving":
-                blob = await run_in_threadpool(state.store.serving, version)
-            if blob is None:  # a replica serves the master when there is no serving copy
-                blob = await run_in_threadpool(state.store.weights, version)
+            meta = await run_in_threadpool(state.store.meta, version)
+            if meta is not None:
+                # A replica serves the master when the publisher made no serving copy. The digest is the writer's.
+                serving = copy == "serving" and "serving_sha256" in meta
+                blob = await run_in_threadpool(state.store.serving if serving else state.store.weights, version)
+                digest = meta["serving_sha256" if serving else "sha256"]
         except StoreUnavailable as exc:
             if version != served.version:
                 raise _unavailable(exc) from exc
-    if blob is None and version == served.version:
-        blob = await run_in_threadpool(head_to_bytes, served.head)  # exactly what this replica scores with
+    if blob is None and version == served.version:  # not in the store (yet): this replica's own
+        if copy == "serving":
+            blob = await run_in_threadpool(serving_bytes, served.head)  # exactly what this replica scores with
+        elif version == 0:
+            blob = await run_in_threadpool(lambda: head_to_bytes(engine.initial_head()))  # rebuilt: it is seeded
+        digest = None
     if blob is None:
         raise HTTPException(404, f"head version {version} is not kept (see /heads/current for kept_versions)")
+    if digest is None:
+        digest = await run_in_threadpool(sha256, blob)
     headers = {
         "X-R2M-Head-Version": str(version),
-        "X-R2M-Head-SHA256": sha256(blob),
+        "X-R2M-Head-SHA256": digest,
         "Content-Disposition": f'attachment; filename="r2m-head-v{version}.safetensors"',
     }
     return Response(blob, media_type="application/octet-stream", headers=headers)

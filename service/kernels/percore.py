@@ -10,7 +10,7 @@ has the figures of both paths). Threads are not pinned to cores.
 
 Each worker sets its thread count with OpenMP's own setter, which changes that thread only: torch's `set_num_threads`
 would also store the count process-wide, for every thread that has not run a parallel op yet to adopt
-(`_one_thread_here`). Where that cannot be had the work runs in the caller, as before.
+(`one_thread_here`). Where that cannot be had the work runs in the caller, as before.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["per_core"]
+__all__ = ["one_thread_here", "per_core"]
 
 U = TypeVar("U")
 R = TypeVar("R")
@@ -55,7 +55,7 @@ def _openmp() -> ctypes.CDLL | None:
     return None
 
 
-def _one_thread_here() -> bool:
+def one_thread_here() -> bool:
     """Put this thread on one OpenMP thread, leaving torch's process-wide count alone; whether it took.
 
     `torch.set_num_threads(1)` would also store 1 as the process-wide count, which every thread adopts at its first
@@ -82,7 +82,7 @@ class _Worker(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.one_thread = _one_thread_here()
+            self.one_thread = one_thread_here()
         finally:
             try:
                 self._ready.wait()

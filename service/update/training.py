@@ -118,7 +118,9 @@ class HeadTrainer:
     def load(self, version: int, weights: bytes, optim: bytes | None) -> None:
         self.head = head_from_bytes(weights, self.engine.head_config).to(self.engine.backbone.device).train()
         self.opt = self._optimizer()
-        if optim is not None:
+        if optim is None:  # the store keeps it for the newest version only (docs/headstore.md)
+            log.info("head version %d carries no optimizer state (a rollback resets it): AdamW starts afresh", version)
+        else:
             try:
                 optimizer_from_bytes(self.opt, optim)
             except ValueError as exc:  # saved with the other parameter grouping (R2M_TRAIN_LR_SCORE changed)
@@ -130,7 +132,7 @@ class HeadTrainer:
         self.version = version
 
     def state_bytes(self) -> tuple[bytes, bytes, bytes]:
-        """(float32 weights, optimizer state, the float16 serving copy replicas fetch)."""
+        """(the float32 master, the optimizer state, the serving copy replicas fetch: `headcodec`)."""
         return head_to_bytes(self.head), optimizer_to_bytes(self.opt), serving_bytes(self.head)
 
     def _member_loss(

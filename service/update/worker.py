@@ -20,7 +20,7 @@ from r2m.client.wire import decode_binary, unpack_request
 
 from ..backbone import Encoded
 from ..backoff import Backoff
-from ..headstore import Conflict, HeadStore, StoreUnavailable
+from ..headstore import Conflict, HeadStore, StoreFull, StoreUnavailable
 from ..metrics import WorkerMetrics
 from ..queue import Message, PreferenceQueue, QueueUnavailable
 from ..schemas import PreferencesRequest
@@ -95,6 +95,7 @@ class Worker:
                     parent=None, weights=weights, optim=optim, meta=self._meta(), batch_ids=[], serving=serving
                 )
                 self.trainer.version = meta["version"]
+                self._observe_store()
             except Conflict:
                 self.sync()
             return
@@ -220,6 +221,13 @@ class Worker:
                 self.metrics.conflicts.inc()
                 self.trainer.version = None  # force a reload of the version that won
                 continue
+            except StoreFull as full:  # Redis at maxmemory (noeviction): nothing of the version was written
+                self.trainer.version = None
+                refused = UpdateRefused("store_full", str(full))
+                self.metrics.refused.labels(refused.reason).inc()
+                log.error("not publishing the update of batches %s: %s", sorted(batches), full)
+                self._record_refusal(refused, list(batches))
+                raise _UpdateFailed(refused.reason, refused.detail) from full
             self.trainer.version = meta["version"]
             self.trainer.commit()
             self.queue.ack(ids(batches))
@@ -282,7 +290,7 @@ class Worker:
             refusal["guard"] = exc.report.figures()
         try:
             self.store.record_refusal(refusal)
-        except StoreUnavailable:
+        except (StoreUnavailable, StoreFull):
             log.warning("could not record the refusal in the store")
 
     def _observe_update(self, stats: UpdateStats, batches: int, version: int) -> None:
@@ -299,11 +307,21 @@ class Worker:
         m.cache_misses.inc(stats.rte_misses)
         if stats.judge is not None and stats.judge.asked:
             m.judge_updates.labels("trained" if stats.judge.labels else "pseudo_labels_only").inc()
+        self._observe_store()
         if stats.guard is not None:
             m.guard_mean_shift.set(stats.guard.mean_shift)
             m.guard_spread_ratio.set(stats.guard.spread_ratio)
             m.guard_rank_agreement.set(stats.guard.rank_agreement)
             m.guard_canary_items.set(stats.guard.items)
+
+    def _observe_store(self) -> None:
+        """`r2m_head_store_bytes{part}` from the store's own figures (Redis: MEMORY USAGE of its keys)."""
+        try:
+            parts = self.store.footprint()
+        except StoreUnavailable:
+            return
+        for part, n in parts.items():
+            self.metrics.store_bytes.labels(part).set(n)
 
     def _observe_queue(self) -> None:
         try:

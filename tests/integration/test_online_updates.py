@@ -574,10 +574,10 @@ def test_hot_swap_under_load(cluster: Cluster) -> None:
     for r in cluster.replicas:  # where each replica's last swap spent its time, and the same in its metrics
         current = httpx.get(f"{r.url}/heads/current", timeout=10).json()
         phases = current["served_swap_ms"]
-        assert current["served_version"] == final and set(phases) == {"notice", "fetch", "hash", "load", "fused"}
+        assert current["served_version"] == final and set(phases) == {"notice", "fetch", "hash", "load", "install"}
         assert all(0 <= ms < 30_000 for ms in phases.values()), phases
         text = httpx.get(f"{r.url}/metrics", timeout=10).text
-        assert 'r2m_head_swap_phase_seconds_count{phase="fused"}' in text
+        assert 'r2m_head_swap_phase_seconds_count{phase="install"}' in text
 
 
 def test_head_download_and_rollback(cluster: Cluster) -> None:

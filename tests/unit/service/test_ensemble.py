@@ -15,7 +15,7 @@ from r2m.service.api.app import create_app
 from r2m.service.backbone import load_backbone
 from r2m.service.config import ServiceSettings
 from r2m.service.engine import PreparedItem, build_engine, check_ensemble
-from r2m.service.headcodec import head_from_bytes, head_to_bytes, serving_bytes
+from r2m.service.headcodec import head_from_bytes, head_to_bytes, serving_bytes, serving_from_bytes
 from r2m.service.members import MEMBERS_FILE, save_members
 from r2m.service.schemas import PreferencesRequest
 from r2m.service.scoring import aggregate
@@ -104,10 +104,11 @@ def test_a_saved_ensemble_reloads_to_identical_rewards(tiny_llama_rm: Path, memb
     from r2m.service.engine import HeadVersion
 
     engine = build_engine(_settings(tiny_llama_rm, members_dir, ensemble=5))
-    head = engine.current.head
     before = engine.score_all(_items(engine)).members
-    for version, blob in enumerate((head_to_bytes(head), serving_bytes(head)), start=1):  # master and serving copy
-        engine.swap(HeadVersion(version=version, head=head_from_bytes(blob, engine.head_config)))
+    master = head_from_bytes(head_to_bytes(engine.initial_head()), engine.head_config)  # swapped in as served
+    served = serving_from_bytes(serving_bytes(engine.current.head), engine.head_config)
+    for version, head in enumerate((master, served), start=1):
+        engine.swap(HeadVersion(version=version, head=head))
         assert torch.equal(engine.score_all(_items(engine)).members, before)
 
 

@@ -133,7 +133,7 @@ def test_one_thread_here_changes_that_thread_only() -> None:
     seen: list[tuple[bool, int]] = []
 
     def worker() -> None:
-        seen.append((percore._one_thread_here(), torch.get_num_threads()))
+        seen.append((percore.one_thread_here(), torch.get_num_threads()))
 
     t = threading.Thread(target=worker)
     t.start()

@@ -391,8 +391,8 @@ def test_a_head_that_scores_non_finite_is_reverted_and_never_answered(tiny_neox_
         body = {"items": [{"prompt": "help me cook", "response": "no"}]}  # the plain-RM path: phi alone
         plain = client.post("/score", json=body).json()["rewards"]
 
-        def publish(edit) -> int:  # noqa: ANN001 - a copy of the served head, edited, as the next version
-            head = head_from_bytes(head_to_bytes(model.current.head), model.head_config)
+        def publish(edit) -> int:  # noqa: ANN001 - version 0's master (the served head's), edited, as the next version
+            head = model.initial_head()
             with torch.no_grad():
                 edit(head)
             latest = store.latest()
