@@ -231,6 +231,11 @@ class HeadInfo(BaseModel):
     sha256: str | None = None
     loss: dict[str, float] | None = None
     rollback_of: int | None = None
+    optimizer: str | None = Field(
+        None,
+        description="A rollback's effect on the worker's optimizer state, kept for the newest version only: reset "
+        "(rolled back to an older version) or restored (to the newest).",
+    )
     guard: dict[str, float] | None = Field(
         None, description="The head guard's figures for this version on its canary (docs/api.md, 'The head guard')."
     )
@@ -239,7 +244,7 @@ class HeadInfo(BaseModel):
     served_swap_ms: dict[str, float] | None = Field(
         None,
         description="How this replica's swap to the served version went, in ms per phase: notice (publication to "
-        "the load's start), fetch, hash, load (decode and checks), fused. None for a head it built itself.",
+        "the load's start), fetch, hash, load (decode and checks), install. None for a head it built itself.",
     )
     kept_versions: list[int] = Field(default_factory=list)
     last_refusal: dict[str, Any] | None = Field(
