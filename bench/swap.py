@@ -3,15 +3,16 @@ stream of swaps; at the default widths and at an 8B reward model's widths (`--sw
 
 Per width set, a private redis-server and one `r2m serve` replica reading heads from it. This process publishes
 head versions as the worker does (`RedisHeadStore.publish`: the float32 master and the serving copy in one
-transaction, the announcement, then the optimizer state) and, for the latency, polls the replica's
-`/readyz` every few ms from the publish call on until it serves that version. The blobs are the worker's own encoding
+transaction, the announcement, then the optimizer state) and, for the latency, polls the replica's `/readyz` every
+few ms from the publish call on until it serves that version. The blobs are the worker's own encoding
 (`HeadTrainer.state_bytes`: master, AdamW state after one step, serving copy) of a random head, serialised and
 hashed before the clock starts, so the publisher's cost on the clock is the Redis write alone. Where the time goes:
-the replica's phases of each swap (notice, fetch, hash, load, install; `served_swap_ms`), averaged over all swaps
-and over the slowest 1% (the p99). Bytes: what Redis holds per kept version and for the one optimizer state (its
-own MEMORY USAGE of the keys), beside the formula of docs/headstore.md. Throughput: closed-loop /score load (no
-hidden states) for a while with no swaps and for a while with a version published every `--swap-interval` seconds,
-in alternating rounds; the ratio is the median over rounds.
+the publisher's round trips before the version's timestamp (publish) and the replica's phases of each swap (notice,
+fetch, hash, load, install; `served_swap_ms`), averaged over all swaps and over the slowest 1% (the p99). Bytes:
+what Redis holds per kept version and for the one optimizer state (its own MEMORY USAGE of the keys), beside the
+formula of docs/headstore.md. Throughput: closed-loop /score load (no hidden states) for a while with no swaps,
+for a while with a version published every `--swap-interval` seconds, and for a while with the same but no
+optimizer state written, in alternating rounds; the ratios are medians over rounds.
 
 The 8B set (D_rm 4096, D_policy 4096, d 2048) serves a seeded random one-layer Llama RM 4096 wide: a swap moves the
 head, whose size is set by the widths, not by the backbone's depth.
@@ -19,6 +20,7 @@ head, whose size is set by the widths, not by the backbone's depth.
 
 from __future__ import annotations
 
+import gc
 import re
 import statistics
 import threading
@@ -111,15 +113,20 @@ def run_widths(opts, name: str) -> dict:  # noqa: ANN001
             weights, optim, serving = trainer.state_bytes()  # what the worker publishes
             blobs.append((weights, optim, serving, (sha256(weights), sha256(serving))))
         del trainer, head
+        # This process is the publisher, the poller and the load: a full collection over the ~0.5 M objects of the
+        # engine built above takes ~200 ms here, and landed in the timed windows as 200 ms swaps.
+        gc.collect()
+        gc.freeze()
         store = RedisHeadStore(redis_proc.url)
         meta = {"config": config.to_dict(), "model": model}
         state = {"parent": None, "i": 0}
         publish_s: list[float] = []
 
-        def publish() -> int:
+        def publish(with_optimizer: bool = True) -> int:
             i = state["i"]
             state["i"] += 1
             weights, optim, serving, digests = blobs[i % 2]
+            optim = optim if with_optimizer else None
             t = time.perf_counter()
             published = store.publish(parent=state["parent"], weights=weights, optim=optim, meta=meta,
                                       batch_ids=[f"bench-{i}"], serving=serving, digests=digests)  # fmt: skip
@@ -135,7 +142,7 @@ def run_widths(opts, name: str) -> dict:  # noqa: ANN001
             before = client.get("/metrics").text
             for i in range(n + 1):
                 version = 0 if state["parent"] is None else state["parent"] + 1
-                t0 = time.perf_counter()
+                t0, wall0 = time.perf_counter(), time.time()
                 writer = threading.Thread(target=publish)
                 writer.start()
                 while client.get("/readyz").json()["head_version"] != version:
@@ -148,15 +155,17 @@ def run_widths(opts, name: str) -> dict:  # noqa: ANN001
                 assert current["served_version"] == version == state["parent"], (current, version, state)
                 if i:  # version 0 is what a fresh replica already serves: no swap to time
                     latencies.append(served)
-                    breakdowns.append(dict(current.get("served_swap_ms") or {}))
+                    # publish: from the call to the version's timestamp (the publisher's round trips before it)
+                    phases = {"publish": 1000 * (float(current["created"]) - wall0)}
+                    breakdowns.append(phases | dict(current.get("served_swap_ms") or {}))
             after = client.get("/metrics").text
         timed = list(latencies)  # in publication order, as `breakdowns` (latencies is sorted below)
         order = sorted(range(len(timed)), key=timed.__getitem__)
         slowest = order[-max(1, len(order) // 100) :]  # the swaps at or above the p99
 
         def where(idx: list[int]) -> dict[str, float]:
-            """Mean ms per phase over the swaps `idx`; `rest`: the end-to-end time the replica did not see (the
-            publisher's round trips before its timestamp, this poll's interval and its HTTP round trip)."""
+            """Mean ms per phase over the swaps `idx`; `rest`: the end-to-end time neither the publisher nor the
+            replica saw (this poll's interval and its HTTP round trip)."""
             phases = sorted({k for i in idx for k in breakdowns[i]})
             mean = {k: statistics.fmean(breakdowns[i].get(k, 0.0) for i in idx) for k in phases}
             total = statistics.fmean(1000 * timed[i] for i in idx)
@@ -206,16 +215,19 @@ def run_widths(opts, name: str) -> dict:  # noqa: ANN001
               flush=True)  # fmt: skip
 
         # --- throughput with and without a stream of swaps, alternating rounds ---------------------------------
+        # Three windows a round: no swaps; swaps as the worker publishes (the optimizer state too); and swaps without
+        # the optimizer state (the replica's own work and the version's write, what this section measured before
+        # the worker's 80 MB of optimizer state per publish were counted: Redis ingests them on the same cores).
         pairs = texts(16 if opts.quick else 256)
         per = []
-        for k in range(rounds):
-            quiet = drive_score(server.url, pairs, conc, duration, offset=k)
+
+        def swapping(k: int, with_optimizer: bool) -> tuple[dict, int]:
             stop = threading.Event()
             swaps = [0]
 
             def stream() -> None:
                 while not stop.wait(opts.swap_interval):
-                    publish()
+                    publish(with_optimizer)
                     swaps[0] += 1
 
             publisher = threading.Thread(target=stream, daemon=True)
@@ -223,11 +235,18 @@ def run_widths(opts, name: str) -> dict:  # noqa: ANN001
             busy = drive_score(server.url, pairs, conc, duration, offset=k)
             stop.set()
             publisher.join()
+            return busy, swaps[0]
+
+        for k in range(rounds):
+            quiet = drive_score(server.url, pairs, conc, duration, offset=k)
+            busy, swaps = swapping(k, True)
+            lean, _ = swapping(k, False)
             per.append(
                 {
                     "quiet": quiet["seq_per_s"],
                     "swapping": busy["seq_per_s"],
-                    "swaps": swaps[0],
+                    "swapping_no_optimizer": lean["seq_per_s"],
+                    "swaps": swaps,
                     "swapping_p99_ms": busy["p99_ms"],
                     "quiet_p99_ms": quiet["p99_ms"],
                 }
@@ -240,10 +259,13 @@ def run_widths(opts, name: str) -> dict:  # noqa: ANN001
             "quiet_seq_per_s": statistics.median(p["quiet"] for p in per),
             "swapping_seq_per_s": statistics.median(p["swapping"] for p in per),
             "ratio": statistics.median(p["swapping"] / p["quiet"] for p in per),
+            "no_optimizer_seq_per_s": statistics.median(p["swapping_no_optimizer"] for p in per),
+            "no_optimizer_ratio": statistics.median(p["swapping_no_optimizer"] / p["quiet"] for p in per),
         }
         print(
             f"  swap{label}: p50 {out['p50_ms']:.0f} ms, p99 {out['p99_ms']:.0f} ms; throughput during swaps "
-            f"{out['throughput']['ratio']:.3f} of without",
+            f"{out['throughput']['ratio']:.3f} of without ({out['throughput']['no_optimizer_ratio']:.3f} without "
+            "the optimizer state's write)",
             flush=True,
         )
         th = out["throughput"]
@@ -273,9 +295,17 @@ def run_widths(opts, name: str) -> dict:  # noqa: ANN001
                 ratio=th["ratio"],
                 target=">= 0.95" if target else None,
             ),
+            row(
+                f"/score c={conc} during swaps{label}, the optimizer state not written, vs without",
+                th["no_optimizer_seq_per_s"],
+                "seq/s",
+                baseline=th["quiet_seq_per_s"],
+                ratio=th["no_optimizer_ratio"],
+            ),
         ]
         return out
     finally:
+        gc.unfreeze()
         if server is not None:
             server.stop()
         redis_proc.stop()

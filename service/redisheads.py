@@ -123,12 +123,13 @@ class RedisHeadStore:
                 kept = [int(v) for v in pipe.zrange(versions_key, 0, -1)]  # type: ignore[arg-type]
                 full = new_meta(version, parent, weights, meta, batch_ids, serving, digests)
                 pipe.multi()
-                # The oldest go in the same transaction, so the store never holds more than `keep` versions.
+                # The oldest go in the same transaction, so the store never holds more than `keep` versions. UNLINK:
+                # Redis frees the blobs' memory on its background thread, not before it announces this version.
                 for old in kept[: max(0, len(kept) + 1 - self.keep)]:
                     pipe.zrem(versions_key, str(old))  # unlisted with its blobs: kept_versions never names a gone one
-                    pipe.delete(*self._version_keys(old))
+                    pipe.unlink(*self._version_keys(old))
                 # The parent's optimizer state goes; this version's is stored after the announcement.
-                pipe.delete(self._k("heads", "optim"), self._k("heads", "optim", "version"))
+                pipe.unlink(self._k("heads", "optim"), self._k("heads", "optim", "version"))
                 pipe.set(self._k("head", version, "weights"), weights)
                 if serving is not None:
                     pipe.set(self._k("head", version, "serving"), serving)
