@@ -93,6 +93,9 @@ def _serving_state(head: R2MHead) -> dict[str, torch.Tensor]:
         parts = {k: v.detach().to("cpu", SERVING_DTYPE) for k, v in attention.named_buffers()}
     else:
         parts = attention.serving_tensors(SERVING_DTYPE)
+    for name, v in parts.items():  # finite float32 weights can still round to an Inf in float16 (|x| > 65504)
+        if v.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(v))).all()):
+            raise ValueError(f"the serving copy's attention.{name} is not finite in {SERVING_DTYPE} (|x| > 65504)")
     state = {f"attention.{k}": v.contiguous() for k, v in parts.items()}
     score = head.score.state_dict()
     state |= {f"score.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in score.items()}

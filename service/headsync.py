@@ -83,13 +83,13 @@ class HeadSync:
         `GET /heads/current`): notice (publication to the start of this load: the pub/sub trip or the catch-up
         timer), fetch (meta and serving copy from the store), hash, load (decode, config and finiteness checks) and
         install (the swap itself)."""
-        started = time.perf_counter()
+        started, now = time.perf_counter(), time.time()
         phases: dict[str, float] = {}
         meta = self.store.meta(version)
         if meta is None:
             return False  # pruned meanwhile; a newer one is announced
         if meta.get("created"):
-            phases["notice"] = max(0.0, time.time() - float(meta["created"]))
+            phases["notice"] = max(0.0, now - float(meta["created"]))
         # The serving copy when the publisher made one; the float32 master otherwise (fused here, once).
         serving = "serving_sha256" in meta
         blob = self.store.serving(version) if serving else self.store.weights(version)

@@ -132,8 +132,13 @@ class HeadTrainer:
         self.version = version
 
     def state_bytes(self) -> tuple[bytes, bytes, bytes]:
-        """(the float32 master, the optimizer state, the serving copy replicas fetch: `headcodec`)."""
-        return head_to_bytes(self.head), optimizer_to_bytes(self.opt), serving_bytes(self.head)
+        """(the float32 master, the optimizer state, the serving copy replicas fetch: `headcodec`); UpdateRefused
+        (`non_finite_weights`) when the serving copy would not be finite, which no replica would swap in."""
+        try:
+            serving = serving_bytes(self.head)
+        except ValueError as exc:
+            raise UpdateRefused("non_finite_weights", str(exc)) from exc
+        return head_to_bytes(self.head), optimizer_to_bytes(self.opt), serving
 
     def _member_loss(
         self,

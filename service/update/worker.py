@@ -187,6 +187,7 @@ class Worker:
                 stats = self.trainer.update(
                     [b.request for b in todo], encoded=[b.encoded for b in todo], batch_ids=list(batches)
                 )
+                weights, optim, serving = self.trainer.state_bytes()
             except (QueueUnavailable, StoreUnavailable):
                 raise
             except NothingToTrain as nothing:
@@ -207,7 +208,6 @@ class Worker:
                 self.trainer.version = None
                 log.exception("the update of batches %s failed", sorted(batches))
                 raise _UpdateFailed("update_error", f"{type(exc).__name__}: {exc}") from exc
-            weights, optim, serving = self.trainer.state_bytes()
             try:
                 meta = self.store.publish(
                     parent=self.trainer.version,

@@ -150,3 +150,28 @@ def test_version_zero_built_by_a_replica_is_its_published_serving_copy() -> None
             built, loaded = serving_head(head), serving_from_bytes(serving_bytes(head), config)
             assert serving_bytes(built) == serving_bytes(head)
             assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in built.state_dict().items())
+
+
+def test_a_head_whose_serving_copy_would_not_be_finite_is_not_published(tiny_llama_rm) -> None:  # noqa: ANN001
+    """Finite float32 weights whose fused products pass float16's 65504 would give replicas an Inf they refuse, the
+    store's newest version then served by none: the worker refuses the update instead."""
+    from r2m.service.config import ServiceSettings
+    from r2m.service.engine import build_engine
+    from r2m.service.update.training import HeadTrainer, UpdateRefused
+
+    head = _trained_head()
+    with torch.no_grad():
+        head.attention.w_q.weight.fill_(300.0)
+        head.attention.w_k.weight.fill_(300.0)
+    assert head.is_finite()
+    with pytest.raises(ValueError, match="attention.m is not finite in torch.float16"):
+        serving_bytes(head)
+
+    settings = ServiceSettings(model=str(tiny_llama_rm), policy_dim=P, attn_dim=64, device="cpu")
+    trainer = HeadTrainer(build_engine(settings), settings)
+    with torch.no_grad():
+        trainer.head.attention.w_q.weight.fill_(300.0)
+        trainer.head.attention.w_k.weight.fill_(300.0)
+    with pytest.raises(UpdateRefused) as refused:
+        trainer.state_bytes()
+    assert refused.value.reason == "non_finite_weights"
