@@ -40,7 +40,7 @@ logger = logging.getLogger("r2m.percore")
 @functools.cache
 def _openmp() -> ctypes.CDLL | None:
     """The OpenMP runtime torch's intra-op threads run on, as this process loaded it (GNU libgomp in the PyPI wheels,
-    LLVM's or Intel's in other builds); None where none is found."""
+    LLVM's libomp or libiomp5 in other builds); None where none is found."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
