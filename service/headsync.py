@@ -123,10 +123,12 @@ class HeadSync:
             return False
         phases["load"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        new = HeadVersion(version=version, head=head, meta=meta)
+        # The phases so far go in before the install, so that whoever sees the new version sees them too.
+        so_far = {k: round(1000 * v, 3) for k, v in phases.items()}
+        new = HeadVersion(version=version, head=head, meta=meta, swap_ms=so_far)
         self.engine.swap(new)
         phases["install"] = time.perf_counter() - mark
-        new.swap_ms.update({k: round(1000 * v, 3) for k, v in phases.items()})
+        new.swap_ms["install"] = round(1000 * phases["install"], 3)
         for phase, seconds in phases.items():
             self.metrics.head_swap_phase_seconds.labels(phase).observe(seconds)
         self.metrics.head_version.set(version)
