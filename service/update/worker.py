@@ -182,32 +182,11 @@ class Worker:
                 batches = {b: v for b, v in batches.items() if b not in done}
             if not batches:
                 return 0
-            try:
-                todo = list(batches.values())
-                stats = self.trainer.update(
-                    [b.request for b in todo], encoded=[b.encoded for b in todo], batch_ids=list(batches)
-                )
-                weights, optim, serving = self.trainer.state_bytes()
-            except (QueueUnavailable, StoreUnavailable):
-                raise
-            except NothingToTrain as nothing:
-                # Every pair abstained and nothing else trains: the batches are done, and no version is published.
+            trained = self._train(batches)
+            if trained is None:  # every pair abstained and nothing else trains: done, no version published
                 self.queue.ack(ids(batches))
-                self.metrics.judge_updates.labels("nothing_to_train").inc()
-                log.info("batches %s: %s; nothing to train, acknowledged", sorted(batches), nothing)
                 return 0
-            except UpdateRefused as exc:
-                self.trainer.version = None  # the local head is spoilt: reload the served one before the next update
-                self.metrics.refused.labels(exc.reason).inc()
-                if exc.reason == "judge_unavailable":
-                    self.metrics.judge_updates.labels("judge_unavailable").inc()
-                log.error("not publishing the update of batches %s: %s", sorted(batches), exc)
-                self._record_refusal(exc, list(batches))
-                raise _UpdateFailed(exc.reason, exc.detail) from exc
-            except Exception as exc:  # noqa: BLE001 - a batch that breaks training must not block the queue
-                self.trainer.version = None
-                log.exception("the update of batches %s failed", sorted(batches))
-                raise _UpdateFailed("update_error", f"{type(exc).__name__}: {exc}") from exc
+            stats, (weights, optim, serving) = trained
             try:
                 meta = self.store.publish(
                     parent=self.trainer.version,
@@ -222,39 +201,58 @@ class Worker:
                 self.trainer.version = None  # force a reload of the version that won
                 continue
             except StoreFull as full:  # Redis at maxmemory (noeviction): nothing of the version was written
-                self.trainer.version = None
-                refused = UpdateRefused("store_full", str(full))
-                self.metrics.refused.labels(refused.reason).inc()
-                log.error("not publishing the update of batches %s: %s", sorted(batches), full)
-                self._record_refusal(refused, list(batches))
-                raise _UpdateFailed(refused.reason, refused.detail) from full
+                raise self._refused(UpdateRefused("store_full", str(full)), batches) from full
             self.trainer.version = meta["version"]
             self.trainer.commit()
             self.queue.ack(ids(batches))
             self._observe_update(stats, len(batches), meta["version"])
-            g = stats.guard
-            j = stats.judge
-            log.info(
-                "version %d: %d batches, %d groups, %d pairs, loss %.4f (bt %.4f, gre %.4f), %.2f s%s%s",
-                meta["version"],
-                len(batches),
-                stats.groups,
-                stats.pairs,
-                stats.loss,
-                stats.bt,
-                stats.gre,
-                stats.seconds,
-                f"; guard: shift {g.mean_shift:+.2f}, spread {g.spread_ratio:.2f}, rank {g.rank_agreement:.2f} "
-                f"on {g.items} items"
-                if g is not None
-                else "",
-                f"; judge: {j.labels} labels, {j.abstained} abstained, {j.failed} failed of {j.asked} pairs "
-                f"in {j.seconds:.1f} s"
-                if j is not None
-                else "",
-            )
+            self._log_version(meta["version"], stats, len(batches))
             return len(batches)
         raise Conflict("gave up after 10 publish conflicts in a row")
+
+    def _train(self, batches: dict[str, Batch]) -> tuple[UpdateStats, tuple[bytes, bytes, bytes]] | None:
+        """The update's training and the candidate's bytes; None when the judge left nothing to train; _UpdateFailed
+        when the update is refused or breaks."""
+        try:
+            todo = list(batches.values())
+            stats = self.trainer.update(
+                [b.request for b in todo], encoded=[b.encoded for b in todo], batch_ids=list(batches)
+            )
+            return stats, self.trainer.state_bytes()
+        except (QueueUnavailable, StoreUnavailable):
+            raise
+        except NothingToTrain as nothing:
+            self.metrics.judge_updates.labels("nothing_to_train").inc()
+            log.info("batches %s: %s; nothing to train, acknowledged", sorted(batches), nothing)
+            return None
+        except UpdateRefused as exc:
+            if exc.reason == "judge_unavailable":
+                self.metrics.judge_updates.labels("judge_unavailable").inc()
+            raise self._refused(exc, batches) from exc
+        except Exception as exc:  # noqa: BLE001 - a batch that breaks training must not block the queue
+            self.trainer.version = None
+            log.exception("the update of batches %s failed", sorted(batches))
+            raise _UpdateFailed("update_error", f"{type(exc).__name__}: {exc}") from exc
+
+    def _refused(self, exc: UpdateRefused, batches: dict[str, Batch]) -> _UpdateFailed:
+        """A candidate that must not be published: counted, logged and recorded; the local head is spoilt, so the
+        served one is reloaded before the next update."""
+        self.trainer.version = None
+        self.metrics.refused.labels(exc.reason).inc()
+        log.error("not publishing the update of batches %s: %s", sorted(batches), exc)
+        self._record_refusal(exc, list(batches))
+        return _UpdateFailed(exc.reason, exc.detail)
+
+    def _log_version(self, version: int, stats: UpdateStats, batches: int) -> None:
+        g, j = stats.guard, stats.judge
+        guard = (f"; guard: shift {g.mean_shift:+.2f}, spread {g.spread_ratio:.2f}, rank {g.rank_agreement:.2f} on "
+                 f"{g.items} items") if g is not None else ""  # fmt: skip
+        judge = (f"; judge: {j.labels} labels, {j.abstained} abstained, {j.failed} failed of {j.asked} pairs in "
+                 f"{j.seconds:.1f} s") if j is not None else ""  # fmt: skip
+        log.info(
+            "version %d: %d batches, %d groups, %d pairs, loss %.4f (bt %.4f, gre %.4f), %.2f s%s%s", version, batches,
+            stats.groups, stats.pairs, stats.loss, stats.bt, stats.gre, stats.seconds, guard, judge,
+        )  # fmt: skip
 
     def _failed(self, messages: list[Message], failed: _UpdateFailed) -> None:
         """Count a failed attempt of one batch; after `max_attempts`, a dead letter. Until then it stays pending,
