@@ -77,8 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args)
     _log_to_stderr(settings.log_level)
-    logging.getLogger("r2m.service").info("%s", allocator)
     _check_model(settings, "serve")
+    logging.getLogger("r2m.service").info("%s", allocator)
     try:
         app = create_app(settings)
     except ValueError as exc:
@@ -124,13 +124,13 @@ def _worker(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args)
     _log_to_stderr(settings.log_level)
-    logging.getLogger("r2m.worker").info("%s", allocator)
     if not settings.redis_url:
         raise SystemExit("r2m worker: set R2M_REDIS_URL (or --redis-url); `r2m serve` without Redis has its own worker")
     store, queue = stores(settings)
     if args.dead_letters or args.replay:
         return _dead_letters(queue, args.replay)
     _check_model(settings, "worker")
+    logging.getLogger("r2m.worker").info("%s", allocator)
     try:
         check_ensemble(settings)
         judge = build_judge(settings)  # before the model loads: a judge that cannot be built exits at once

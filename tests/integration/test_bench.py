@@ -18,7 +18,7 @@ import pytest
 from .conftest import require_redis
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer", "ensemble", "local")
+SECTIONS = ("codec", "attention", "prefix", "serve", "overhead", "grebt", "swap", "peer", "ensemble", "local", "memory")
 # What each section must report (dotted paths into its result), besides its table rows.
 EXPECTED = {
     "prefix": ["rows.0.ratio", "rows.3.ratio"],
