@@ -137,7 +137,9 @@ def verdict(runs: list[dict[str, Any]]) -> str:
                 f"({v['arm']}), at KL {o['evals'][-1]['kl']:.1f} against {by[v['arm']]['evals'][-1]['kl']:.1f}: "
                 + ("on this seed R2M helped." if d > 0.05 else "on this seed R2M did not help.")
             )
-    lines.append("One seed and a small policy; the ten-seed figures at equal KL are in experiments/overopt/README.md.")
+    lines.append(
+        "One seed and a small policy; the benchmark's comparison over seeds at equal KL: experiments/overopt/README.md."
+    )
     return "\n".join(lines)
 
 
