@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .attention import ServingAttention, fuses, serving_shapes
-from .model import HeadConfig, R2MHead
+from .model import HeadConfig, R2MHead, all_finite
 
 __all__ = [
     "SERVING_DTYPE",
@@ -94,7 +94,7 @@ def _serving_state(head: R2MHead) -> dict[str, torch.Tensor]:
     else:
         parts = attention.serving_tensors(SERVING_DTYPE)
     for name, v in parts.items():  # finite float32 weights can still round to an Inf in float16 (|x| > 65504)
-        if v.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(v))).all()):
+        if not all_finite(v):
             raise ValueError(f"the serving copy's attention.{name} is not finite in {SERVING_DTYPE} (|x| > 65504)")
     state = {f"attention.{k}": v.contiguous() for k, v in parts.items()}
     score = head.score.state_dict()

@@ -23,6 +23,7 @@ __all__ = [
     "HeadConfig",
     "R2MHead",
     "ServingAttention",
+    "all_finite",
     "bt_loss",
     "fuses",
     "grebt_loss",
@@ -30,6 +31,12 @@ __all__ = [
     "omega",
     "serving_shapes",
 ]
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. Its min and max are both finite exactly then (both propagate NaN): one pass and no
+    tensor of `t`'s size, where `torch.isfinite(t).all()` builds a bool copy of it."""
+    return not t.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
 def omega(step: int, total_steps: int, floor: float) -> float:
@@ -133,11 +140,8 @@ class R2MHead(nn.Module):
         return out.squeeze(-1) if self.config.members == 1 else out
 
     def is_finite(self) -> bool:
-        """No NaN or Inf in any weight. A tensor's min and max are both finite exactly then (both propagate NaN): one
-        pass and no tensor of the weight's size, where `torch.isfinite(p).all()` builds a bool copy of each (a
-        replica checks every head it swaps in, the worker every update)."""
-        tensors = [*self.parameters(), *self.buffers()]
-        return all(bool(torch.isfinite(torch.stack(torch.aminmax(p))).all()) for p in tensors if p.numel())
+        """No NaN or Inf in any weight (a replica checks every head it swaps in, the worker every update)."""
+        return all(all_finite(p) for p in [*self.parameters(), *self.buffers()])
 
 
 @dataclass(frozen=True)
