@@ -7,11 +7,12 @@ another publish came first, so several workers never fork the sequence. A rollba
 an older version's weights, so replicas only ever move forward.
 
 A kept version holds what a replica serves (the serving copy) and what a rollback restores (the float32 master); the
-worker's optimizer state exists once, for the newest version, what the next update resumes from (docs/headstore.md
-has the bytes of each). A publish writes the version, prunes the oldest beyond `keep` and drops the previous
-optimizer state in one transaction, announces it, and then stores the new optimizer state: the replicas' swap does
-not wait for bytes only the worker reads. A worker that dies in between leaves the newest version without one, and
-the next update starts AdamW afresh.
+worker's optimizer state exists once, tagged with the version it was taken at, what a restarted or second worker
+resumes from (docs/headstore.md has the bytes of each). The worker writes it every `R2M_OPTIMIZER_SAVE_S` and when it
+stops, not with every version: a publish without one keeps the stored state (`keep_optim`), a publish with one drops
+the previous state in the version's transaction and stores the new one after the announcement, so the replicas'
+swap never waits for bytes only the worker reads. A worker that dies in between leaves no state, and the next update
+starts AdamW afresh.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class HeadStore(Protocol):
     def weights(self, version: int) -> bytes | None: ...
     def serving(self, version: int) -> bytes | None: ...
     def optim(self, version: int) -> bytes | None: ...
+    def optim_state(self) -> tuple[int, bytes] | None: ...
+    def save_optim(self, version: int, optim: bytes) -> bool: ...
     def applied(self, batch_ids: Iterable[str]) -> set[str]: ...
     def publish(
         self,
@@ -67,6 +70,7 @@ class HeadStore(Protocol):
         batch_ids: list[str],
         serving: bytes | None = None,
         digests: tuple[str, str | None] | None = None,
+        keep_optim: bool = False,
     ) -> dict[str, Any]: ...
     def wait_for_change(self, seen: int | None, timeout: float) -> int | None: ...
     def record_refusal(self, refusal: dict[str, Any]) -> None: ...
@@ -79,16 +83,16 @@ def rollback(store: HeadStore, to: int) -> dict[str, Any]:
     """Republish kept version `to` as the newest version (its weights and serving copy), so that replicas move
     forward to it; KeyError when `to` is not kept.
 
-    The optimizer state is kept for the newest version only: rolling back to an older version resets it (the next
-    update starts AdamW afresh from `to`'s weights), rolling back to the newest carries it over. The new version's
-    metadata says which (`optimizer`: `reset` or `restored`)."""
+    One optimizer state is stored, taken at one version: rolling back to that version carries it over, to any other
+    resets it (the next update starts AdamW afresh from `to`'s weights). The new version's metadata says which
+    (`optimizer`: `reset` or `restored`)."""
     for _ in range(10):
         meta, weights = store.meta(to), store.weights(to)
         if meta is None or weights is None:
             raise KeyError(to)
         base = {k: v for k, v in meta.items() if k in ("config", "model")}
         serving = store.serving(to)
-        optim = store.optim(to)  # None unless `to` is the newest version
+        optim = store.optim(to)  # None unless the stored state was taken at `to`
         # The blobs are the ones `to` was published with: its digests, not a second hash of the same bytes.
         digests = (meta["sha256"], meta.get("serving_sha256") if serving is not None else None)
         try:
@@ -142,7 +146,7 @@ class MemoryHeadStore:
         self.keep = keep
         self._cond = threading.Condition()
         self._versions: dict[int, tuple[bytes, dict[str, Any], bytes | None]] = {}  # weights, meta, serving
-        self._optim: tuple[int, bytes] | None = None  # the newest version's optimizer state
+        self._optim: tuple[int, bytes] | None = None  # the optimizer state and the version it was taken at
         self._latest: int | None = None
         self._applied: set[str] = set()
         self._refusal: dict[str, Any] | None = None
@@ -166,9 +170,21 @@ class MemoryHeadStore:
         return entry[2] if entry else None
 
     def optim(self, version: int) -> bytes | None:
-        """The optimizer state `version` was published with, while it is the newest version; None otherwise."""
+        """The stored optimizer state if it was taken at `version`; None otherwise."""
         kept = self._optim
         return kept[1] if kept is not None and kept[0] == version else None
+
+    def optim_state(self) -> tuple[int, bytes] | None:
+        """The stored optimizer state and the version it was taken at (the newest, or an older one of its line)."""
+        return self._optim
+
+    def save_optim(self, version: int, optim: bytes) -> bool:
+        """Store the optimizer state taken at `version` if that is still the newest version; whether it was."""
+        with self._cond:
+            if version != self._latest:
+                return False
+            self._optim = (version, optim)
+            return True
 
     def applied(self, batch_ids: Iterable[str]) -> set[str]:
         return {b for b in batch_ids if b in self._applied}
@@ -183,6 +199,7 @@ class MemoryHeadStore:
         batch_ids: list[str],
         serving: bytes | None = None,
         digests: tuple[str, str | None] | None = None,
+        keep_optim: bool = False,
     ) -> dict[str, Any]:
         digests = digests or digests_of(weights, serving)
         with self._cond:
@@ -191,7 +208,8 @@ class MemoryHeadStore:
             version = 0 if parent is None else parent + 1
             full = new_meta(version, parent, weights, meta, batch_ids, serving, digests)
             self._versions[version] = (weights, full, serving)
-            self._optim = (version, optim) if optim is not None else None
+            if optim is not None or not keep_optim:
+                self._optim = (version, optim) if optim is not None else None
             self._applied.update(batch_ids)
             self._latest = version
             for old in sorted(self._versions)[: -self.keep]:

@@ -6,8 +6,8 @@ Redis layout (prefix `r2m` by default):
     {p}:head:{v}:weights      safetensors of the head's state dict (float32: the master copy)
     {p}:head:{v}:serving      the serving copy: what replicas fetch and multiply (`headcodec`)
     {p}:head:{v}:meta         JSON metadata (version, parent, batch_ids, loss, created, sha256, config, model)
-    {p}:heads:optim           the optimizer state of the newest version (safetensors)
-    {p}:heads:optim:version   the version it belongs to
+    {p}:heads:optim           the worker's optimizer state (safetensors), one whatever R2M_HEAD_KEEP is
+    {p}:heads:optim:version   the version it was taken at
     {p}:heads:applied         set of batch ids already part of a published version
     {p}:heads:last_refusal    JSON of the last candidate a worker refused (reason, figures, batch ids, time)
     {p}:heads:announce        pub/sub channel, one JSON message per new version
@@ -81,9 +81,14 @@ class RedisHeadStore:
         return self._call(self.r.get, self._k("head", version, "serving"))
 
     def optim(self, version: int) -> bytes | None:
-        """The optimizer state `version` was published with, while it is the newest version; None otherwise."""
+        """The stored optimizer state if it was taken at `version`; None otherwise."""
+        kept = self.optim_state()
+        return kept[1] if kept is not None and kept[0] == version else None
+
+    def optim_state(self) -> tuple[int, bytes] | None:
+        """The stored optimizer state and the version it was taken at (the newest, or an older one of its line)."""
         kept, state = self._call(self.r.mget, [self._k("heads", "optim", "version"), self._k("heads", "optim")])
-        return state if kept is not None and int(kept) == version else None
+        return (int(kept), state) if kept is not None and state is not None else None
 
     def applied(self, batch_ids: Iterable[str]) -> set[str]:
         ids = list(batch_ids)
@@ -107,9 +112,11 @@ class RedisHeadStore:
         batch_ids: list[str],
         serving: bytes | None = None,
         digests: tuple[str, str | None] | None = None,
+        keep_optim: bool = False,
     ) -> dict[str, Any]:
         """Publish a version on top of `parent` (module docstring): Conflict when another came first, StoreFull when
-        it does not fit (nothing written), StoreUnavailable when Redis cannot be reached."""
+        it does not fit (nothing written), StoreUnavailable when Redis cannot be reached. Without `optim`, the stored
+        optimizer state stays if `keep_optim`, else it goes (a rollback's reset)."""
         latest_key, versions_key = self._k("heads", "latest"), self._k("heads", "versions")
         digests = digests or digests_of(weights, serving)
         try:
@@ -128,8 +135,8 @@ class RedisHeadStore:
                 for old in kept[: max(0, len(kept) + 1 - self.keep)]:
                     pipe.zrem(versions_key, str(old))  # unlisted with its blobs: kept_versions never names a gone one
                     pipe.unlink(*self._version_keys(old))
-                # The parent's optimizer state goes; this version's is stored after the announcement.
-                pipe.unlink(self._k("heads", "optim"), self._k("heads", "optim", "version"))
+                if optim is not None or not keep_optim:  # a new state is stored after the announcement
+                    pipe.unlink(self._k("heads", "optim"), self._k("heads", "optim", "version"))
                 pipe.set(self._k("head", version, "weights"), weights)
                 if serving is not None:
                     pipe.set(self._k("head", version, "serving"), serving)
@@ -153,18 +160,19 @@ class RedisHeadStore:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailable(f"redis at {self.url} is unreachable: {exc}") from exc
         if optim is not None:
-            self._store_optim(version, optim)
+            self.save_optim(version, optim)
         return full
 
-    def _store_optim(self, version: int, optim: bytes) -> None:
-        """The optimizer state of `version`, written while it is still the newest (a newer one makes it stale). The
-        version is published by then: a failure here is logged, and the next update starts AdamW afresh."""
+    def save_optim(self, version: int, optim: bytes) -> bool:
+        """Store the optimizer state taken at `version` if that is still the newest version (a newer one makes it
+        stale); whether it was stored. The version is published by then: a failure here is logged, and the next
+        worker to load resumes an older state or starts AdamW afresh."""
         latest_key = self._k("heads", "latest")
         try:
             with self.r.pipeline() as pipe:
                 pipe.watch(latest_key)
                 if pipe.get(latest_key) != str(version).encode():
-                    return
+                    return False
                 pipe.multi()
                 # Two plain strings, not a hash: Redis keeps a SET's value as it read it, and copies a hash field's
                 # (80 MB at the default widths: 120 ms of Redis's CPU per publish instead of 55).
@@ -172,13 +180,15 @@ class RedisHeadStore:
                 pipe.set(self._k("heads", "optim", "version"), version)
                 pipe.execute()
         except redis.WatchError:
-            return  # another version came first: this state is stale
+            return False  # another version came first: this state is stale
         except (redis.OutOfMemoryError, redis.ConnectionError, redis.TimeoutError) as exc:
             log.error(
-                "the optimizer state of head version %d (%d bytes) was not stored in Redis at %s: %s (%s); the next "
-                "update starts AdamW afresh (docs/headstore.md sizes maxmemory)",
+                "the optimizer state of head version %d (%d bytes) was not stored in Redis at %s: %s (%s); a worker "
+                "that loads this version starts AdamW afresh (docs/headstore.md sizes maxmemory)",
                 version, len(optim), self.url, exc, self._memory(),
             )  # fmt: skip
+            return False
+        return True
 
     def _memory(self) -> str:
         """Redis's own memory figures, for an error message."""

@@ -117,6 +117,7 @@ def serve_proxy(
         redis_url=None,
         api_key=None,
         head_poll_s=0.05,
+        optimizer_save_s=0.0,  # a refused update reloads the served head and the optimizer state of that very version
         worker_max_attempts=1,  # a refused batch is a dead letter at once (SyncedClient moves on)
         batch_wait_ms=0.0,
         log_level="warning",

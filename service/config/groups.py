@@ -32,7 +32,7 @@ SETTINGS_GROUPS: dict[str, SettingsGroup] = {
     ),
     "store": SettingsGroup(
         "Redis: the preference stream and head store that replicas and workers share.",
-        ("redis_url", "redis_prefix", "head_keep", "head_poll_s"),
+        ("redis_url", "redis_prefix", "head_keep", "head_poll_s", "optimizer_save_s"),
     ),
     "update": SettingsGroup(
         "The R2M update (GREBT) run on each preference batch, and its retries.",

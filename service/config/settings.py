@@ -154,6 +154,13 @@ class ServiceSettings(BaseSettings):
     head_poll_s: float = Field(
         2.0, gt=0, description="How often a replica checks the store for a version it missed a notice for."
     )
+    optimizer_save_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds between the worker's writes of its optimizer state (AdamW's moments, twice the head's "
+        "float32 bytes) to the store, what a restarted or second worker resumes from; 0: with every version. A "
+        "worker that stops writes it on its way out; one that dies loses at most this much of it.",
+    )
 
     # --- update ------------------------------------------------------------------------------------------------
     train_lr: float = Field(

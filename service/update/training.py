@@ -118,8 +118,9 @@ class HeadTrainer:
     def load(self, version: int, weights: bytes, optim: bytes | None) -> None:
         self.head = head_from_bytes(weights, self.engine.head_config).to(self.engine.backbone.device).train()
         self.opt = self._optimizer()
-        if optim is None:  # the store keeps it for the newest version only (docs/headstore.md)
-            log.info("head version %d carries no optimizer state (a rollback resets it): AdamW starts afresh", version)
+        if optim is None:  # none stored, or dropped by a rollback (docs/headstore.md)
+            log.info("no optimizer state to resume for head version %d (a rollback resets it): AdamW starts afresh",
+                     version)  # fmt: skip
         else:
             try:
                 optimizer_from_bytes(self.opt, optim)
@@ -131,14 +132,19 @@ class HeadTrainer:
                 group["weight_decay"] = self.settings.train_weight_decay
         self.version = version
 
-    def state_bytes(self) -> tuple[bytes, bytes, bytes]:
-        """(the float32 master, the optimizer state, the serving copy replicas fetch: `headcodec`); UpdateRefused
-        (`non_finite_weights`) when the serving copy would not be finite, which no replica would swap in."""
+    def state_bytes(self, with_optim: bool = True) -> tuple[bytes, bytes | None, bytes]:
+        """(the float32 master, the optimizer state unless not `with_optim`, the serving copy replicas fetch:
+        `headcodec`); UpdateRefused (`non_finite_weights`) when the serving copy would not be finite, which no replica
+        would swap in."""
         try:
             serving = serving_bytes(self.head)
         except ValueError as exc:
             raise UpdateRefused("non_finite_weights", str(exc)) from exc
-        return head_to_bytes(self.head), optimizer_to_bytes(self.opt), serving
+        return head_to_bytes(self.head), self.optim_bytes() if with_optim else None, serving
+
+    def optim_bytes(self) -> bytes:
+        """The optimizer state alone (what a stopping worker writes when its newest version was published without)."""
+        return optimizer_to_bytes(self.opt)
 
     def _member_loss(
         self,

@@ -83,6 +83,7 @@ class Worker:
         self.block_ms = block_ms
         self.max_attempts = max_attempts
         self._last_claim = 0.0
+        self._optim_saved: tuple[int, float] | None = None  # (version, monotonic s) of the store's optimizer state
         self.last_stats: UpdateStats | None = None
 
     def sync(self) -> None:
@@ -95,6 +96,7 @@ class Worker:
                     parent=None, weights=weights, optim=optim, meta=self._meta(), batch_ids=[], serving=serving
                 )
                 self.trainer.version = meta["version"]
+                self._optim_saved = (meta["version"], time.monotonic())
                 self._observe_store()
             except Conflict:
                 self.sync()
@@ -103,8 +105,40 @@ class Worker:
             blob = self.store.weights(latest)
             if blob is None:  # pruned between the two reads; the next sync finds the newer one
                 raise Conflict(f"version {latest} vanished while loading")
-            self.trainer.load(latest, blob, self.store.optim(latest))
+            self.trainer.load(latest, blob, self._resumable_optim(latest))
+            self._optim_saved = (latest, time.monotonic())  # nothing newer to write until it trains
         self.metrics.version.set(self.trainer.version or 0)
+
+    def _resumable_optim(self, latest: int) -> bytes | None:
+        """The stored optimizer state, to resume `latest` from: taken at `latest`, or at an older version of its line
+        when the worker that published it had not written it since (`R2M_OPTIMIZER_SAVE_S`)."""
+        kept = self.store.optim_state()
+        if kept is None:
+            return None
+        if kept[0] != latest:
+            log.info("resuming AdamW for head version %d from the optimizer state taken at version %d", latest, kept[0])
+        return kept[1]
+
+    def _optim_due(self) -> bool:
+        """Whether this version's publish writes the optimizer state (every `R2M_OPTIMIZER_SAVE_S`, 0: always)."""
+        every = self.trainer.settings.optimizer_save_s
+        return every == 0 or self._optim_saved is None or time.monotonic() - self._optim_saved[1] >= every
+
+    def save_optimizer(self) -> bool:
+        """Write the optimizer state of the local head if it is the newest version and was published without one (a
+        stopping worker's last step); whether it wrote."""
+        version = self.trainer.version
+        if version is None or (self._optim_saved is not None and self._optim_saved[0] == version):
+            return False
+        try:
+            saved = self.store.latest() == version and self.store.save_optim(version, self.trainer.optim_bytes())
+        except StoreUnavailable as exc:
+            log.warning("the optimizer state of head version %d was not written: %s", version, exc)
+            return False
+        if saved:
+            self._optim_saved = (version, time.monotonic())
+            log.info("wrote the optimizer state of head version %d", version)
+        return saved
 
     def _meta(self, stats: UpdateStats | None = None) -> dict:
         meta: dict = {"config": self.trainer.engine.head_config.to_dict(), "model": self.trainer.settings.model}
@@ -195,6 +229,7 @@ class Worker:
                     meta=self._meta(stats),
                     batch_ids=list(batches),
                     serving=serving,
+                    keep_optim=True,
                 )
             except Conflict:
                 self.metrics.conflicts.inc()
@@ -203,6 +238,8 @@ class Worker:
             except StoreFull as full:  # Redis at maxmemory (noeviction): nothing of the version was written
                 raise self._refused(UpdateRefused("store_full", str(full)), batches) from full
             self.trainer.version = meta["version"]
+            if optim is not None:
+                self._optim_saved = (meta["version"], time.monotonic())
             self.trainer.commit()
             self.queue.ack(ids(batches))
             self._observe_update(stats, len(batches), meta["version"])
@@ -210,7 +247,7 @@ class Worker:
             return len(batches)
         raise Conflict("gave up after 10 publish conflicts in a row")
 
-    def _train(self, batches: dict[str, Batch]) -> tuple[UpdateStats, tuple[bytes, bytes, bytes]] | None:
+    def _train(self, batches: dict[str, Batch]) -> tuple[UpdateStats, tuple[bytes, bytes | None, bytes]] | None:
         """The update's training and the candidate's bytes; None when the judge left nothing to train; _UpdateFailed
         when the update is refused or breaks."""
         try:
@@ -218,7 +255,7 @@ class Worker:
             stats = self.trainer.update(
                 [b.request for b in todo], encoded=[b.encoded for b in todo], batch_ids=list(batches)
             )
-            return stats, self.trainer.state_bytes()
+            return stats, self.trainer.state_bytes(with_optim=self._optim_due())
         except (QueueUnavailable, StoreUnavailable):
             raise
         except NothingToTrain as nothing:
@@ -344,6 +381,7 @@ class Worker:
             except Exception:  # noqa: BLE001 - keep the worker alive; the batches stay pending for a retry
                 log.exception("handling a read of the queue failed; its batches stay pending and will be retried")
                 backoff.wait(stop)
+        self.save_optimizer()
 
 
 class WorkerThread:

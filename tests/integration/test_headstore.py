@@ -1,10 +1,12 @@
 """The head store's footprint in a real Redis, written by the real worker: one optimizer state whatever R2M_HEAD_KEEP
-is, bytes that match docs/headstore.md's formula, what a rollback does to the optimizer state, and a publish that
-does not fit (Redis at maxmemory with noeviction) refused whole and dead-lettered with its reason."""
+is, bytes that match docs/headstore.md's formula, what a rollback does to the optimizer state, the optimizer state
+written every R2M_OPTIMIZER_SAVE_S and by a stopping worker, and a publish that does not fit (Redis at maxmemory with
+noeviction) refused whole and dead-lettered with its reason."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import torch
+from safetensors.torch import load as st_load
 
 from r2m.client.wire import WireTensor, encode_binary, pack_request
 from r2m.service.config import ServiceSettings
@@ -50,8 +54,12 @@ def _request(seed: int) -> PreferencesRequest:
     return PreferencesRequest.model_validate({"groups": [group], "step": 50, "total_steps": 100})
 
 
-def _worker(engine: ScoringEngine, tiny: Path, store: HeadStore, **kw: object) -> tuple[Worker, MemoryPreferenceQueue]:
-    settings = _settings(tiny)
+def _worker(
+    engine: ScoringEngine, tiny: Path, store: HeadStore, save_s: float = 0.0, **kw: object
+) -> tuple[Worker, MemoryPreferenceQueue]:
+    """A worker on `store`; `save_s`: R2M_OPTIMIZER_SAVE_S (0 here, the optimizer state with every version, unless a
+    test is about the interval)."""
+    settings = _settings(tiny, optimizer_save_s=save_s)
     queue = MemoryPreferenceQueue()
     worker = Worker(HeadTrainer(engine, settings), queue, store, WorkerMetrics(), block_ms=10, **kw)  # type: ignore[arg-type]
     worker.sync()  # version 0
@@ -160,6 +168,60 @@ def test_a_rollback_resets_the_optimizer_state_unless_it_goes_back_to_the_newest
     again = rollback(store, 4)
     assert again["version"] == 5 and again["optimizer"] == "restored" and store.optim(5) == state
     assert store.meta(5)["sha256"] == store.meta(4)["sha256"]
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_the_optimizer_state_is_written_every_interval_and_by_a_stopping_worker(
+    engine: ScoringEngine,
+    tiny_llama_rm: Path,
+    redis_store: RedisHeadStore,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store: HeadStore = redis_store if kind == "redis" else MemoryHeadStore(keep=5)
+    worker, queue = _worker(engine, tiny_llama_rm, store)
+    _train(worker, queue, 1)  # version 1, written with its optimizer state (AdamW's moments after a step)
+    first = store.optim_state()
+    assert first is not None and first[0] == 1
+    worker.trainer.settings = worker.trainer.settings.model_copy(update={"optimizer_save_s": 3600.0})
+    _train(worker, queue, 2, seed=10)
+    kept = store.optim_state()
+    assert store.latest() == 3 and kept == first, "within the interval no publish writes it"
+    assert store.optim(3) is None and store.optim(1) == first[1]
+    if kind == "redis":
+        assert [k for k in redis_store.r.scan_iter(match=f"{redis_store.p}:*optim")] == [
+            f"{redis_store.p}:heads:optim".encode()
+        ]
+
+    # A second worker resumes version 3 from the state taken at version 1: AdamW's moments, not a fresh AdamW.
+    with caplog.at_level(logging.INFO, logger="r2m.worker"):
+        other, _ = _worker(engine, tiny_llama_rm, store, save_s=3600.0)  # its sync loads the newest version
+    assert other.trainer.version == 3 and other.trainer.opt.state, "the stored moments were loaded"
+    assert "from the optimizer state taken at version 1" in caplog.text
+    assert not other.save_optimizer(), "it trained nothing: nothing newer to write"
+
+    # The first worker stops: its way out writes the state of the newest version, its own.
+    stop = threading.Event()
+    stop.set()
+    worker.run(stop)
+    saved = store.optim_state()
+    assert saved is not None and saved[0] == 3 and _same_moments(saved[1], worker.trainer.optim_bytes())
+    assert not worker.save_optimizer(), "written once"
+
+    # Past the interval, the next publish writes it again.
+    at_3 = store.optim(3)
+    fast, queue = _worker(engine, tiny_llama_rm, store, save_s=0.05)
+    time.sleep(0.1)
+    _train(fast, queue, 1, seed=20)
+    latest = store.optim_state()
+    assert store.latest() == 4 and latest is not None and latest[0] == 4
+    assert at_3 is not None and not _same_moments(latest[1], at_3)
+
+
+def _same_moments(a: bytes, b: bytes) -> bool:
+    """Two optimizer states hold the same tensors (their safetensors headers may order the metadata differently)."""
+    ta, tb = st_load(a), st_load(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_a_publish_that_does_not_fit_is_refused_whole_and_dead_lettered(
