@@ -168,7 +168,8 @@ class SyncedClient:
                 return result
             refusal = head.get("last_refusal") or {}
             if set(result.batch_ids) & set(refusal.get("batch_ids", [])):
-                self.refused.append({"step": step, "reason": refusal["reason"], "guard": refusal.get("guard")})
+                self.refused.append({"step": step, "rl_step": _rl_step(batch_id, step), "reason": refusal["reason"],
+                                     "guard": refusal.get("guard")})  # fmt: skip
                 return result
             if time.monotonic() > deadline:
                 raise TimeoutError(f"batch {result.batch_ids} not served after {self.timeout_s:.0f} s: {head}")
@@ -179,6 +180,13 @@ class SyncedClient:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _rl_step(batch_id: str | None, step: int) -> int:
+    """The RL step a post was made at: the trainer's batch ids end in `-s<step>`; the `step` it sends the service is
+    the schedule's, min(t, omega_steps)."""
+    tail = (batch_id or "").rpartition("-s")[2]
+    return int(tail) if tail.isdigit() else step
 
 
 # --- measurements --------------------------------------------------------------------------------------------------

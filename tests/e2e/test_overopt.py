@@ -59,7 +59,7 @@ def test_quick_mode_writes_curves_table_and_plots(tmp_path: Path):
     # r2m-judge: the service's judge labels the posted groups; one update per step, served before the next, unless
     # the head guard refused it (at the grid's chosen rates it can: the run records each refusal and goes on).
     judged = by_arm["r2m-judge-4"]
-    refused = [r["step"] for r in judged["refused_updates"]]
+    refused = [r["rl_step"] for r in judged["refused_updates"]]  # "step": the schedule's, min(t, omega_steps)
     assert all(r["reason"].startswith("guard") for r in judged["refused_updates"]), judged["refused_updates"]
     assert judged["final_head_version"] == steps - len(refused) and judged["judge_labels"] >= steps
     served = [s["head_version"] for s in judged["steps"]]
