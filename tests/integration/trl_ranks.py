@@ -226,6 +226,11 @@ def main() -> None:
     rank = PartialState(cpu=True).process_index
     result = {"counts": counts(a.url, a.policy, a.out), "posts": posts(a.url, a.policy, a.out, rank)}
     (a.out / f"rank{rank}.json").write_text(json.dumps(result))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # torn down before exit: gloo's threads alive at exit aborted a rank once (exit -6)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
