@@ -228,7 +228,7 @@ def main() -> None:
     (a.out / f"rank{rank}.json").write_text(json.dumps(result))
     import torch.distributed as dist
 
-    if dist.is_initialized():  # torn down before exit: gloo's threads alive at exit aborted a rank once (exit -6)
+    if dist.is_initialized():  # gloo's threads end before the interpreter's teardown, which can abort them (exit -6)
         dist.barrier()
         dist.destroy_process_group()
 
