@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -20,6 +20,7 @@ import pytest
 
 from r2m.client import AsyncR2MClient, R2MClient
 from r2m.client.wire import BINARY_CONTENT_TYPE, encode_binary, pack_request
+from r2m.service.api.app import IDLE_RELEASE_S
 from r2m.service.launch import RedisServer, r2m_command, start_server, start_worker
 from r2m.service.update.guard import spearman
 
@@ -215,11 +216,15 @@ def _rss_kb(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} for {pid}")
 
 
-def _burst_growth(tmp_path: Path, budget: int) -> tuple[int, int, float, list]:
+def _burst_growth(tmp_path: Path, budget: int, held: bool = False) -> tuple[int, int, float, list]:
     """A server whose requests carry one 2048 x 1024 float32 item (8 MiB of hidden states, ~8 MiB of body), hit by
-    12 concurrent clients twice: the first burst warms it up (allocator pools, first-call costs: the steady state is
-    the baseline), the second is measured. Returns (baseline RSS, peak growth in bytes, 503s in the second burst,
-    its results)."""
+    12 concurrent requests twice: the first burst warms it up (first-call costs), then the server's idle release
+    hands the free heap pages back, and the second burst is measured from there. Returns (baseline RSS, peak growth
+    in bytes, 503s in the second burst, its results: ScoreResults, or with `held` the responses).
+
+    By default the bursts go through AsyncR2MClient, which encodes each body as its turn comes: a slow machine can
+    feed the server one body at a time. `held` sends the 12 bodies with plain httpx (no retries), each held back by
+    its last byte until all 12 are in and the server has had a second to read them: all 12 at once, every time."""
     rows, dim = 2048, 1024
     env = {
         "R2M_POLICY_DIM": str(dim),
@@ -235,10 +240,34 @@ def _burst_growth(tmp_path: Path, budget: int) -> tuple[int, int, float, list]:
         pid = server.proc.pid
 
         async def burst() -> list:
-            async with AsyncR2MClient(server.url, max_retries=60, max_backoff=0.5, timeout=120) as client:
+            if not held:
+                async with AsyncR2MClient(server.url, max_retries=60, max_backoff=0.5, timeout=120) as client:
+                    return await asyncio.gather(
+                        *(client.score("How do I boil an egg?", ["Simmer it."], [h], step=30, total_steps=60)
+                          for h in hidden)
+                    )  # fmt: skip
+            bodies = [
+                encode_binary(*pack_request({"items": [{"prompt": "How do I boil an egg?", "response": "Simmer it.",
+                                                        "policy_hidden": h}], "step": 30, "total_steps": 60}))
+                for h in hidden
+            ]  # fmt: skip
+            waiting, go = [0], asyncio.Event()
+
+            async def stream(body: bytes) -> AsyncIterator[bytes]:
+                for i in range(0, len(body) - 1, 2**20):
+                    yield body[i : min(i + 2**20, len(body) - 1)]
+                waiting[0] += 1
+                if waiting[0] == len(bodies):
+                    await asyncio.sleep(1.0)
+                    go.set()
+                await go.wait()
+                yield body[-1:]
+
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
                 return await asyncio.gather(
-                    *(client.score("How do I boil an egg?", ["Simmer it."], [h], step=30, total_steps=60)
-                      for h in hidden)
+                    *(http.post("/score", content=stream(b),
+                                headers={"Content-Type": BINARY_CONTENT_TYPE, "Content-Length": str(len(b))})
+                      for b in bodies)
                 )  # fmt: skip
 
         def rejected() -> float:
@@ -248,6 +277,7 @@ def _burst_growth(tmp_path: Path, budget: int) -> tuple[int, int, float, list]:
             )
 
         asyncio.run(burst())
+        time.sleep(3 * IDLE_RELEASE_S)  # the idle release runs once no request came for IDLE_RELEASE_S
         baseline, before = _rss_kb(pid, "VmRSS"), rejected()
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
         results = asyncio.run(burst())
@@ -261,11 +291,13 @@ def test_requests_over_the_memory_budget_wait_get_503_and_are_all_scored_by_the_
     baseline, grown, rejected, results = _burst_growth(tmp_path, budget)
     assert len(results) == 12 and all(len(r.rewards) == 1 and math.isfinite(r.rewards[0]) for r in results)
     assert rejected > 0, "the burst never met the budget: the test does not test it"
-    unbounded_baseline, unbounded, _, _ = _burst_growth(tmp_path, 4 * 2**30)
+    # The control: the same 12 bodies, all in flight together, at a server without a budget.
+    unbounded_baseline, unbounded, _, responses = _burst_growth(tmp_path, 4 * 2**30, held=True)
     print(
         f"budget {budget >> 20} MiB: baseline RSS {baseline >> 20} MiB, peak +{grown >> 20} MiB, {rejected:.0f} 503s "
         f"retried; without a budget: baseline {unbounded_baseline >> 20} MiB, peak +{unbounded >> 20} MiB"
     )
+    assert [r.status_code for r in responses] == [200] * 12
     assert grown <= budget, f"peak RSS grew by {grown >> 20} MiB over a {budget >> 20} MiB budget"
     assert unbounded > budget, "without the budget the same burst must need more: else the test shows nothing"
 

@@ -481,7 +481,11 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, policy_dir: Path) -> Ite
 
     tmp = tmp_path_factory.mktemp("ranks")
     store = start_redis(tmp)
-    env = {**SERVER_ENV, "R2M_REDIS_URL": store.url, "R2M_REDIS_PREFIX": RANKS_PREFIX, "R2M_HEAD_KEEP": "200"}
+    # No guard: over these ~16 versions at lr 1e-3 the tiny head drifts toward the guard's bounds (spread 3.2 of 4,
+    # rank agreement 0.50 of 0.3 by the last one here), and a refused batch waits R2M_WORKER_CLAIM_IDLE_MS to be
+    # retried; what is tested is that every posted batch is trained once, not the guard (tests/unit/service).
+    env = {**SERVER_ENV, "R2M_REDIS_URL": store.url, "R2M_REDIS_PREFIX": RANKS_PREFIX, "R2M_HEAD_KEEP": "200",
+           "R2M_GUARD": "false"}  # fmt: skip
     server = start_server(tmp, env)
     worker = start_worker(tmp, env)
     try:
@@ -504,7 +508,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, policy_dir: Path) -> Ite
         applied: Counter[str] = Counter()
         for key in r.scan_iter(match=f"{RANKS_PREFIX}:head:*:meta", count=1000):
             applied.update(json.loads(r.get(key))["batch_ids"])
-        yield {"ranks": ranks, "posted": posted, "applied": applied, "log": server.output()[-3000:]}
+        log = f"server:\n{server.output()[-3000:]}\nworker:\n{worker.output()[-6000:]}"
+        yield {"ranks": ranks, "posted": posted, "applied": applied, "log": log}
     finally:
         worker.stop()
         server.stop()
