@@ -13,8 +13,8 @@ what Redis holds per kept version and for the one optimizer state (its own MEMOR
 formula of docs/headstore.md. Throughput: closed-loop /score load (no hidden states) for a while with no swaps,
 for a while with a version published every `--swap-interval` seconds as the worker publishes on its defaults (the
 optimizer state every R2M_OPTIMIZER_SAVE_S), and for a while with the optimizer state written with every version
-(R2M_OPTIMIZER_SAVE_S=0), in alternating rounds; the ratios are medians over rounds. The latency's publishes write
-the optimizer state with every version (the most a publish writes).
+(R2M_OPTIMIZER_SAVE_S=0), in `--swap-rounds` alternating rounds; the ratios are medians over rounds. The latency's
+publishes write the optimizer state with every version (the most a publish writes).
 
 The 8B set (D_rm 4096, D_policy 4096, d 2048) serves a seeded random one-layer Llama RM 4096 wide: a swap moves the
 head, whose size is set by the widths, not by the backbone's depth.
@@ -82,7 +82,7 @@ def run_widths(opts, name: str) -> dict:  # noqa: ANN001
     tmp = Path(opts.tmp) / f"swap-{name}"
     tmp.mkdir(parents=True, exist_ok=True)
     n = 4 if opts.quick else opts.swap_versions
-    rounds = 1 if opts.quick else opts.rounds
+    rounds = 1 if opts.quick else opts.swap_rounds
     duration = opts.duration if opts.quick else max(3.0, opts.duration / 2)
     conc = 8
     model = opts.model
