@@ -135,7 +135,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--swap-versions", type=int, default=40, help="head versions published for the latency [40]")
     g.add_argument("--swap-interval", type=float, default=1.0, help="seconds between swaps in the stream [1]")
     g.add_argument("--swap-rounds", type=int, default=9, help="alternating rounds of section 7's throughput windows "
-                   "[9]: on 2 cores the ratio of one round swings by +-0.06 around the target's 0.95")
+                   "[9]: one round's ratio is too noisy on a small shared machine to decide a 5%% target")
     g.add_argument("--swap-widths", nargs="+", choices=["default", "8b"], default=["default", "8b"],
                    help="head widths of section 7: default (--policy-dim, d=2048, the model's D_rm) and 8b (D_rm and "
                    "D_policy 4096, d 2048, on a random 4096-wide RM) [default 8b]")

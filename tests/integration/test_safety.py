@@ -236,6 +236,12 @@ def _burst_growth(tmp_path: Path, budget: int, held: bool = False) -> tuple[int,
         "R2M_EMBEDDED_WORKER": "false",
     }
     hidden = [np.random.default_rng(i).standard_normal((rows, dim)).astype(np.float32) for i in range(12)]
+    prompt, response, step, total = "How do I boil an egg?", "Simmer it.", 30, 60
+    bodies = [
+        encode_binary(*pack_request({"items": [{"prompt": prompt, "response": response, "policy_hidden": h}],
+                                     "step": step, "total_steps": total}))
+        for h in hidden
+    ] if held else []  # fmt: skip
     with start_server(tmp_path, env) as server:
         pid = server.proc.pid
 
@@ -243,14 +249,8 @@ def _burst_growth(tmp_path: Path, budget: int, held: bool = False) -> tuple[int,
             if not held:
                 async with AsyncR2MClient(server.url, max_retries=60, max_backoff=0.5, timeout=120) as client:
                     return await asyncio.gather(
-                        *(client.score("How do I boil an egg?", ["Simmer it."], [h], step=30, total_steps=60)
-                          for h in hidden)
-                    )  # fmt: skip
-            bodies = [
-                encode_binary(*pack_request({"items": [{"prompt": "How do I boil an egg?", "response": "Simmer it.",
-                                                        "policy_hidden": h}], "step": 30, "total_steps": 60}))
-                for h in hidden
-            ]  # fmt: skip
+                        *(client.score(prompt, [response], [h], step=step, total_steps=total) for h in hidden)
+                    )
             waiting, go = [0], asyncio.Event()
 
             async def stream(body: bytes) -> AsyncIterator[bytes]:
